@@ -25,6 +25,15 @@ log = logging.getLogger("ms_worker")
 PROTOCOL_VERSION = pb.PROTOCOL_VERSION_CURRENT
 
 
+def warmup_shapes(max_num_seqs: int, max_num_batched_tokens: int) -> list[tuple[int, int, int]]:
+    """(B, Q, M) shapes compiled before serving: decode batches up to 8 sequences and a short and a full prefill
+    chunk, each over one block table entry; other shapes compile on first use."""
+    shapes = [(b, 1, 1) for b in (1, 2, 4, 8) if b <= max(max_num_seqs, 1)]
+    full = min(max_num_batched_tokens, 512)
+    shapes += [(1, q, 1) for q in sorted({min(16, full), full})]
+    return shapes
+
+
 class WorkerService(pb_grpc.ModelWorkerServicer):
     def __init__(self, model, model_path: str, device: str, kv_cache_bytes: int = 0, framework: str = ""):
         self.model = model
@@ -95,6 +104,7 @@ class WorkerService(pb_grpc.ModelWorkerServicer):
             self.block_size = request.block_size
             self.runner = ModelRunner(self.model, request.block_size, Sampler())
             self.next_step = 1
+            self.warmup_shapes = warmup_shapes(request.max_num_seqs or 8, request.max_num_batched_tokens or 256)
             log.info("KV cache: %d blocks of %d tokens (%.1f MiB) in %.2f s", request.num_blocks,
                      request.block_size, need / 2**20, time.perf_counter() - t0)
         return pb.CacheInfo(allocated_bytes=need, next_step_id=1)
@@ -105,7 +115,7 @@ class WorkerService(pb_grpc.ModelWorkerServicer):
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, "Warmup before InitializeCache")
         with self.lock:
             t0 = time.perf_counter()
-            n = self.model.warmup()
+            n = len(self.model.warmup(self.warmup_shapes))
             dt = time.perf_counter() - t0
         log.info("warm-up: %d shapes in %.1f s", n, dt)
         return pb.WarmupReply(seconds=dt, compiled_shapes=n)

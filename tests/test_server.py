@@ -24,7 +24,7 @@ CHUNK = 64
 def server(default_model, tmp_path_factory):
     log = tmp_path_factory.mktemp("server") / "vllm_serve.log"
     s = Server(default_model, ["--block-size", "16", "--max-num-batched-tokens", str(CHUNK),
-                               "--num-gpu-blocks-override", "20", "--max-model-len", "320", "--max-num-seqs", "8"],
+                               "--num-gpu-blocks-override", "20", "--max-model-len", "288", "--max-num-seqs", "8"],
                log_path=log)
     try:
         s.wait_healthy()

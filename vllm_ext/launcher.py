@@ -42,6 +42,9 @@ class LocalWorker:
         cmd = [python, "-m", "ms_worker", "serve", "--model", model, "--host", "127.0.0.1", "--port", "0",
                "--ready-file", self.ready_file, *(extra_args or [])]
         env = dict(os.environ)
+        # vLLM's CPU platform preloads torch's libgomp (and tcmalloc) into its own processes through LD_PRELOAD;
+        # the worker is another framework's process and must not inherit them.
+        env.pop("LD_PRELOAD", None)
         env.setdefault("GLOG_v", "3")
         log.info("ms_rpc: starting a local worker: %s", " ".join(cmd))
         self.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=sys.stderr, stderr=sys.stderr)
