@@ -1,0 +1,31 @@
+"""MindSpore implementations of HF decoder-only LLMs with a paged KV cache.
+
+    from ms_models import load_model, ModelConfig, UnsupportedModelError
+    model = load_model(model_dir, device="cpu", use_jit=True)   # -> CausalLM
+    model.allocate_kv_cache(num_blocks, block_size)
+    logits = model.forward(input_ids, positions, slot_mapping, block_tables, logits_indices)
+
+Importing this package does not import MindSpore (``ModelConfig``/``UnsupportedModelError``
+are pure Python, usable by the front); ``load_model`` imports it and calls
+``ms_models.runtime.setup(device)``. Never imports torch or vllm.
+"""
+from .config import ModelConfig
+from .registry import SUPPORTED_ARCHITECTURES, UnsupportedModelError
+
+__all__ = ["load_model", "ModelConfig", "UnsupportedModelError", "SUPPORTED_ARCHITECTURES", "CausalLM"]
+
+
+def load_model(model_dir: str, device: str = "cpu", use_jit: bool = True, threads: int | None = None,
+               min_buckets: tuple = (1, 1, 1)):
+    """Loads a HF Llama-family model directory; see ms_models.loader.load_model."""
+    from .loader import load_model as _load
+
+    return _load(model_dir, device=device, use_jit=use_jit, threads=threads, min_buckets=min_buckets)
+
+
+def __getattr__(name):
+    if name == "CausalLM":
+        from .model import CausalLM
+
+        return CausalLM
+    raise AttributeError(name)

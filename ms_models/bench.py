@@ -1,0 +1,78 @@
+"""Step-time benchmark of an ms_models model (run under the worker env).
+
+    .venv-worker/bin/python -m ms_models.bench models/SmolLM2-135M-Instruct \
+        --decode-batches 1,8,32 --ctx 200 --prefill 128
+
+Prints load time, first call (compile) and median steady time per (B, Q, M) bucket.
+Decode rows each have ``ctx`` tokens of context (the cache holds arbitrary values: only
+timing is measured).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import numpy as np
+
+
+def _rss_mib() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS"):
+                    return int(line.split()[1]) // 1024
+    except OSError:
+        pass
+    return -1
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model_dir")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--num-blocks", type=int, default=512)
+    ap.add_argument("--ctx", type=int, default=200, help="context length of decode rows")
+    ap.add_argument("--decode-batches", default="1,8")
+    ap.add_argument("--prefill", default="128", help="comma-separated prompt lengths (B=1)")
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--eager", action="store_true", help="PyNative instead of ms.jit")
+    a = ap.parse_args(argv)
+
+    from . import load_model, runtime
+
+    t0 = time.perf_counter()
+    runtime.setup(a.device)
+    t1 = time.perf_counter()
+    model = load_model(a.model_dir, device=a.device, use_jit=not a.eager)
+    t2 = time.perf_counter()
+    bs, nb = a.block_size, a.num_blocks
+    model.allocate_kv_cache(nb, bs)
+    print(f"setup {t1 - t0:.2f}s  load {t2 - t1:.2f}s  weights {model.weight_bytes() / 2**20:.1f} MiB  "
+          f"kv/block {model.kv_cache_bytes_per_block(bs)} B  rss {_rss_mib()} MiB  pid {os.getpid()}")
+    rng = np.random.default_rng(0)
+    vocab = model.config.vocab_size
+    cases = [(int(b), 1, a.ctx) for b in a.decode_batches.split(",") if b]
+    cases += [(1, int(q), int(q)) for q in a.prefill.split(",") if q]
+    for B, Q, ctx in cases:
+        M = -(-ctx // bs)
+        if B * M > nb:
+            print(f"B={B} ctx={ctx}: needs {B * M} blocks > --num-blocks {nb}, skipped")
+            continue
+        bt = np.arange(B * M, dtype=np.int32).reshape(B, M)
+        pos = np.tile(np.arange(ctx - Q, ctx, dtype=np.int32), (B, 1))
+        slots = np.take_along_axis(bt, pos // bs, 1) * bs + pos % bs
+        ids = rng.integers(0, vocab, (B, Q)).astype(np.int32)
+        li = np.full((B,), Q - 1, np.int32)
+        ts = []
+        for _ in range(a.reps + 1):
+            t = time.perf_counter()
+            model.forward(ids, pos, slots, bt, li)
+            ts.append(time.perf_counter() - t)
+        print(f"B={B:<3} Q={Q:<5} ctx={ctx:<5} bucket={model.bucket_shape(B, Q, M)}: first {ts[0] * 1e3:7.0f} ms  "
+              f"median {np.median(ts[1:]) * 1e3:7.1f} ms  min {min(ts[1:]) * 1e3:7.1f} ms  rss {_rss_mib()} MiB")
+
+
+if __name__ == "__main__":
+    main()

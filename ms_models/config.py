@@ -1,0 +1,166 @@
+"""Model configuration: parsed from a Hugging Face ``config.json``.
+
+Pure Python (no MindSpore import), so the front process can build the same
+:class:`ModelConfig` and compare ``config_hash`` with what a worker reports.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from typing import Any, Optional
+
+from .registry import UnsupportedModelError, resolve_architecture
+
+__all__ = ["ModelConfig", "read_hf_config", "canonical_rope_scaling"]
+
+# RoPE scaling types implemented by layers.RotaryEmbedding.
+SUPPORTED_ROPE_TYPES = ("linear", "llama3")
+
+
+def read_hf_config(model_dir: str) -> dict:
+    """Reads ``<model_dir>/config.json``; clear errors for a missing/invalid directory."""
+    if not isinstance(model_dir, (str, os.PathLike)):
+        raise TypeError(f"model_dir must be a path, got {type(model_dir).__name__}")
+    model_dir = os.fspath(model_dir)
+    if not os.path.exists(model_dir):
+        raise FileNotFoundError(f"model directory does not exist: {model_dir}")
+    if not os.path.isdir(model_dir):
+        raise ValueError(f"model path is not a directory: {model_dir}")
+    path = os.path.join(model_dir, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no config.json in model directory: {model_dir}")
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            cfg = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"invalid config.json in {model_dir}: {e}") from e
+    if not isinstance(cfg, dict):
+        raise ValueError(f"invalid config.json in {model_dir}: top level is not an object")
+    return cfg
+
+
+def canonical_rope_scaling(hf: dict) -> tuple[float, Optional[dict]]:
+    """Returns (rope_theta, rope_scaling) from either config format.
+
+    transformers < 5 writes ``rope_theta`` + ``rope_scaling`` ({"type"|"rope_type": ...});
+    transformers >= 5 writes ``rope_parameters`` ({"rope_type", "rope_theta", ...}).
+    rope_scaling is None for plain RoPE, otherwise a dict with "rope_type" and the
+    numeric parameters (sorted keys, floats), e.g. {"factor": 8.0, ..., "rope_type": "llama3"}.
+    """
+    params = hf.get("rope_parameters")
+    scaling = hf.get("rope_scaling")
+    theta = hf.get("rope_theta")
+    if isinstance(params, dict) and "rope_type" not in params and "rope_theta" not in params:
+        # per-layer-type dict (e.g. {"full_attention": {...}}): not a Llama layout
+        raise UnsupportedModelError("per-layer rope_parameters are not supported")
+    merged: dict = {}
+    if isinstance(scaling, dict):
+        merged.update(scaling)
+    if isinstance(params, dict):
+        merged.update(params)
+    if theta is None:
+        theta = merged.get("rope_theta", 10000.0)
+    rope_type = merged.get("rope_type", merged.get("type", "default")) or "default"
+    if rope_type == "default":
+        extra = {k: v for k, v in merged.items() if k not in ("rope_type", "type", "rope_theta")}
+        if extra.get("partial_rotary_factor", 1.0) != 1.0:
+            raise UnsupportedModelError("partial_rotary_factor != 1 is not supported")
+        return float(theta), None
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise UnsupportedModelError(
+            f"rope scaling type {rope_type!r} is not supported (supported: default, "
+            + ", ".join(SUPPORTED_ROPE_TYPES) + ")")
+    out: dict[str, Any] = {"rope_type": rope_type, "factor": float(merged["factor"])}
+    if rope_type == "llama3":
+        for k in ("low_freq_factor", "high_freq_factor"):
+            out[k] = float(merged[k])
+        out["original_max_position_embeddings"] = int(
+            merged.get("original_max_position_embeddings", hf.get("max_position_embeddings")))
+    return float(theta), dict(sorted(out.items()))
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The config fields the MindSpore implementation depends on.
+
+    ``config_hash`` is the sha256 (hex) of the canonical JSON (sorted keys, no spaces)
+    of every other field; two processes that load the same model agree on it.
+    """
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: Optional[dict]
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    dtype: str = "float32"  # compute / weight / KV-cache dtype of the MindSpore model
+    config_hash: str = ""
+
+    def hash_fields(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.pop("config_hash")
+        return d
+
+    def compute_hash(self) -> str:
+        blob = json.dumps(self.hash_fields(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+    @classmethod
+    def from_hf_config(cls, hf: dict, dtype: str = "float32") -> "ModelConfig":
+        """Builds a ModelConfig from a parsed HF config.json (raises UnsupportedModelError)."""
+        archs = hf.get("architectures") or []
+        if isinstance(archs, str):
+            archs = [archs]
+        arch = resolve_architecture(archs)  # raises UnsupportedModelError
+        act = hf.get("hidden_act", "silu")
+        if act not in ("silu", "swish"):
+            raise UnsupportedModelError(f"hidden_act {act!r} is not supported (only silu)")
+        try:
+            hidden = int(hf["hidden_size"])
+            heads = int(hf["num_attention_heads"])
+            head_dim = hf.get("head_dim") or hidden // heads
+            theta, scaling = canonical_rope_scaling(hf)
+            cfg = cls(
+                architecture=arch,
+                vocab_size=int(hf["vocab_size"]),
+                hidden_size=hidden,
+                num_layers=int(hf["num_hidden_layers"]),
+                num_heads=heads,
+                num_kv_heads=int(hf.get("num_key_value_heads") or heads),
+                head_dim=int(head_dim),
+                intermediate_size=int(hf["intermediate_size"]),
+                rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+                rope_theta=theta,
+                rope_scaling=scaling,
+                max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
+                tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+                attention_bias=bool(hf.get("attention_bias", False)),
+                mlp_bias=bool(hf.get("mlp_bias", False)),
+                dtype=dtype,
+            )
+        except KeyError as e:
+            raise ValueError(f"config.json lacks required field {e.args[0]!r}") from e
+        if cfg.num_heads % cfg.num_kv_heads:
+            raise ValueError(f"num_attention_heads {cfg.num_heads} is not a multiple of "
+                             f"num_key_value_heads {cfg.num_kv_heads}")
+        if cfg.head_dim % 2:
+            raise ValueError(f"head_dim {cfg.head_dim} must be even for RoPE")
+        return dataclasses.replace(cfg, config_hash=cfg.compute_hash())
+
+    @classmethod
+    def from_model_dir(cls, model_dir: str, dtype: str = "float32") -> "ModelConfig":
+        cfg = read_hf_config(model_dir)
+        try:
+            return cls.from_hf_config(cfg, dtype=dtype)
+        except UnsupportedModelError as e:
+            raise UnsupportedModelError(f"{e} (model: {os.fspath(model_dir)})") from None
