@@ -32,13 +32,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default=_env("DEVICE", "cpu"), help="cpu or ascend:N (default cpu) [MS_WORKER_DEVICE]")
     s.add_argument("--kv-cache-gb", type=float, default=float(_env("KV_CACHE_GB", "0")),
                    help="KV cache size offered when the front does not ask for one; 0 = 30%% of free memory, "
-                        "at most 4 GiB [MS_WORKER_KV_CACHE_GB]")
+                        "at most 1 GiB [MS_WORKER_KV_CACHE_GB]")
     s.add_argument("--max-message-mb", type=int, default=int(_env("MAX_MESSAGE_MB", str(DEFAULT_MAX_MESSAGE_MB))),
                    help=f"largest gRPC message accepted (default {DEFAULT_MAX_MESSAGE_MB}) [MS_WORKER_MAX_MESSAGE_MB]")
     s.add_argument("--no-jit", action="store_true", default=_env("NO_JIT", "") == "1",
                    help="run eagerly (PyNative) instead of compiling the model with ms.jit [MS_WORKER_NO_JIT=1]")
     s.add_argument("--ready-file", default=_env("READY_FILE"),
                    help="write the bound port to this file once serving (used by the embedded launcher)")
+    s.add_argument("--parent-pid", type=int, default=0,
+                   help="exit when this process is gone (the embedded launcher passes its own pid)")
     s.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"), help="log level (default INFO)")
     return p
 
@@ -97,6 +99,9 @@ def serve(args) -> int:
         signal.signal(sig, lambda *_: done.set())
     while not done.is_set() and not service.stopping.is_set():
         done.wait(0.5)
+        if args.parent_pid and os.getppid() != args.parent_pid:
+            log.warning("parent process %d is gone", args.parent_pid)
+            break
     log.info("shutting down")
     service.stopping.set()
     server.stop(grace=5).wait()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 DEFAULT_FRACTION = 0.3          # of the memory available now, when nobody asked for a size
-DEFAULT_CAP = 4 * 2**30         # bytes; the default never takes more than this
+DEFAULT_CAP = 2**30             # bytes; the default never takes more than this (ask for more explicitly)
 
 
 def mem_available_bytes() -> int:

@@ -8,6 +8,7 @@ concurrent greedy test also exercises chunked prefill, mixed prefill/decode step
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 import urllib.request
@@ -30,7 +31,13 @@ def server(default_model, tmp_path_factory):
         s.wait_healthy()
         yield s
     finally:
+        workers = [p for p in descendants(s.proc.pid) if "ms_worker serve" in cmdline(p)]
         s.stop()
+    # The embedded worker goes away with the front.
+    deadline = time.monotonic() + 15
+    while any(os.path.exists(f"/proc/{p}") for p in workers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [p for p in workers if os.path.exists(f"/proc/{p}")], "embedded worker outlived vllm serve"
 
 
 @pytest.fixture(scope="module")

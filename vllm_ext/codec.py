@@ -14,7 +14,7 @@ from vllm.v1.outputs import LogprobsLists, ModelRunnerOutput
 
 from ms_rpc.v1 import worker_pb2 as pb
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("vllm.ms_rpc")  # under vLLM's logger: same format and level
 
 PROTOCOL_VERSION = pb.PROTOCOL_VERSION_CURRENT
 

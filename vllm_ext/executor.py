@@ -22,7 +22,7 @@ from vllm_ext.client import WorkerClient, WorkerError
 from vllm_ext.codec import decode_result, encode_step
 from vllm_ext.launcher import LocalWorker, default_worker_python
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("vllm.ms_rpc")  # under vLLM's logger: same format and level
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

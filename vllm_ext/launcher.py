@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("vllm.ms_rpc")  # under vLLM's logger: same format and level
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -40,7 +40,7 @@ class LocalWorker:
         self.tmpdir = tempfile.mkdtemp(prefix="ms_rpc_worker_")
         self.ready_file = os.path.join(self.tmpdir, "port")
         cmd = [python, "-m", "ms_worker", "serve", "--model", model, "--host", "127.0.0.1", "--port", "0",
-               "--ready-file", self.ready_file, *(extra_args or [])]
+               "--ready-file", self.ready_file, "--parent-pid", str(os.getpid()), *(extra_args or [])]
         env = dict(os.environ)
         # vLLM's CPU platform preloads torch's libgomp (and tcmalloc) into its own processes through LD_PRELOAD;
         # the worker is another framework's process and must not inherit them.
