@@ -7,19 +7,10 @@ ids vLLM scheduled, so any mix of new, chunked, resumed and decoding requests is
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field
-
 import numpy as np
 
 from ms_worker.sampler import SampleResult, Sampler
 from ms_worker.state import WorkItem
-
-
-@dataclass
-class StepOutput:
-    results: list[tuple[WorkItem, SampleResult | None]]
-    timings: dict[str, float] = field(default_factory=dict)
 
 
 def build_inputs(items: list[WorkItem], block_size: int) -> dict[str, np.ndarray]:
@@ -54,8 +45,8 @@ class ModelRunner:
     def _forward(self, items: list[WorkItem]) -> np.ndarray:
         return self.model.forward(**build_inputs(items, self.block_size))
 
-    def run(self, items: list[WorkItem]) -> StepOutput:
-        t0 = time.perf_counter()
+    def forward(self, items: list[WorkItem]) -> dict[int, np.ndarray]:
+        """Logits rows of the items that sample this step, by id(item)."""
         groups = [[it for it in items if it.count == 1], [it for it in items if it.count > 1]]
         logits_of: dict[int, np.ndarray] = {}
         for group in groups:
@@ -64,12 +55,15 @@ class ModelRunner:
                 for it, row in zip(group, logits):
                     if it.samples:
                         logits_of[id(it)] = row
-        t1 = time.perf_counter()
+        return logits_of
+
+    def sample(self, items: list[WorkItem], logits_of: dict[int, np.ndarray],
+               allowed: dict[str, np.ndarray] | None = None) -> list[tuple[WorkItem, SampleResult | None]]:
         samplers = [it for it in items if it.samples]
         sampled: dict[int, SampleResult] = {}
         if samplers:
             rows = np.stack([logits_of[id(it)] for it in samplers])
-            res = self.sampler.sample(rows, [it.req.sampling for it in samplers], [it.req.generator for it in samplers])
+            masks = [(allowed or {}).get(it.req.req_id) for it in samplers]
+            res = self.sampler.sample(rows, [it.req for it in samplers], masks)
             sampled = {id(it): r for it, r in zip(samplers, res)}
-        t2 = time.perf_counter()
-        return StepOutput([(it, sampled.get(id(it))) for it in items], dict(forward_s=t1 - t0, sample_s=t2 - t1))
+        return [(it, sampled.get(id(it))) for it in items]

@@ -12,6 +12,7 @@ import time
 import uuid
 
 import grpc
+import numpy as np
 
 from ms_rpc.v1 import worker_pb2 as pb
 from ms_rpc.v1 import worker_pb2_grpc as pb_grpc
@@ -34,19 +35,38 @@ def warmup_shapes(max_num_seqs: int, max_num_batched_tokens: int) -> list[tuple[
     return shapes
 
 
+def decode_bitmask(request, vocab_size: int, scheduled: set[str]) -> dict[str, np.ndarray]:
+    """The packed grammar bitmask of a SampleRequest -> {req_id: boolean mask over the vocabulary}."""
+    n, words = len(request.structured_req_ids), request.bitmask_words
+    if n == 0:
+        return {}
+    if words * 32 < vocab_size or len(request.grammar_bitmask) != n * words * 4:
+        raise ValueError(f"grammar bitmask of {len(request.grammar_bitmask)} bytes does not hold {n} rows of "
+                         f"{words} words covering {vocab_size} tokens")
+    unknown = set(request.structured_req_ids) - scheduled
+    if unknown:
+        raise ValueError(f"grammar bitmask for requests not in the step: {sorted(unknown)[:3]}")
+    packed = np.frombuffer(request.grammar_bitmask, dtype="<i4").reshape(n, words)
+    bits = np.unpackbits(packed.view(np.uint8).reshape(n, words * 4), axis=1, bitorder="little")
+    return {rid: bits[i, :vocab_size].astype(bool) for i, rid in enumerate(request.structured_req_ids)}
+
+
 class WorkerService(pb_grpc.ModelWorkerServicer):
-    def __init__(self, model, model_path: str, device: str, kv_cache_bytes: int = 0, framework: str = ""):
+    def __init__(self, model, model_path: str, device: str, kv_cache_bytes: int = 0, framework: str = "",
+                 rank: int = 0, world_size: int = 1):
         self.model = model
         self.model_path = model_path
         self.device = device
         self.kv_cache_bytes = kv_cache_bytes
         self.framework = framework
+        self.rank, self.world_size = rank, world_size
         self.worker_id = uuid.uuid4().hex[:12]
         self.lock = threading.Lock()       # one step at a time; the model and the state are not shared
         self.state: BatchState | None = None
         self.runner: ModelRunner | None = None
         self.block_size = 0
         self.next_step = 0                 # 0 = no cache yet
+        self.pending = None                # a deferred step: (step_id, items, logits, timings, t0)
         self.stopping = threading.Event()
 
     # -- helpers --------------------------------------------------------------------------------------------
@@ -72,7 +92,7 @@ class WorkerService(pb_grpc.ModelWorkerServicer):
         return pb.WorkerInfo(
             protocol_version=PROTOCOL_VERSION, worker_id=self.worker_id, framework=self.framework,
             device=self.device, dtype=self.model.config.dtype, model_path=self.model_path,
-            model=self._model_info(), rank=0, world_size=1,
+            model=self._model_info(), rank=self.rank, world_size=self.world_size,
         )
 
     def DetermineAvailableMemory(self, request, context):
@@ -104,6 +124,7 @@ class WorkerService(pb_grpc.ModelWorkerServicer):
             self.block_size = request.block_size
             self.runner = ModelRunner(self.model, request.block_size, Sampler())
             self.next_step = 1
+            self.pending = None
             self.warmup_shapes = warmup_shapes(request.max_num_seqs or 8, request.max_num_batched_tokens or 256)
             log.info("KV cache: %d blocks of %d tokens (%.1f MiB) in %.2f s", request.num_blocks,
                      request.block_size, need / 2**20, time.perf_counter() - t0)
@@ -128,6 +149,9 @@ class WorkerService(pb_grpc.ModelWorkerServicer):
         with self.lock:
             if self.state is None:
                 context.abort(grpc.StatusCode.FAILED_PRECONDITION, "Execute before InitializeCache")
+            if self.pending is not None:
+                context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                              f"step {self.pending[0]} was deferred and awaits Sample before step {request.step_id}")
             if request.step_id != self.next_step:
                 context.abort(
                     grpc.StatusCode.FAILED_PRECONDITION,
@@ -140,27 +164,84 @@ class WorkerService(pb_grpc.ModelWorkerServicer):
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"step {request.step_id} refused: {e}")
             self.next_step += 1
             t1 = time.perf_counter()
-            out = self.runner.run(items) if items else None
-            reply = pb.StepResult(step_id=request.step_id, worker_id=self.worker_id)
-            for it, res in (out.results if out else []):
-                r = reply.results.add(req_id=it.req.req_id)
-                if res is None:
-                    self.state.record_partial(it)
-                    continue
-                self.state.record_sampled(it, res.token)
-                r.sampled_token_ids.append(res.token)
-                if res.logprob_token_ids is not None:
-                    r.logprobs.token_ids.extend(res.logprob_token_ids)
-                    r.logprobs.logprobs.extend(res.logprobs)
-                    r.logprobs.ranks.append(res.rank)
-            t = reply.timings
-            t.prepare_s = t1 - t0
-            if out:
-                t.forward_s, t.sample_s = out.timings["forward_s"], out.timings["sample_s"]
-            t.total_s = time.perf_counter() - t0
-            return reply
+            logits_of = self.runner.forward(items) if items else {}
+            t2 = time.perf_counter()
+            timings = dict(prepare_s=t1 - t0, forward_s=t2 - t1)
+            if request.defer_sampling:
+                self.pending = (request.step_id, items, logits_of, timings, t0)
+                reply = pb.StepResult(step_id=request.step_id, worker_id=self.worker_id)
+                for it in items:
+                    reply.results.add(req_id=it.req.req_id)
+                return reply
+            return self._sample(request.step_id, items, logits_of, None, timings, t0)
+
+    def Sample(self, request, context):
+        self._check_version(request, context)
+        with self.lock:
+            if self.pending is None or self.pending[0] != request.step_id:
+                context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                              f"Sample for step {request.step_id}, but the deferred step is "
+                              f"{self.pending[0] if self.pending else 'none'}")
+            step_id, items, logits_of, timings, t0 = self.pending
+            try:
+                allowed = decode_bitmask(request, self.model.config.vocab_size, {it.req.req_id for it in items})
+            except ValueError as e:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"Sample for step {step_id} refused: {e}")
+            self.pending = None
+            return self._sample(step_id, items, logits_of, allowed, timings, t0)
+
+    def _sample(self, step_id, items, logits_of, allowed, timings, t0) -> pb.StepResult:
+        t1 = time.perf_counter()
+        results = self.runner.sample(items, logits_of, allowed)
+        reply = pb.StepResult(step_id=step_id, worker_id=self.worker_id)
+        for it, res in results:
+            r = reply.results.add(req_id=it.req.req_id)
+            if res is None:
+                self.state.record_partial(it)
+                continue
+            self.state.record_sampled(it, res.token)
+            r.sampled_token_ids.append(res.token)
+            if res.logprob_token_ids is not None:
+                r.logprobs.token_ids.extend(res.logprob_token_ids)
+                r.logprobs.logprobs.extend(res.logprobs)
+                r.logprobs.ranks.append(res.rank)
+        t = reply.timings
+        t.prepare_s, t.forward_s = timings["prepare_s"], timings["forward_s"]
+        t.sample_s = time.perf_counter() - t1
+        t.total_s = time.perf_counter() - t0
+        return reply
 
     def Shutdown(self, request, context):
         self._check_version(request, context)
         self.stopping.set()
         return pb.ShutdownReply()
+
+    def CheckLiveness(self, request, context):
+        """A real one-token forward, like TGI's health check. Its only KV write goes to the scratch block the
+        cache reserves for padding (slot -1), and its block table is empty, so no request's state changes."""
+        self._check_version(request, context)
+        if self.stopping.is_set():
+            context.abort(grpc.StatusCode.UNAVAILABLE, "worker is shutting down")
+        wait = context.time_remaining()
+        if not self.lock.acquire(timeout=max(0.1, (wait if wait is not None else 30.0) - 0.5)):
+            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "liveness: a step has held the model for the whole "
+                                                             "deadline")
+        try:
+            if self.state is None:
+                context.abort(grpc.StatusCode.FAILED_PRECONDITION, "liveness: no KV cache yet (InitializeCache first)")
+            t0 = time.perf_counter()
+            try:
+                logits = self.model.forward(np.zeros((1, 1), np.int32), np.zeros((1, 1), np.int32),
+                                            np.full((1, 1), -1, np.int32), np.full((1, 1), -1, np.int32),
+                                            np.zeros((1,), np.int32))
+            except Exception as e:  # noqa: BLE001 - any failure of the model is the answer
+                log.exception("liveness forward failed")
+                context.abort(grpc.StatusCode.INTERNAL, f"liveness forward failed: {type(e).__name__}: {e}")
+            dt = time.perf_counter() - t0
+            if logits.shape != (1, self.model.config.vocab_size) or not np.isfinite(logits).all():
+                context.abort(grpc.StatusCode.INTERNAL, f"liveness forward returned bad logits (shape "
+                                                        f"{logits.shape}, finite: {bool(np.isfinite(logits).all())})")
+            return pb.LivenessReply(worker_id=self.worker_id, forward_s=dt, next_step_id=self.next_step,
+                                    requests_active=len(self.state.requests))
+        finally:
+            self.lock.release()

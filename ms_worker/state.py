@@ -26,6 +26,15 @@ class Sampling:
     seed: int | None = None
     logprobs: int = 0
     want_logprobs: bool = False
+    logprobs_mode: int = 0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    allowed_token_ids: list[int] = field(default_factory=list)
+    bad_words: list[list[int]] = field(default_factory=list)
+    min_tokens: int = 0
+    stop_token_ids: list[int] = field(default_factory=list)
 
     @classmethod
     def from_proto(cls, p) -> "Sampling":
@@ -37,7 +46,21 @@ class Sampling:
             seed=p.seed if p.HasField("seed") else None,
             logprobs=p.logprobs,
             want_logprobs=p.want_logprobs,
+            logprobs_mode=p.logprobs_mode,
+            presence_penalty=p.presence_penalty,
+            frequency_penalty=p.frequency_penalty,
+            repetition_penalty=p.repetition_penalty or 1.0,
+            logit_bias=dict(p.logit_bias),
+            allowed_token_ids=list(p.allowed_token_ids),
+            bad_words=[list(w.token_ids) for w in p.bad_words if w.token_ids],
+            min_tokens=p.min_tokens,
+            stop_token_ids=list(p.stop_token_ids),
         )
+
+    def token_ids_used(self) -> list[int]:
+        """Every token id the parameters name (checked against the vocabulary)."""
+        ids = list(self.logit_bias) + self.allowed_token_ids + self.stop_token_ids
+        return ids + [t for w in self.bad_words for t in w]
 
 
 @dataclass
@@ -121,6 +144,7 @@ class BatchState:
             if not tokens:
                 raise StepError(f"request {rid!r} has an empty prompt")
             sampling = Sampling.from_proto(nr.sampling)
+            self._check_tokens(rid, sampling.token_ids_used())
             req = RequestState(rid, tokens, len(tokens), self._check_blocks(rid, nr.block_ids), sampling,
                                num_computed_tokens=nr.num_computed_tokens)
             self._check_span(req, nr.num_computed_tokens, nr.num_scheduled_tokens, len(req.block_ids), block_size)

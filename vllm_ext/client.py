@@ -1,10 +1,17 @@
-"""A gRPC client for one worker: deadlines on every call, errors that name the worker and the call."""
+"""A gRPC client for one worker: deadlines on every call, errors that name the worker and the call.
+
+Security (all optional; the embedded default is plaintext on loopback): TLS with a CA bundle that verifies the
+worker, mutual TLS with a client certificate and key, and a shared bearer token sent as
+`authorization: Bearer <token>` metadata on every call. Only protobuf messages cross the wire.
+"""
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ms_rpc.v1 import worker_pb2 as pb
 from ms_rpc.v1 import worker_pb2_grpc as pb_grpc
@@ -23,28 +30,114 @@ class WorkerError(RuntimeError):
         return self.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
+def _read(path: str, what: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise ValueError(f"ms_rpc: cannot read the {what} {path}: {e.strerror}") from None
+
+
+@dataclass(frozen=True)
+class ChannelSecurity:
+    """How the front authenticates the worker and itself. Plaintext and no token by default."""
+
+    tls: bool = False
+    ca: bytes | None = field(default=None, repr=False)            # PEM roots; None = the system's
+    cert: bytes | None = field(default=None, repr=False)          # client certificate chain (mutual TLS)
+    key: bytes | None = field(default=None, repr=False)
+    server_name: str | None = None                                 # expected name in the worker's certificate
+    token: str | None = field(default=None, repr=False)
+
+    @classmethod
+    def load(cls, tls: bool = False, tls_ca: str | None = None, tls_cert: str | None = None,
+             tls_key: str | None = None, tls_server_name: str | None = None, token: str | None = None,
+             token_file: str | None = None) -> "ChannelSecurity":
+        """From file paths (the ms_rpc settings); raises ValueError naming what is missing or unreadable."""
+        if bool(tls_cert) != bool(tls_key):
+            raise ValueError("ms_rpc: a client certificate needs both tls_cert and tls_key")
+        if token and token_file:
+            raise ValueError("ms_rpc: give token or token_file, not both")
+        if token_file:
+            token = _read(token_file, "token file").decode().strip()
+            if not token:
+                raise ValueError(f"ms_rpc: the token file {token_file} is empty")
+        return cls(tls=bool(tls or tls_ca or tls_cert or tls_server_name),
+                   ca=_read(tls_ca, "TLS CA bundle") if tls_ca else None,
+                   cert=_read(tls_cert, "TLS client certificate") if tls_cert else None,
+                   key=_read(tls_key, "TLS client key") if tls_key else None,
+                   server_name=tls_server_name or None, token=token or None)
+
+    def describe(self) -> str:
+        mode = ("mutual TLS" if self.cert else "TLS") if self.tls else "plaintext"
+        return mode + (" + bearer token" if self.token else "")
+
+
 class WorkerClient:
-    def __init__(self, address: str, max_message_mb: int = 64):
+    def __init__(self, address: str, max_message_mb: int = 64, security: ChannelSecurity | None = None):
         self.address = address
+        self.security = security = security or ChannelSecurity()
         mb = max_message_mb * 2**20
-        self.channel = grpc.insecure_channel(
-            address, options=[("grpc.max_receive_message_length", mb), ("grpc.max_send_message_length", mb)]
-        )
+        options = [("grpc.max_receive_message_length", mb), ("grpc.max_send_message_length", mb),
+                   # retry a refused connection within a second or two (the worker may still be starting)
+                   ("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 2000)]
+        if security.tls:
+            if security.server_name:
+                options.append(("grpc.ssl_target_name_override", security.server_name))
+            creds = grpc.ssl_channel_credentials(root_certificates=security.ca, private_key=security.key,
+                                                 certificate_chain=security.cert)
+            self.channel = grpc.secure_channel(address, creds, options=options)
+        else:
+            self.channel = grpc.insecure_channel(address, options=options)
+        self.metadata = (("authorization", f"Bearer {security.token}"),) if security.token else None
         self.stub = pb_grpc.ModelWorkerStub(self.channel)
+        self.health_stub = health_pb2_grpc.HealthStub(self.channel)
 
     def call(self, name: str, request, timeout: float):
         try:
-            return getattr(self.stub, name)(request, timeout=timeout)
+            return getattr(self.stub, name)(request, timeout=timeout, metadata=self.metadata)
         except grpc.RpcError as e:
             raise WorkerError(self.address, name, e.code(), e.details() or str(e)) from None
 
-    def wait_ready(self, timeout: float) -> None:
-        """Wait until the worker's port accepts connections, or raise a WorkerError naming it."""
+    def health(self, service: str = "", timeout: float = 5.0) -> str:
+        """The worker's grpc.health.v1 status for `service` ("SERVING", "NOT_SERVING", ...)."""
         try:
-            grpc.channel_ready_future(self.channel).result(timeout=timeout)
-        except grpc.FutureTimeoutError:
-            raise WorkerError(self.address, "connect", grpc.StatusCode.UNAVAILABLE,
-                              f"no answer within {timeout:.0f} s (is the worker running and the address right?)") from None
+            r = self.health_stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout,
+                                       metadata=self.metadata)
+        except grpc.RpcError as e:
+            raise WorkerError(self.address, "Health.Check", e.code(), e.details() or str(e)) from None
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(r.status)
+
+    def wait_ready(self, timeout: float) -> None:
+        """Wait until the worker answers and its health says SERVING (model loaded), or raise a WorkerError that
+        names the worker and the last thing it said (refused connection, TLS handshake failure, still loading)."""
+        end = time.monotonic() + timeout
+        last = "no answer"
+        while True:
+            left = end - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                status = self.health(timeout=max(0.2, min(left, 5.0)))
+            except WorkerError as e:
+                if e.code == grpc.StatusCode.UNIMPLEMENTED:
+                    return                      # a worker without the health service: Describe decides
+                last = e.details
+            else:
+                if status == "SERVING":
+                    return
+                last = f"health {status} (still loading the model, or draining)"
+            time.sleep(min(0.2, max(end - time.monotonic(), 0)))
+        hint = ""
+        if not self.security.tls:
+            hint = "; if the worker serves TLS, set the front's ms_rpc tls_ca (and tls_cert/tls_key for mutual TLS)"
+        raise WorkerError(self.address, "connect", grpc.StatusCode.UNAVAILABLE,
+                          f"not ready within {timeout:.0f} s (is the worker running and the address right?): "
+                          f"{last}{hint}")
+
+    def check_liveness(self, timeout: float = 30.0) -> pb.LivenessReply:
+        """Deep liveness: the worker runs a real one-token forward."""
+        return self.call("CheckLiveness", pb.LivenessRequest(protocol_version=PROTOCOL_VERSION), timeout)
 
     def describe(self, timeout: float = 10.0) -> pb.WorkerInfo:
         return self.call("Describe", pb.DescribeRequest(protocol_version=PROTOCOL_VERSION), timeout)
@@ -62,6 +155,9 @@ class WorkerClient:
 
     def execute(self, step: pb.StepRequest, timeout: float) -> pb.StepResult:
         return self.call("Execute", step, timeout)
+
+    def sample(self, req: pb.SampleRequest, timeout: float) -> pb.StepResult:
+        return self.call("Sample", req, timeout)
 
     def shutdown(self, timeout: float = 5.0) -> None:
         self.call("Shutdown", pb.ShutdownRequest(protocol_version=PROTOCOL_VERSION), timeout)

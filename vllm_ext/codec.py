@@ -18,10 +18,9 @@ log = logging.getLogger("vllm.ms_rpc")  # under vLLM's logger: same format and l
 
 PROTOCOL_VERSION = pb.PROTOCOL_VERSION_CURRENT
 
-# SamplingParams fields the worker does not apply yet, with their neutral values.
-_NOT_YET_APPLIED = {
-    "presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0, "logit_bias": None,
-    "allowed_token_ids": None, "min_tokens": 0, "prompt_logprobs": None, "structured_outputs": None,
+_LOGPROBS_MODES = {
+    "raw_logprobs": pb.LOGPROBS_MODE_RAW_LOGPROBS, "raw_logits": pb.LOGPROBS_MODE_RAW_LOGITS,
+    "processed_logprobs": pb.LOGPROBS_MODE_PROCESSED_LOGPROBS, "processed_logits": pb.LOGPROBS_MODE_PROCESSED_LOGITS,
 }
 
 
@@ -37,26 +36,33 @@ def _only_group(block_ids, req_id: str) -> list[int]:
     return list(block_ids[0])
 
 
-def encode_sampling(sp) -> pb.SamplingParams:
+def encode_sampling(sp, logprobs_mode: str = "raw_logprobs") -> pb.SamplingParams:
     if sp is None:
         raise UnsupportedRequestError("pooling requests are not supported by ms_rpc workers")
-    ignored = [k for k, v in _NOT_YET_APPLIED.items() if getattr(sp, k, v) not in (v, None, [], {})]
-    if ignored:
-        log.warning("ms_rpc: sampling parameters %s are not applied by the worker yet and are ignored", ignored)
+    if sp.prompt_logprobs is not None:
+        log.warning("ms_rpc: prompt_logprobs are not returned by the worker yet")
     out = pb.SamplingParams(
         temperature=sp.temperature, top_k=max(sp.top_k or 0, 0), top_p=sp.top_p, min_p=sp.min_p,
         logprobs=max(sp.logprobs or 0, 0), want_logprobs=sp.logprobs is not None,
+        logprobs_mode=_LOGPROBS_MODES[logprobs_mode],
+        presence_penalty=sp.presence_penalty, frequency_penalty=sp.frequency_penalty,
+        repetition_penalty=sp.repetition_penalty, logit_bias={int(k): float(v) for k, v in (sp.logit_bias or {}).items()},
+        allowed_token_ids=sp.allowed_token_ids or [], min_tokens=sp.min_tokens,
+        stop_token_ids=sorted(sp.all_stop_token_ids),
     )
+    for word in sp.bad_words_token_ids or []:
+        out.bad_words.add(token_ids=word)
     if sp.seed is not None:
         out.seed = sp.seed & (2**64 - 1)
     return out
 
 
-def encode_step(so: SchedulerOutput, step_id: int) -> pb.StepRequest:
+def encode_step(so: SchedulerOutput, step_id: int, logprobs_mode: str = "raw_logprobs",
+                defer_sampling: bool = False) -> pb.StepRequest:
     if so.scheduled_spec_decode_tokens:
         raise UnsupportedRequestError("speculative decoding is not supported by ms_rpc workers")
     msg = pb.StepRequest(protocol_version=PROTOCOL_VERSION, step_id=step_id,
-                         total_num_scheduled_tokens=so.total_num_scheduled_tokens)
+                         total_num_scheduled_tokens=so.total_num_scheduled_tokens, defer_sampling=defer_sampling)
     msg.finished_req_ids.extend(sorted(so.finished_req_ids))
     n = so.num_scheduled_tokens
     for r in so.scheduled_new_reqs:
@@ -65,7 +71,7 @@ def encode_step(so: SchedulerOutput, step_id: int) -> pb.StepRequest:
         if r.lora_request is not None or r.mm_features:
             raise UnsupportedRequestError(f"request {r.req_id}: LoRA and multimodal inputs are not supported")
         msg.new_requests.add(
-            req_id=r.req_id, prompt_token_ids=r.prompt_token_ids, sampling=encode_sampling(r.sampling_params),
+            req_id=r.req_id, prompt_token_ids=r.prompt_token_ids, sampling=encode_sampling(r.sampling_params, logprobs_mode),
             block_ids=_only_group(r.block_ids, r.req_id), num_computed_tokens=r.num_computed_tokens,
             num_scheduled_tokens=n[r.req_id],
         )
@@ -79,6 +85,17 @@ def encode_step(so: SchedulerOutput, step_id: int) -> pb.StepRequest:
             cr.all_token_ids.extend(c.all_token_ids[rid])
         if c.new_token_ids and c.new_token_ids[i]:
             cr.new_token_ids.extend(c.new_token_ids[i])
+    return msg
+
+
+def encode_grammar(step_id: int, grammar_output) -> pb.SampleRequest:
+    """vLLM's GrammarOutput (int32 bitmask rows, one per structured-output request) -> a SampleRequest."""
+    msg = pb.SampleRequest(protocol_version=PROTOCOL_VERSION, step_id=step_id)
+    if grammar_output is not None and grammar_output.structured_output_request_ids:
+        mask = np.ascontiguousarray(grammar_output.grammar_bitmask, dtype="<i4")
+        msg.structured_req_ids.extend(grammar_output.structured_output_request_ids)
+        msg.grammar_bitmask = mask.tobytes()
+        msg.bitmask_words = mask.shape[1]
     return msg
 
 

@@ -59,10 +59,20 @@ class ModelWorkerStub:
                 request_serializer=ms__rpc_dot_v1_dot_worker__pb2.StepRequest.SerializeToString,
                 response_deserializer=ms__rpc_dot_v1_dot_worker__pb2.StepResult.FromString,
                 _registered_method=True)
+        self.Sample = channel.unary_unary(
+                '/ms_rpc.v1.ModelWorker/Sample',
+                request_serializer=ms__rpc_dot_v1_dot_worker__pb2.SampleRequest.SerializeToString,
+                response_deserializer=ms__rpc_dot_v1_dot_worker__pb2.StepResult.FromString,
+                _registered_method=True)
         self.Shutdown = channel.unary_unary(
                 '/ms_rpc.v1.ModelWorker/Shutdown',
                 request_serializer=ms__rpc_dot_v1_dot_worker__pb2.ShutdownRequest.SerializeToString,
                 response_deserializer=ms__rpc_dot_v1_dot_worker__pb2.ShutdownReply.FromString,
+                _registered_method=True)
+        self.CheckLiveness = channel.unary_unary(
+                '/ms_rpc.v1.ModelWorker/CheckLiveness',
+                request_serializer=ms__rpc_dot_v1_dot_worker__pb2.LivenessRequest.SerializeToString,
+                response_deserializer=ms__rpc_dot_v1_dot_worker__pb2.LivenessReply.FromString,
                 _registered_method=True)
 
 
@@ -99,8 +109,23 @@ class ModelWorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Sample(self, request, context):
+        """Second phase of a step sent with defer_sampling: sample with the front's grammar bitmask.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Shutdown(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CheckLiveness(self, request, context):
+        """Deep liveness: one real one-token forward through the model whose KV writes land in the cache's reserved
+        scratch block, so no request's state changes. FAILED_PRECONDITION before InitializeCache.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -133,10 +158,20 @@ def add_ModelWorkerServicer_to_server(servicer, server):
                     request_deserializer=ms__rpc_dot_v1_dot_worker__pb2.StepRequest.FromString,
                     response_serializer=ms__rpc_dot_v1_dot_worker__pb2.StepResult.SerializeToString,
             ),
+            'Sample': grpc.unary_unary_rpc_method_handler(
+                    servicer.Sample,
+                    request_deserializer=ms__rpc_dot_v1_dot_worker__pb2.SampleRequest.FromString,
+                    response_serializer=ms__rpc_dot_v1_dot_worker__pb2.StepResult.SerializeToString,
+            ),
             'Shutdown': grpc.unary_unary_rpc_method_handler(
                     servicer.Shutdown,
                     request_deserializer=ms__rpc_dot_v1_dot_worker__pb2.ShutdownRequest.FromString,
                     response_serializer=ms__rpc_dot_v1_dot_worker__pb2.ShutdownReply.SerializeToString,
+            ),
+            'CheckLiveness': grpc.unary_unary_rpc_method_handler(
+                    servicer.CheckLiveness,
+                    request_deserializer=ms__rpc_dot_v1_dot_worker__pb2.LivenessRequest.FromString,
+                    response_serializer=ms__rpc_dot_v1_dot_worker__pb2.LivenessReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -285,6 +320,33 @@ class ModelWorker:
             _registered_method=True)
 
     @staticmethod
+    def Sample(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ms_rpc.v1.ModelWorker/Sample',
+            ms__rpc_dot_v1_dot_worker__pb2.SampleRequest.SerializeToString,
+            ms__rpc_dot_v1_dot_worker__pb2.StepResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def Shutdown(request,
             target,
             options=(),
@@ -301,6 +363,33 @@ class ModelWorker:
             '/ms_rpc.v1.ModelWorker/Shutdown',
             ms__rpc_dot_v1_dot_worker__pb2.ShutdownRequest.SerializeToString,
             ms__rpc_dot_v1_dot_worker__pb2.ShutdownReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CheckLiveness(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ms_rpc.v1.ModelWorker/CheckLiveness',
+            ms__rpc_dot_v1_dot_worker__pb2.LivenessRequest.SerializeToString,
+            ms__rpc_dot_v1_dot_worker__pb2.LivenessReply.FromString,
             options,
             channel_credentials,
             insecure,
