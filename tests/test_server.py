@@ -25,7 +25,8 @@ CHUNK = 64
 def server(default_model, tmp_path_factory):
     log = tmp_path_factory.mktemp("server") / "vllm_serve.log"
     s = Server(default_model, ["--block-size", "16", "--max-num-batched-tokens", str(CHUNK),
-                               "--num-gpu-blocks-override", "20", "--max-model-len", "288", "--max-num-seqs", "8"],
+                               "--num-gpu-blocks-override", "20", "--max-model-len", "288", "--max-num-seqs", "8",
+                               "--structured-outputs-config", '{"backend": "xgrammar", "disable_any_whitespace": true}'],
                log_path=log)
     try:
         s.wait_healthy()
@@ -119,3 +120,47 @@ def test_concurrent_greedy_matches_hf_with_chunking_and_preemption(server, defau
     for i in range(len(PROMPTS)):
         assert got[i] == expected[i], f"prompt {i} ({PROMPTS[i][:30]!r}): {got[i]} != {expected[i]}"
     assert metric(server, "vllm:num_preemptions") > preempt_before, "the small KV cache should force preemption"
+
+
+SCHEMAS = [
+    {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}}, "required": ["city"]},
+    {"type": "object", "properties": {"name": {"type": "string", "maxLength": 16}, "age": {"type": "integer"}},
+     "required": ["name", "age"]},
+    {"type": "object", "properties": {"answer": {"type": "boolean"}}, "required": ["answer"]},
+    {"type": "object", "properties": {"color": {"enum": ["red", "green", "blue"]}, "count": {"type": "integer"}},
+     "required": ["color", "count"]},
+    {"type": "array", "items": {"type": "integer"}, "minItems": 2, "maxItems": 4},
+]
+
+
+def test_structured_outputs_json_schema_and_choice(server, default_model):
+    """The grammar bitmask computed in the front constrains the worker's sampling (two-phase step)."""
+    import jsonschema
+    import openai
+
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="none")
+    for i, schema in enumerate(SCHEMAS):
+        r = client.chat.completions.create(
+            model=str(default_model), temperature=0, max_tokens=60,
+            messages=[{"role": "user", "content": f"Give me an example JSON value number {i}."}],
+            response_format={"type": "json_schema", "json_schema": {"name": f"s{i}", "schema": schema}})
+        text = r.choices[0].message.content
+        jsonschema.validate(json.loads(text), schema)
+    choices = ["alpha", "bravo", "charlie"]
+    for prompt in ["Pick a word.", "Which is the second NATO letter?"]:
+        r = client.chat.completions.create(model=str(default_model), temperature=0, max_tokens=10,
+                                           messages=[{"role": "user", "content": prompt}],
+                                           extra_body={"structured_outputs": {"choice": choices}})
+        assert r.choices[0].message.content in choices
+
+
+def test_bad_request_fails_alone(server, default_model):
+    """An out-of-vocabulary logit_bias is refused for that request; a request beside it is served."""
+    import openai
+
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="none")
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=str(default_model), prompt="Hi", max_tokens=4,
+                                  logit_bias={"999999": 5})
+    ok = client.completions.create(model=str(default_model), prompt="Hi", max_tokens=4, temperature=0)
+    assert ok.choices[0].text
