@@ -11,16 +11,20 @@ PIP_QUIET := --disable-pip-version-check -q
 # pip's local index mirrors print one harmless warning per package; keep the log readable.
 FILTER := { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
-.PHONY: serve test front-env worker-env model envs
+.PHONY: serve test front-env worker-env model envs deploy-tools
 
 serve: envs model
 	.venv/bin/vllm serve $(MODEL) --distributed-executor-backend ms_rpc --host 127.0.0.1 --port $(PORT) \
 		--dtype float32 $(SERVE_ARGS)
 
-test: envs model
+test: envs model deploy-tools
 	.venv/bin/python -m pytest $(PYTEST_ARGS)
 
 envs: front-env worker-env
+# tests/test_deploy.py verifies the systemd units with systemd-analyze (Debian package systemd).
+deploy-tools:
+	@command -v systemd-analyze >/dev/null || { apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends systemd >/dev/null; }
 front-env: .venv/.ready
 worker-env: .venv-worker/.ready
 model: $(MODEL)/.complete

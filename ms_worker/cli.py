@@ -1,10 +1,18 @@
-"""`ms-worker serve`: load a model and serve the ms_rpc.v1 ModelWorker service over gRPC."""
+"""`ms-worker serve`: load a model and serve the ms_rpc.v1 ModelWorker service over gRPC.
+
+Start-up order: bind the port with only health answering (NOT_SERVING; ModelWorker calls get UNAVAILABLE
+"loading") -> load the weights (progress logged every few seconds) -> health "" SERVING, sd_notify READY=1, ready
+file written. The front's InitializeCache then turns "ms_rpc.v1.ModelWorker" SERVING. SIGTERM/SIGINT drains: both
+health services go NOT_SERVING, new steps are refused, the step in flight finishes (or is cancelled after
+--shutdown-grace-s), the port closes, exit 0.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -12,106 +20,292 @@ import time
 from concurrent import futures
 
 DEFAULT_MAX_MESSAGE_MB = 64
+ENV_PREFIX = "MS_WORKER_"
 
 
 def _env(name: str, default=None):
-    return os.environ.get(f"MS_WORKER_{name}", default)
+    return os.environ.get(ENV_PREFIX + name, default)
+
+
+def parse_device(device: str) -> tuple[str, int | None]:
+    """"cpu", "ascend", "ascend:N" -> (kind, index or None)."""
+    m = re.fullmatch(r"(cpu|ascend|npu)(?::(\d+))?", device.strip().lower())
+    if not m or (m.group(1) == "cpu" and m.group(2) not in (None, "0")):
+        raise ValueError(f"unsupported device {device!r}: expected cpu or ascend:N")
+    kind = "ascend" if m.group(1) == "npu" else m.group(1)
+    return kind, (int(m.group(2)) if m.group(2) is not None and kind != "cpu" else None)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ms-worker", description="MindSpore model worker for vLLM's ms_rpc executor.")
     sub = p.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("serve", help="load a model and serve it over gRPC",
-                       description="Load an HF-format model directory and serve the ms_rpc.v1 worker API. "
-                                   "Every flag also reads an environment variable MS_WORKER_<FLAG>.")
-    s.add_argument("--model", default=_env("MODEL"), help="HF model directory (config.json + safetensors) "
+    s = sub.add_parser(
+        "serve", help="load a model and serve it over gRPC",
+        description="Load an HF-format model directory and serve the ms_rpc.v1 worker API, the grpc.health.v1 "
+                    "health service and (optionally) Prometheus metrics. Every flag also reads an environment "
+                    "variable MS_WORKER_<FLAG>, shown in brackets; a flag on the command line wins.")
+    g = s.add_argument_group("model and device")
+    g.add_argument("--model", default=_env("MODEL"), help="HF model directory (config.json + safetensors) "
                    "[MS_WORKER_MODEL]")
-    s.add_argument("--host", default=_env("HOST", "127.0.0.1"), help="bind address (default 127.0.0.1) [MS_WORKER_HOST]")
-    s.add_argument("--port", type=int, default=int(_env("PORT", "50051")),
-                   help="port; 0 picks a free one (see --ready-file) (default 50051) [MS_WORKER_PORT]")
-    s.add_argument("--device", default=_env("DEVICE", "cpu"), help="cpu or ascend:N (default cpu) [MS_WORKER_DEVICE]")
-    s.add_argument("--kv-cache-gb", type=float, default=float(_env("KV_CACHE_GB", "0")),
+    g.add_argument("--device", default=_env("DEVICE", "cpu"),
+                   help="cpu (default), or ascend:N for NPU N (sets DEVICE_ID=N) [MS_WORKER_DEVICE]")
+    g.add_argument("--dtype", default=_env("DTYPE", "auto"), choices=["auto", "float32", "float16", "bfloat16"],
+                   help="compute and KV-cache dtype; auto (default) = the model's (float32 for now) [MS_WORKER_DTYPE]")
+    g.add_argument("--rank", type=int, default=int(_env("RANK", "0")),
+                   help="this worker's rank among the front's workers (default 0) [MS_WORKER_RANK]")
+    g.add_argument("--world-size", type=int, default=int(_env("WORLD_SIZE", "1")),
+                   help="number of workers behind one front (default and, for now, only 1) [MS_WORKER_WORLD_SIZE]")
+    g.add_argument("--kv-cache-gb", type=float, default=float(_env("KV_CACHE_GB", "0")),
                    help="KV cache size offered when the front does not ask for one; 0 = 30%% of free memory, "
                         "at most 1 GiB [MS_WORKER_KV_CACHE_GB]")
-    s.add_argument("--max-message-mb", type=int, default=int(_env("MAX_MESSAGE_MB", str(DEFAULT_MAX_MESSAGE_MB))),
-                   help=f"largest gRPC message accepted (default {DEFAULT_MAX_MESSAGE_MB}) [MS_WORKER_MAX_MESSAGE_MB]")
-    s.add_argument("--no-jit", action="store_true", default=_env("NO_JIT", "") == "1",
+    g.add_argument("--no-jit", action="store_true", default=_env("NO_JIT", "") == "1",
                    help="run eagerly (PyNative) instead of compiling the model with ms.jit [MS_WORKER_NO_JIT=1]")
-    s.add_argument("--ready-file", default=_env("READY_FILE"),
-                   help="write the bound port to this file once serving (used by the embedded launcher)")
-    s.add_argument("--parent-pid", type=int, default=0,
+
+    g = s.add_argument_group("network and security")
+    g.add_argument("--host", default=_env("HOST", "127.0.0.1"),
+                   help="bind address (default 127.0.0.1); anything but loopback without TLS or a token logs a warning "
+                        "[MS_WORKER_HOST]")
+    g.add_argument("--port", type=int, default=int(_env("PORT", "50051")),
+                   help="gRPC port (default 50051); 0 picks a free one (see --ready-file) [MS_WORKER_PORT]")
+    g.add_argument("--tls-cert", default=_env("TLS_CERT"), help="PEM server certificate (chain): serve TLS "
+                   "[MS_WORKER_TLS_CERT]")
+    g.add_argument("--tls-key", default=_env("TLS_KEY"), help="PEM private key of --tls-cert [MS_WORKER_TLS_KEY]")
+    g.add_argument("--tls-client-ca", default=_env("TLS_CLIENT_CA"),
+                   help="PEM CA bundle: require client certificates signed by it (mutual TLS) "
+                        "[MS_WORKER_TLS_CLIENT_CA]")
+    g.add_argument("--token", default=_env("TOKEN"),
+                   help="shared bearer token required on every ModelWorker call (health stays open); prefer "
+                        "the variable or --token-file, a flag shows in ps [MS_WORKER_TOKEN]")
+    g.add_argument("--token-file", default=_env("TOKEN_FILE"), help="file holding the bearer token "
+                   "[MS_WORKER_TOKEN_FILE]")
+    g.add_argument("--max-message-mb", type=int, default=int(_env("MAX_MESSAGE_MB", str(DEFAULT_MAX_MESSAGE_MB))),
+                   help=f"largest gRPC message accepted (default {DEFAULT_MAX_MESSAGE_MB}) [MS_WORKER_MAX_MESSAGE_MB]")
+
+    g = s.add_argument_group("operations")
+    g.add_argument("--health-port", type=int, default=int(_env("HEALTH_PORT", "0")),
+                   help="also serve grpc.health.v1 alone, in plaintext, on this port (for Kubernetes gRPC probes, "
+                        "which cannot speak TLS); 0 = off (default) [MS_WORKER_HEALTH_PORT]")
+    g.add_argument("--metrics-port", type=int, default=int(_env("METRICS_PORT", "0")),
+                   help="serve Prometheus metrics over HTTP on this port; 0 = off (default) [MS_WORKER_METRICS_PORT]")
+    g.add_argument("--metrics-host", default=_env("METRICS_HOST"),
+                   help="bind address of the metrics port (default: --host) [MS_WORKER_METRICS_HOST]")
+    g.add_argument("--drain-s", type=float, default=float(_env("DRAIN_S", "0")),
+                   help="on SIGTERM, keep the port open this long answering health NOT_SERVING and refusing new "
+                        "steps before closing (lets probes and load balancers see the drain; default 0) [MS_WORKER_DRAIN_S]")
+    g.add_argument("--shutdown-grace-s", type=float, default=float(_env("SHUTDOWN_GRACE_S", "30")),
+                   help="on SIGTERM, how long the step in flight may take to finish before it is cancelled (default 30) "
+                        "[MS_WORKER_SHUTDOWN_GRACE_S]")
+    g.add_argument("--ready-file", default=_env("READY_FILE"),
+                   help="write the bound port to this file once serving (used by the embedded launcher) "
+                        "[MS_WORKER_READY_FILE]")
+    g.add_argument("--parent-pid", type=int, default=0,
                    help="exit when this process is gone (the embedded launcher passes its own pid)")
-    s.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"), help="log level (default INFO)")
+    g.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"), type=str.upper,
+                   choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log level (default INFO) [MS_WORKER_LOG_LEVEL]")
     return p
+
+
+def _check_args(args) -> str | None:
+    """A reason to refuse the arguments before anything is loaded, or None."""
+    if not args.model:
+        return "no model given: pass --model DIR or set MS_WORKER_MODEL"
+    if not os.path.isdir(args.model):
+        return f"model directory not found: {args.model}"
+    try:
+        parse_device(args.device)
+    except ValueError as e:
+        return str(e)
+    if args.dtype not in ("auto", "float32"):
+        return f"--dtype {args.dtype} is not supported yet: the MindSpore models compute in float32"
+    if args.world_size < 1 or not 0 <= args.rank < args.world_size:
+        return f"rank {args.rank} is not in 0..{args.world_size - 1} (world size {args.world_size})"
+    if args.world_size != 1:
+        return "world size > 1 (tensor parallel workers) is not supported yet"
+    return None
+
+
+def _weights_mib(model_dir: str) -> float:
+    return sum(e.stat().st_size for e in os.scandir(model_dir) if e.name.endswith(".safetensors")) / 2**20
 
 
 def serve(args) -> int:
     import grpc
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
     from ms_rpc.v1 import worker_pb2_grpc as pb_grpc
+    from ms_worker import serving
 
     log = logging.getLogger("ms_worker")
-    if not args.model:
-        log.error("no model given: pass --model DIR or set MS_WORKER_MODEL")
+    problem = _check_args(args)
+    if problem:
+        log.error("%s", problem)
         return 2
-    if not os.path.isdir(args.model):
-        log.error("model directory not found: %s", args.model)
-        return 2
-
-    t0 = time.perf_counter()
-    import mindspore as ms
-
-    from ms_models import UnsupportedModelError, load_model
-    from ms_models.runtime import setup
-    from ms_worker.service import WorkerService
-
-    setup(args.device)
     try:
-        model = load_model(args.model, device=args.device, use_jit=not args.no_jit)
-    except (UnsupportedModelError, FileNotFoundError, ValueError) as e:
-        log.error("cannot load model %s: %s", args.model, e)
+        creds = serving.server_credentials(args.tls_cert, args.tls_key, args.tls_client_ca)
+        token = serving.read_token(args.token, args.token_file)
+    except ValueError as e:
+        log.error("%s", e)
         return 2
-    log.info("model %s loaded in %.1f s (%.1f MiB of weights)", args.model, time.perf_counter() - t0,
-             model.weight_bytes() / 2**20)
+    kind, index = parse_device(args.device)
+    if index is not None:
+        os.environ["DEVICE_ID"] = str(index)
 
+    # 1. The port, with health only (NOT_SERVING) until the model is loaded.
+    holder: dict = {"service": None}
+    metrics = serving.Metrics(lambda: holder["service"]) if args.metrics_port else None
+    health_servicer = health.HealthServicer()
+    for name in ("", serving.SERVICE_NAME):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    def cache_ready():
+        health_servicer.set(serving.SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+
+    interceptor = serving.WorkerInterceptor(token, metrics, after={"InitializeCache": cache_ready})
     mb = args.max_message_mb * 2**20
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=4),
+        futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="grpc"), interceptors=[interceptor],
         options=[("grpc.max_receive_message_length", mb), ("grpc.max_send_message_length", mb)],
     )
-    service = WorkerService(model, os.path.abspath(args.model), args.device,
-                            kv_cache_bytes=int(args.kv_cache_gb * 2**30), framework=f"mindspore {ms.__version__}")
-    pb_grpc.add_ModelWorkerServicer_to_server(service, server)
-    port = server.add_insecure_port(f"{args.host}:{args.port}")
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    deferred = serving.DeferredServicer()
+    pb_grpc.add_ModelWorkerServicer_to_server(deferred, server)
+    address = f"{args.host}:{args.port}"
+    try:
+        port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
+    except RuntimeError:
+        port = 0
     if port == 0:
-        log.error("cannot bind %s:%d", args.host, args.port)
+        log.error("cannot bind %s", address)
         return 2
     server.start()
-    log.info("serving ms_rpc.v1 on %s:%d (worker %s, device %s)", args.host, port, service.worker_id, args.device)
+    security = ("mutual TLS" if args.tls_client_ca else "TLS" if creds else "plaintext") + \
+               (" + bearer token" if token else "")
+    log.info("listening on %s:%d (%s); health NOT_SERVING until the model is loaded", args.host, port, security)
+    if not serving.is_loopback(args.host):
+        if not creds and not token:
+            log.warning("binding %s without TLS or a token: anyone who can reach this port can drive the worker; "
+                        "pass --tls-cert/--tls-key (and --tls-client-ca) and/or --token-file", args.host)
+        elif not creds:
+            log.warning("binding %s without TLS: the bearer token travels in clear text", args.host)
+    health_server = None
+    if args.health_port:
+        health_server = grpc.server(futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="health"))
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
+        try:
+            bound = health_server.add_insecure_port(f"{args.host}:{args.health_port}")
+        except RuntimeError:
+            bound = 0
+        if bound == 0:
+            log.error("cannot bind the health port %s:%d", args.host, args.health_port)
+            server.stop(0)
+            return 2
+        health_server.start()
+        log.info("grpc.health.v1 alone (plaintext) on %s:%d", args.host, args.health_port)
+    metrics_server = None
+    if metrics is not None:
+        mhost = args.metrics_host or args.host
+        try:
+            metrics_server = metrics.serve(mhost, args.metrics_port)
+        except OSError as e:
+            log.error("cannot serve metrics on %s:%d: %s", mhost, args.metrics_port, e)
+            server.stop(0)
+            if health_server is not None:
+                health_server.stop(0)
+            return 2
+        log.info("Prometheus metrics on http://%s:%d/metrics", mhost, args.metrics_port)
+
+    def stop_port(code: int) -> int:
+        server.stop(0).wait()
+        if health_server is not None:
+            health_server.stop(0).wait()
+        if metrics_server is not None:
+            metrics_server.shutdown()
+        return code
+
+    # 2. The model.
+    t0 = time.perf_counter()
+    serving.sd_notify("STATUS=loading the model")
+    log.info("loading %s (%.0f MiB of safetensors) on %s", args.model, _weights_mib(args.model), args.device)
+    with serving.Heartbeat("still loading the model"):
+        import mindspore as ms
+
+        from ms_models import UnsupportedModelError, load_model
+        from ms_models.runtime import setup
+        from ms_worker.service import WorkerService
+
+        setup(kind)
+        try:
+            model = load_model(args.model, device=kind, use_jit=not args.no_jit)
+        except (UnsupportedModelError, FileNotFoundError, ValueError) as e:
+            log.error("cannot load model %s: %s", args.model, e)
+            return stop_port(2)
+    load_s = time.perf_counter() - t0
+    log.info("model %s loaded in %.1f s (%.1f MiB of weights)", args.model, load_s, model.weight_bytes() / 2**20)
+
+    service = WorkerService(model, os.path.abspath(args.model), args.device,
+                            kv_cache_bytes=int(args.kv_cache_gb * 2**30), framework=f"mindspore {ms.__version__}",
+                            rank=args.rank, world_size=args.world_size)
+    done = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: done.set())
+
+    # 3. Serving.
+    holder["service"] = deferred.target = service
+    health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    if metrics is not None:
+        metrics.info.info({"worker_id": service.worker_id, "model": service.model_path, "device": args.device,
+                           "framework": service.framework, "rank": str(args.rank)})
+        metrics.load_seconds.set(load_s)
+        metrics.state.set(1)
+    log.info("serving ms_rpc.v1 on %s:%d (worker %s, device %s, rank %d/%d)", args.host, port, service.worker_id,
+             args.device, args.rank, args.world_size)
+    serving.sd_notify(f"READY=1\nSTATUS=serving on {args.host}:{port}")
     if args.ready_file:
         tmp = args.ready_file + ".tmp"
         with open(tmp, "w") as f:
             f.write(str(port))
         os.replace(tmp, args.ready_file)
 
-    done = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: done.set())
     while not done.is_set() and not service.stopping.is_set():
         done.wait(0.5)
         if args.parent_pid and os.getppid() != args.parent_pid:
             log.warning("parent process %d is gone", args.parent_pid)
             break
-    log.info("shutting down")
+
+    # 4. Drain.
+    log.info("draining: health NOT_SERVING, new steps refused")
+    serving.sd_notify("STOPPING=1\nSTATUS=draining")
     service.stopping.set()
-    server.stop(grace=5).wait()
+    health_servicer.enter_graceful_shutdown()
+    if metrics is not None:
+        metrics.state.set(0)
+    if args.drain_s > 0:
+        time.sleep(args.drain_s)
+    finished = service.lock.acquire(timeout=args.shutdown_grace_s)
+    if finished:
+        service.lock.release()
+    else:
+        log.warning("the step in flight did not finish within %.1f s; cancelling it", args.shutdown_grace_s)
+    server.stop(grace=1).wait()
+    if health_server is not None:
+        health_server.stop(0).wait()
+    if metrics_server is not None:
+        metrics_server.shutdown()
+    if not finished:
+        # The model call cannot be interrupted from Python: leave without waiting for its thread.
+        log.warning("stopped with a step still running")
+        logging.shutdown()
+        os._exit(1)
+    log.info("stopped")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Under systemd (journald adds time and pid) the timestamp is left out.
+    fmt = "%(levelname)s %(name)s: %(message)s" if os.environ.get("JOURNAL_STREAM") else \
+        "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
+    logging.basicConfig(level=args.log_level, stream=sys.stderr, format=fmt)
     if args.command == "serve":
         return serve(args)
     return 2

@@ -138,14 +138,15 @@ class Server:
             self.log.close()
 
 
-def start_worker(model_dir, extra: list[str] | None = None, log_path: Path | None = None):
+def start_worker(model_dir, extra: list[str] | None = None, log_path: Path | None = None, env: dict | None = None):
     """A real worker process in the worker env on a free loopback port. Returns (proc, address)."""
     import tempfile
 
     ready = Path(tempfile.mkdtemp()) / "port"
     log = open(log_path, "w") if log_path else subprocess.DEVNULL
     proc = subprocess.Popen([str(WORKER_PY), "-m", "ms_worker", "serve", "--model", str(model_dir), "--port", "0",
-                             "--ready-file", str(ready), *(extra or [])], stdout=log, stderr=subprocess.STDOUT)
+                             "--ready-file", str(ready), *(extra or [])], stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, **(env or {})})
     end = time.monotonic() + 300
     while not ready.exists():
         if proc.poll() is not None or time.monotonic() > end:
@@ -158,3 +159,79 @@ def start_worker(model_dir, extra: list[str] | None = None, log_path: Path | Non
 @pytest.fixture(scope="session")
 def default_model() -> Path:
     return require_default_model()
+
+
+def make_tiny_llama(path: Path) -> Path:
+    """A tiny random Llama checkpoint made with HF transformers (loads in well under a second)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=131, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    LlamaForCausalLM(cfg).to(torch.float32).save_pretrained(path)
+    return path
+
+
+def make_pki(d: Path) -> dict[str, Path]:
+    """A throw-away PKI made with `cryptography`: a CA, a server certificate for 127.0.0.1/localhost, a client
+    certificate from the same CA, and a second ("rogue") CA with its own client certificate. PEM paths by name."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    out: dict[str, Path] = {}
+
+    def write(name: str, cert, key) -> None:
+        out[name + "_cert"] = d / f"{name}.crt"
+        out[name + "_cert"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        out[name + "_key"] = d / f"{name}.key"
+        out[name + "_key"].write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                                         serialization.PrivateFormat.PKCS8,
+                                                         serialization.NoEncryption()))
+
+    def issue(cn: str, issuer=None, ca: bool = False, san=None, usage=None):
+        key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+        b = (x509.CertificateBuilder().subject_name(name)
+             .issuer_name(issuer[0].subject if issuer else name).public_key(key.public_key())
+             .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+             .not_valid_after(now + datetime.timedelta(days=1))
+             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if san:
+            b = b.add_extension(x509.SubjectAlternativeName(san), critical=False)
+        if usage:
+            b = b.add_extension(x509.ExtendedKeyUsage(usage), critical=False)
+        if ca:
+            b = b.add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                              content_commitment=False, key_encipherment=False,
+                                              data_encipherment=False, key_agreement=False, encipher_only=False,
+                                              decipher_only=False), critical=True)
+        cert = b.sign(issuer[1] if issuer else key, hashes.SHA256())
+        return cert, key
+
+    ca = issue("ms-rpc test CA", ca=True)
+    write("ca", *ca)
+    write("server", *issue("ms-worker", ca, san=[x509.DNSName("localhost"),
+                                                  x509.IPAddress(ipaddress.ip_address("127.0.0.1"))],
+                           usage=[ExtendedKeyUsageOID.SERVER_AUTH]))
+    write("client", *issue("vllm-front", ca, usage=[ExtendedKeyUsageOID.CLIENT_AUTH]))
+    rogue = issue("rogue CA", ca=True)
+    write("rogue_ca", *rogue)
+    write("rogue_client", *issue("vllm-front", rogue, usage=[ExtendedKeyUsageOID.CLIENT_AUTH]))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory) -> dict[str, Path]:
+    return make_pki(tmp_path_factory.mktemp("pki"))

@@ -3,7 +3,8 @@
 The worker environment is a separate Python (MindSpore needs numpy<2, vLLM numpy 2). It is found from
 `--additional-config '{"ms_rpc": {"worker_python": ...}}'`, the MS_RPC_WORKER_PYTHON variable, or the
 repository's `.venv-worker`. Workers are started with fork+exec (never a fork of a process that ran MindSpore),
-bind port 0 on loopback, and report their port through a ready file.
+bind port 0 on loopback in plaintext (with the front's token, when one is configured), and report their port
+through a ready file.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ class LaunchError(RuntimeError):
 
 
 class LocalWorker:
-    def __init__(self, python: str, model: str, extra_args: list[str] | None = None, start_timeout: float = 300.0):
+    def __init__(self, python: str, model: str, extra_args: list[str] | None = None, start_timeout: float = 300.0,
+                 token: str | None = None):
         if not os.path.exists(python):
             raise LaunchError(
                 f"ms_rpc: the worker Python {python} does not exist. Create the worker environment "
@@ -46,6 +48,12 @@ class LocalWorker:
         # the worker is another framework's process and must not inherit them.
         env.pop("LD_PRELOAD", None)
         env.setdefault("GLOG_v", "3")
+        # Settings meant for external workers (and systemd's notify socket, which belongs to the front) stay out;
+        # the token travels in the environment, never on the command line.
+        for name in [k for k in env if k.startswith(("MS_WORKER_TLS_", "MS_WORKER_TOKEN"))] + ["NOTIFY_SOCKET"]:
+            env.pop(name, None)
+        if token:
+            env["MS_WORKER_TOKEN"] = token
         log.info("ms_rpc: starting a local worker: %s", " ".join(cmd))
         self.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=sys.stderr, stderr=sys.stderr)
         self.address = self._wait_ready(start_timeout)
