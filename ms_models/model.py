@@ -105,7 +105,8 @@ class CausalLM:
         b0, q0, m0 = self.min_buckets
         return next_bucket(B, b0), next_bucket(Q, q0), next_bucket(M, m0)
 
-    def forward(self, input_ids, positions, slot_mapping, block_tables, logits_indices) -> np.ndarray:
+    def forward(self, input_ids, positions, slot_mapping, block_tables, logits_indices,
+                all_positions: bool = False) -> np.ndarray:
         """One model step over a padded per-request batch; returns logits [B, vocab] float32.
 
         input_ids, positions, slot_mapping: [B, Q] int (slot -1 = padding token);
@@ -158,10 +159,15 @@ class CausalLM:
         p_bt[:B, :M] = bt
         p_li = np.zeros((Bp,), np.int64)
         p_li[:B] = li
-        logits_flat = np.arange(Bp, dtype=np.int64) * Qp + p_li
+        if all_positions:                     # logits of every query position: [B, Q, vocab] (prompt logprobs)
+            logits_flat = np.arange(Bp * Qp, dtype=np.int64)
+        else:
+            logits_flat = np.arange(Bp, dtype=np.int64) * Qp + p_li
         arrays = self.net.prepare_inputs(p_ids, p_pos, p_slots, p_bt, logits_flat, nb, bs)
         out = self._fn(*[Tensor(a) for a in arrays])
-        self.compiled_shapes.add((Bp, Qp, Mp))
+        self.compiled_shapes.add((Bp, Qp, Mp, all_positions))
+        if all_positions:
+            return out.asnumpy().reshape(Bp, Qp, -1)[:B, :Q]
         return out.asnumpy()[:B]
 
     __call__ = forward

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ms_worker.sampler import SampleResult, Sampler
+from ms_worker.sampler import SampleResult, Sampler, prompt_logprobs_chunk
 from ms_worker.state import WorkItem
 
 
@@ -45,17 +45,27 @@ class ModelRunner:
     def _forward(self, items: list[WorkItem]) -> np.ndarray:
         return self.model.forward(**build_inputs(items, self.block_size))
 
-    def forward(self, items: list[WorkItem]) -> dict[int, np.ndarray]:
-        """Logits rows of the items that sample this step, by id(item)."""
-        groups = [[it for it in items if it.count == 1], [it for it in items if it.count > 1]]
+    def forward(self, items: list[WorkItem]) -> tuple[dict[int, np.ndarray], dict[int, tuple]]:
+        """Logits rows of the items that sample this step, by id(item); and the completed prompt logprobs of
+        the items whose prefill finished this step (requests that asked for them)."""
+        lp = [it for it in items if it.wants_prompt_logprobs]
+        rest = [it for it in items if not it.wants_prompt_logprobs]
         logits_of: dict[int, np.ndarray] = {}
-        for group in groups:
+        prompt_done: dict[int, tuple] = {}
+        for group in ([it for it in rest if it.count == 1], [it for it in rest if it.count > 1]):
             if group:
-                logits = self._forward(group)
-                for it, row in zip(group, logits):
+                for it, row in zip(group, self._forward(group)):
                     if it.samples:
                         logits_of[id(it)] = row
-        return logits_of
+        if lp:
+            all_logits = self.model.forward(**build_inputs(lp, self.block_size), all_positions=True)
+            for it, rows in zip(lp, all_logits):
+                if it.samples:
+                    logits_of[id(it)] = rows[it.count - 1]
+                done = prompt_logprobs_chunk(it, rows[: it.count])
+                if done is not None:
+                    prompt_done[id(it)] = done
+        return logits_of, prompt_done
 
     def sample(self, items: list[WorkItem], logits_of: dict[int, np.ndarray],
                allowed: dict[str, np.ndarray] | None = None) -> list[tuple[WorkItem, SampleResult | None]]:

@@ -83,6 +83,34 @@ def _truncate(x: np.ndarray, req: RequestState) -> np.ndarray:
     return x
 
 
+def prompt_logprobs_chunk(item, logits: np.ndarray) -> tuple | None:
+    """Logprobs of the prompt tokens this chunk predicts (as vLLM: row j scores prompt token j+1), accumulated on
+    the request; returns (token_ids, logprobs, ranks) arrays of shape [P-1, N+1] once the prompt is complete."""
+    req, s = item.req, item.req.sampling
+    p = req.num_prompt_tokens
+    n = min(s.prompt_logprobs, logits.shape[-1])     # -1 (all) arrives as 2**32 - 1
+    if req.prompt_lp is None:
+        req.prompt_lp = (np.zeros((p - 1, n + 1), np.int32), np.zeros((p - 1, n + 1), np.float32),
+                         np.zeros((p - 1,), np.int32))
+    ids, lps, ranks = req.prompt_lp
+    k = min(item.count, p - 1 - item.start)
+    if k > 0:
+        x = logits[:k].astype(np.float32)
+        scores = x if s.logprobs_mode in (RAW_LOGITS, PROCESSED_LOGITS) else log_softmax(x)
+        targets = np.asarray(req.token_ids[item.start + 1: item.start + 1 + k], np.int64)
+        rows = np.arange(k)
+        picked = scores[rows, targets]
+        top = np.argsort(-scores, axis=-1, kind="stable")[:, :n]
+        sl = slice(item.start, item.start + k)
+        ids[sl, 0], lps[sl, 0] = targets, picked
+        ids[sl, 1:], lps[sl, 1:] = top, np.take_along_axis(scores, top, axis=-1)
+        ranks[sl] = (scores >= picked[:, None]).sum(-1)
+    if item.start + item.count >= p:
+        req.prompt_lp = None
+        return ids, lps, ranks
+    return None
+
+
 class Sampler:
     def __init__(self, seed: int | None = None):
         self.rng = np.random.default_rng(seed)

@@ -164,16 +164,16 @@ class WorkerService(pb_grpc.ModelWorkerServicer):
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"step {request.step_id} refused: {e}")
             self.next_step += 1
             t1 = time.perf_counter()
-            logits_of = self.runner.forward(items) if items else {}
+            logits_of, prompt_done = self.runner.forward(items) if items else ({}, {})
             t2 = time.perf_counter()
             timings = dict(prepare_s=t1 - t0, forward_s=t2 - t1)
             if request.defer_sampling:
-                self.pending = (request.step_id, items, logits_of, timings, t0)
+                self.pending = (request.step_id, items, (logits_of, prompt_done), timings, t0)
                 reply = pb.StepResult(step_id=request.step_id, worker_id=self.worker_id)
                 for it in items:
                     reply.results.add(req_id=it.req.req_id)
                 return reply
-            return self._sample(request.step_id, items, logits_of, None, timings, t0)
+            return self._sample(request.step_id, items, (logits_of, prompt_done), None, timings, t0)
 
     def Sample(self, request, context):
         self._check_version(request, context)
@@ -190,12 +190,19 @@ class WorkerService(pb_grpc.ModelWorkerServicer):
             self.pending = None
             return self._sample(step_id, items, logits_of, allowed, timings, t0)
 
-    def _sample(self, step_id, items, logits_of, allowed, timings, t0) -> pb.StepResult:
+    def _sample(self, step_id, items, forward_out, allowed, timings, t0) -> pb.StepResult:
+        logits_of, prompt_done = forward_out
         t1 = time.perf_counter()
         results = self.runner.sample(items, logits_of, allowed)
         reply = pb.StepResult(step_id=step_id, worker_id=self.worker_id)
         for it, res in results:
             r = reply.results.add(req_id=it.req.req_id)
+            if id(it) in prompt_done:
+                ids, lps, ranks = prompt_done[id(it)]
+                r.prompt_logprobs.width = ids.shape[1]
+                r.prompt_logprobs.token_ids.extend(ids.ravel().tolist())
+                r.prompt_logprobs.logprobs.extend(lps.ravel().tolist())
+                r.prompt_logprobs.ranks.extend(ranks.tolist())
             if res is None:
                 self.state.record_partial(it)
                 continue

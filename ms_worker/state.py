@@ -35,6 +35,7 @@ class Sampling:
     bad_words: list[list[int]] = field(default_factory=list)
     min_tokens: int = 0
     stop_token_ids: list[int] = field(default_factory=list)
+    prompt_logprobs: int | None = None
 
     @classmethod
     def from_proto(cls, p) -> "Sampling":
@@ -55,6 +56,7 @@ class Sampling:
             bad_words=[list(w.token_ids) for w in p.bad_words if w.token_ids],
             min_tokens=p.min_tokens,
             stop_token_ids=list(p.stop_token_ids),
+            prompt_logprobs=p.prompt_logprobs if p.HasField("prompt_logprobs") else None,
         )
 
     def token_ids_used(self) -> list[int]:
@@ -72,6 +74,7 @@ class RequestState:
     sampling: Sampling
     num_computed_tokens: int = 0
     generator: np.random.Generator | None = field(default=None, repr=False)
+    prompt_lp: tuple | None = field(default=None, repr=False)   # prompt logprobs accumulated over chunks
 
 
 @dataclass
@@ -81,6 +84,10 @@ class WorkItem:
     req: RequestState
     start: int
     count: int
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        return self.req.sampling.prompt_logprobs is not None and self.start + 1 < self.req.num_prompt_tokens
 
     @property
     def samples(self) -> bool:

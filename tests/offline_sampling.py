@@ -26,13 +26,18 @@ def run(llm, cases):
         lps = None
         if c.logprobs is not None:
             lps = [{str(t): lp.logprob for t, lp in step.items()} for step in c.logprobs]
-        res.append({"tokens": list(c.token_ids), "logprobs": lps})
+        plps = None
+        if o.prompt_logprobs is not None:
+            plps = [None if step is None else {str(t): lp.logprob for t, lp in step.items()}
+                    for step in o.prompt_logprobs]
+        res.append({"tokens": list(c.token_ids), "logprobs": lps, "prompt_logprobs": plps})
     return res
 
 
 if __name__ == "__main__":
     model, backend, mode, cases = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
-    kwargs = dict(model=model, dtype="float32", max_model_len=512, enforce_eager=True, seed=0, logprobs_mode=mode)
+    kwargs = dict(model=model, dtype="float32", max_model_len=512, enforce_eager=True, seed=0, logprobs_mode=mode,
+                  max_num_batched_tokens=64)      # long prompts arrive in chunks
     if backend == "ms_rpc":
         kwargs["distributed_executor_backend"] = "ms_rpc"
     else:

@@ -55,6 +55,9 @@ def greedy_cases(tok) -> list[dict]:
         {"prompt": chat, "params": {"temperature": 0, "max_tokens": MAX_NEW}},
         {"prompt": p0, "params": {**base, "logprobs": 5}},
         {"prompt": p1, "params": {**base, "logprobs": 5, "repetition_penalty": 1.3, "presence_penalty": 0.5}},
+        {"prompt": _ids(tok, "Explain gravity to a child in one paragraph. " * 10),   # > 64 tokens: chunked
+         "params": {**base, "logprobs": 2, "prompt_logprobs": 5}},
+        {"prompt": p2, "params": {**base, "logprobs": 2, "prompt_logprobs": 3}},
     ]
 
 
@@ -89,6 +92,10 @@ def test_greedy_params_and_logprobs_match_native(default_model, tok, mode):
         assert a["tokens"] == b["tokens"], f"{where}: {a['tokens']} != {b['tokens']}"
         if "logprobs" in c["params"]:
             assert_logprobs_close(a["logprobs"], b["logprobs"], where)
+        if "prompt_logprobs" in c["params"]:
+            assert a["prompt_logprobs"][0] is None and b["prompt_logprobs"][0] is None
+            assert len(a["prompt_logprobs"]) == len(c["prompt"])
+            assert_logprobs_close(a["prompt_logprobs"][1:], b["prompt_logprobs"][1:], where + " prompt")
     if mode == "raw_logprobs":
         # The cases do change the output (the test cannot pass by ignoring them).
         toks = [r["tokens"] for r in ours["batched"]]

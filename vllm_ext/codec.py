@@ -9,8 +9,9 @@ from __future__ import annotations
 import logging
 
 import numpy as np
+import torch
 from vllm.v1.core.sched.output import SchedulerOutput
-from vllm.v1.outputs import LogprobsLists, ModelRunnerOutput
+from vllm.v1.outputs import LogprobsLists, LogprobsTensors, ModelRunnerOutput
 
 from ms_rpc.v1 import worker_pb2 as pb
 
@@ -39,8 +40,6 @@ def _only_group(block_ids, req_id: str) -> list[int]:
 def encode_sampling(sp, logprobs_mode: str = "raw_logprobs") -> pb.SamplingParams:
     if sp is None:
         raise UnsupportedRequestError("pooling requests are not supported by ms_rpc workers")
-    if sp.prompt_logprobs is not None:
-        log.warning("ms_rpc: prompt_logprobs are not returned by the worker yet")
     out = pb.SamplingParams(
         temperature=sp.temperature, top_k=max(sp.top_k or 0, 0), top_p=sp.top_p, min_p=sp.min_p,
         logprobs=max(sp.logprobs or 0, 0), want_logprobs=sp.logprobs is not None,
@@ -54,6 +53,8 @@ def encode_sampling(sp, logprobs_mode: str = "raw_logprobs") -> pb.SamplingParam
         out.bad_words.add(token_ids=word)
     if sp.seed is not None:
         out.seed = sp.seed & (2**64 - 1)
+    if sp.prompt_logprobs is not None:
+        out.prompt_logprobs = sp.prompt_logprobs if sp.prompt_logprobs >= 0 else 2**32 - 1   # -1: all
     return out
 
 
@@ -120,7 +121,16 @@ def decode_result(res: pb.StepResult) -> ModelRunnerOutput:
         for r in res.results:
             cu.append(cu[-1] + (1 if r.sampled_token_ids else 0))
         logprobs = LogprobsLists(ids, lps, ranks, cu[:-1])
+    prompt_lp = {}
+    for r in res.results:
+        p = r.prompt_logprobs
+        if p.width:
+            prompt_lp[r.req_id] = LogprobsTensors(
+                torch.tensor(p.token_ids, dtype=torch.int32).view(-1, p.width),
+                torch.tensor(p.logprobs, dtype=torch.float32).view(-1, p.width),
+                torch.tensor(p.ranks, dtype=torch.int32),
+            )
     return ModelRunnerOutput(
         req_ids=req_ids, req_id_to_index={rid: i for i, rid in enumerate(req_ids)},
-        sampled_token_ids=sampled, logprobs=logprobs,
+        sampled_token_ids=sampled, logprobs=logprobs, prompt_logprobs_dict=prompt_lp,
     )

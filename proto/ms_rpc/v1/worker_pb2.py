@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16ms_rpc/v1/worker.proto\x12\tms_rpc.v1\"+\n\x0f\x44\x65scribeRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\"\xcf\x01\n\tModelInfo\x12\x14\n\x0c\x61rchitecture\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\r\x12\x12\n\nnum_layers\x18\x03 \x01(\r\x12\x11\n\tnum_heads\x18\x04 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x05 \x01(\r\x12\x10\n\x08head_dim\x18\x06 \x01(\r\x12\x13\n\x0bhidden_size\x18\x07 \x01(\r\x12\x1f\n\x17max_position_embeddings\x18\x08 \x01(\r\x12\x13\n\x0b\x63onfig_hash\x18\t \x01(\t\"\xc6\x01\n\nWorkerInfo\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x11\n\tframework\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x12\n\nmodel_path\x18\x06 \x01(\t\x12#\n\x05model\x18\x07 \x01(\x0b\x32\x14.ms_rpc.v1.ModelInfo\x12\x0c\n\x04rank\x18\x08 \x01(\r\x12\x12\n\nworld_size\x18\t \x01(\r\"V\n\rMemoryRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x12\n\nblock_size\x18\x02 \x01(\r\x12\x17\n\x0frequested_bytes\x18\x03 \x01(\x04\"W\n\nMemoryInfo\x12\x1a\n\x12\x61vailable_kv_bytes\x18\x01 \x01(\x04\x12\x17\n\x0f\x62ytes_per_block\x18\x02 \x01(\x04\x12\x14\n\x0cweight_bytes\x18\x03 \x01(\x04\"\xb0\x01\n\x0b\x43\x61\x63heConfig\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x12\n\nnum_blocks\x18\x02 \x01(\r\x12\x12\n\nblock_size\x18\x03 \x01(\r\x12\x12\n\nnum_layers\x18\x04 \x01(\r\x12\x14\n\x0cmax_num_seqs\x18\x05 \x01(\r\x12\x1e\n\x16max_num_batched_tokens\x18\x06 \x01(\r\x12\x15\n\rmax_model_len\x18\x07 \x01(\r\":\n\tCacheInfo\x12\x17\n\x0f\x61llocated_bytes\x18\x01 \x01(\x04\x12\x14\n\x0cnext_step_id\x18\x02 \x01(\x04\")\n\rWarmupRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\"7\n\x0bWarmupReply\x12\x0f\n\x07seconds\x18\x01 \x01(\x01\x12\x17\n\x0f\x63ompiled_shapes\x18\x02 \x01(\r\"\"\n\rTokenSequence\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"\xfc\x03\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05min_p\x18\x04 \x01(\x02\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x10\n\x08logprobs\x18\x06 \x01(\r\x12\x15\n\rwant_logprobs\x18\x07 \x01(\x08\x12\x18\n\x10presence_penalty\x18\x08 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\t \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\n \x01(\x02\x12<\n\nlogit_bias\x18\x0b \x03(\x0b\x32(.ms_rpc.v1.SamplingParams.LogitBiasEntry\x12\x19\n\x11\x61llowed_token_ids\x18\x0c \x03(\x05\x12+\n\tbad_words\x18\r \x03(\x0b\x32\x18.ms_rpc.v1.TokenSequence\x12\x12\n\nmin_tokens\x18\x0e \x01(\r\x12\x16\n\x0estop_token_ids\x18\x0f \x03(\x05\x12.\n\rlogprobs_mode\x18\x10 \x01(\x0e\x32\x17.ms_rpc.v1.LogprobsMode\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x07\n\x05_seed\"\xb1\x01\n\nNewRequest\x12\x0e\n\x06req_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.ms_rpc.v1.SamplingParams\x12\x11\n\tblock_ids\x18\x04 \x03(\x05\x12\x1b\n\x13num_computed_tokens\x18\x05 \x01(\r\x12\x1c\n\x14num_scheduled_tokens\x18\x06 \x01(\r\"\xb0\x01\n\rCachedRequest\x12\x0e\n\x06req_id\x18\x01 \x01(\t\x12\x0f\n\x07resumed\x18\x02 \x01(\x08\x12\x15\n\rall_token_ids\x18\x03 \x03(\x05\x12\x15\n\rnew_token_ids\x18\x04 \x03(\x05\x12\x15\n\rnew_block_ids\x18\x05 \x03(\x05\x12\x1b\n\x13num_computed_tokens\x18\x06 \x01(\r\x12\x1c\n\x14num_scheduled_tokens\x18\x07 \x01(\r\"\xee\x01\n\x0bStepRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0f\n\x07step_id\x18\x02 \x01(\x04\x12+\n\x0cnew_requests\x18\x03 \x03(\x0b\x32\x15.ms_rpc.v1.NewRequest\x12\x31\n\x0f\x63\x61\x63hed_requests\x18\x04 \x03(\x0b\x32\x18.ms_rpc.v1.CachedRequest\x12\x18\n\x10\x66inished_req_ids\x18\x05 \x03(\t\x12\"\n\x1atotal_num_scheduled_tokens\x18\x06 \x01(\r\x12\x16\n\x0e\x64\x65\x66\x65r_sampling\x18\x07 \x01(\x08\"\x86\x01\n\rSampleRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0f\n\x07step_id\x18\x02 \x01(\x04\x12\x1a\n\x12structured_req_ids\x18\x03 \x03(\t\x12\x17\n\x0fgrammar_bitmask\x18\x04 \x01(\x0c\x12\x15\n\rbitmask_words\x18\x05 \x01(\r\"A\n\x0bTopLogprobs\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\x12\r\n\x05ranks\x18\x03 \x03(\x05\"d\n\rRequestResult\x12\x0e\n\x06req_id\x18\x01 \x01(\t\x12\x19\n\x11sampled_token_ids\x18\x02 \x03(\x05\x12(\n\x08logprobs\x18\x03 \x01(\x0b\x32\x16.ms_rpc.v1.TopLogprobs\"V\n\x0bStepTimings\x12\x11\n\tprepare_s\x18\x01 \x01(\x01\x12\x11\n\tforward_s\x18\x02 \x01(\x01\x12\x10\n\x08sample_s\x18\x03 \x01(\x01\x12\x0f\n\x07total_s\x18\x04 \x01(\x01\"\x84\x01\n\nStepResult\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12)\n\x07results\x18\x03 \x03(\x0b\x32\x18.ms_rpc.v1.RequestResult\x12\'\n\x07timings\x18\x04 \x01(\x0b\x32\x16.ms_rpc.v1.StepTimings\"+\n\x0fShutdownRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\"\x0f\n\rShutdownReply\"+\n\x0fLivenessRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\"d\n\rLivenessReply\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x11\n\tforward_s\x18\x02 \x01(\x01\x12\x14\n\x0cnext_step_id\x18\x03 \x01(\x04\x12\x17\n\x0frequests_active\x18\x04 \x01(\r*Q\n\x0fProtocolVersion\x12 \n\x1cPROTOCOL_VERSION_UNSPECIFIED\x10\x00\x12\x1c\n\x18PROTOCOL_VERSION_CURRENT\x10\x01*\x96\x01\n\x0cLogprobsMode\x12\x1e\n\x1aLOGPROBS_MODE_RAW_LOGPROBS\x10\x00\x12\x1c\n\x18LOGPROBS_MODE_RAW_LOGITS\x10\x01\x12$\n LOGPROBS_MODE_PROCESSED_LOGPROBS\x10\x02\x12\"\n\x1eLOGPROBS_MODE_PROCESSED_LOGITS\x10\x03\x32\x94\x04\n\x0bModelWorker\x12=\n\x08\x44\x65scribe\x12\x1a.ms_rpc.v1.DescribeRequest\x1a\x15.ms_rpc.v1.WorkerInfo\x12K\n\x18\x44\x65termineAvailableMemory\x12\x18.ms_rpc.v1.MemoryRequest\x1a\x15.ms_rpc.v1.MemoryInfo\x12?\n\x0fInitializeCache\x12\x16.ms_rpc.v1.CacheConfig\x1a\x14.ms_rpc.v1.CacheInfo\x12:\n\x06Warmup\x12\x18.ms_rpc.v1.WarmupRequest\x1a\x16.ms_rpc.v1.WarmupReply\x12\x38\n\x07\x45xecute\x12\x16.ms_rpc.v1.StepRequest\x1a\x15.ms_rpc.v1.StepResult\x12\x39\n\x06Sample\x12\x18.ms_rpc.v1.SampleRequest\x1a\x15.ms_rpc.v1.StepResult\x12@\n\x08Shutdown\x12\x1a.ms_rpc.v1.ShutdownRequest\x1a\x18.ms_rpc.v1.ShutdownReply\x12\x45\n\rCheckLiveness\x12\x1a.ms_rpc.v1.LivenessRequest\x1a\x18.ms_rpc.v1.LivenessReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16ms_rpc/v1/worker.proto\x12\tms_rpc.v1\"+\n\x0f\x44\x65scribeRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\"\xcf\x01\n\tModelInfo\x12\x14\n\x0c\x61rchitecture\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\r\x12\x12\n\nnum_layers\x18\x03 \x01(\r\x12\x11\n\tnum_heads\x18\x04 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x05 \x01(\r\x12\x10\n\x08head_dim\x18\x06 \x01(\r\x12\x13\n\x0bhidden_size\x18\x07 \x01(\r\x12\x1f\n\x17max_position_embeddings\x18\x08 \x01(\r\x12\x13\n\x0b\x63onfig_hash\x18\t \x01(\t\"\xc6\x01\n\nWorkerInfo\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x11\n\tframework\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x12\n\nmodel_path\x18\x06 \x01(\t\x12#\n\x05model\x18\x07 \x01(\x0b\x32\x14.ms_rpc.v1.ModelInfo\x12\x0c\n\x04rank\x18\x08 \x01(\r\x12\x12\n\nworld_size\x18\t \x01(\r\"V\n\rMemoryRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x12\n\nblock_size\x18\x02 \x01(\r\x12\x17\n\x0frequested_bytes\x18\x03 \x01(\x04\"W\n\nMemoryInfo\x12\x1a\n\x12\x61vailable_kv_bytes\x18\x01 \x01(\x04\x12\x17\n\x0f\x62ytes_per_block\x18\x02 \x01(\x04\x12\x14\n\x0cweight_bytes\x18\x03 \x01(\x04\"\xb0\x01\n\x0b\x43\x61\x63heConfig\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x12\n\nnum_blocks\x18\x02 \x01(\r\x12\x12\n\nblock_size\x18\x03 \x01(\r\x12\x12\n\nnum_layers\x18\x04 \x01(\r\x12\x14\n\x0cmax_num_seqs\x18\x05 \x01(\r\x12\x1e\n\x16max_num_batched_tokens\x18\x06 \x01(\r\x12\x15\n\rmax_model_len\x18\x07 \x01(\r\":\n\tCacheInfo\x12\x17\n\x0f\x61llocated_bytes\x18\x01 \x01(\x04\x12\x14\n\x0cnext_step_id\x18\x02 \x01(\x04\")\n\rWarmupRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\"7\n\x0bWarmupReply\x12\x0f\n\x07seconds\x18\x01 \x01(\x01\x12\x17\n\x0f\x63ompiled_shapes\x18\x02 \x01(\r\"\"\n\rTokenSequence\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"\xae\x04\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05min_p\x18\x04 \x01(\x02\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x10\n\x08logprobs\x18\x06 \x01(\r\x12\x15\n\rwant_logprobs\x18\x07 \x01(\x08\x12\x18\n\x10presence_penalty\x18\x08 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\t \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\n \x01(\x02\x12<\n\nlogit_bias\x18\x0b \x03(\x0b\x32(.ms_rpc.v1.SamplingParams.LogitBiasEntry\x12\x19\n\x11\x61llowed_token_ids\x18\x0c \x03(\x05\x12+\n\tbad_words\x18\r \x03(\x0b\x32\x18.ms_rpc.v1.TokenSequence\x12\x12\n\nmin_tokens\x18\x0e \x01(\r\x12\x16\n\x0estop_token_ids\x18\x0f \x03(\x05\x12.\n\rlogprobs_mode\x18\x10 \x01(\x0e\x32\x17.ms_rpc.v1.LogprobsMode\x12\x1c\n\x0fprompt_logprobs\x18\x11 \x01(\rH\x01\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x07\n\x05_seedB\x12\n\x10_prompt_logprobs\"\xb1\x01\n\nNewRequest\x12\x0e\n\x06req_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.ms_rpc.v1.SamplingParams\x12\x11\n\tblock_ids\x18\x04 \x03(\x05\x12\x1b\n\x13num_computed_tokens\x18\x05 \x01(\r\x12\x1c\n\x14num_scheduled_tokens\x18\x06 \x01(\r\"\xb0\x01\n\rCachedRequest\x12\x0e\n\x06req_id\x18\x01 \x01(\t\x12\x0f\n\x07resumed\x18\x02 \x01(\x08\x12\x15\n\rall_token_ids\x18\x03 \x03(\x05\x12\x15\n\rnew_token_ids\x18\x04 \x03(\x05\x12\x15\n\rnew_block_ids\x18\x05 \x03(\x05\x12\x1b\n\x13num_computed_tokens\x18\x06 \x01(\r\x12\x1c\n\x14num_scheduled_tokens\x18\x07 \x01(\r\"\xee\x01\n\x0bStepRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0f\n\x07step_id\x18\x02 \x01(\x04\x12+\n\x0cnew_requests\x18\x03 \x03(\x0b\x32\x15.ms_rpc.v1.NewRequest\x12\x31\n\x0f\x63\x61\x63hed_requests\x18\x04 \x03(\x0b\x32\x18.ms_rpc.v1.CachedRequest\x12\x18\n\x10\x66inished_req_ids\x18\x05 \x03(\t\x12\"\n\x1atotal_num_scheduled_tokens\x18\x06 \x01(\r\x12\x16\n\x0e\x64\x65\x66\x65r_sampling\x18\x07 \x01(\x08\"\x86\x01\n\rSampleRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0f\n\x07step_id\x18\x02 \x01(\x04\x12\x1a\n\x12structured_req_ids\x18\x03 \x03(\t\x12\x17\n\x0fgrammar_bitmask\x18\x04 \x01(\x0c\x12\x15\n\rbitmask_words\x18\x05 \x01(\r\"A\n\x0bTopLogprobs\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\x12\r\n\x05ranks\x18\x03 \x03(\x05\"S\n\x0ePromptLogprobs\x12\r\n\x05width\x18\x01 \x01(\r\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12\r\n\x05ranks\x18\x04 \x03(\x05\"\x98\x01\n\rRequestResult\x12\x0e\n\x06req_id\x18\x01 \x01(\t\x12\x19\n\x11sampled_token_ids\x18\x02 \x03(\x05\x12(\n\x08logprobs\x18\x03 \x01(\x0b\x32\x16.ms_rpc.v1.TopLogprobs\x12\x32\n\x0fprompt_logprobs\x18\x04 \x01(\x0b\x32\x19.ms_rpc.v1.PromptLogprobs\"V\n\x0bStepTimings\x12\x11\n\tprepare_s\x18\x01 \x01(\x01\x12\x11\n\tforward_s\x18\x02 \x01(\x01\x12\x10\n\x08sample_s\x18\x03 \x01(\x01\x12\x0f\n\x07total_s\x18\x04 \x01(\x01\"\x84\x01\n\nStepResult\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12)\n\x07results\x18\x03 \x03(\x0b\x32\x18.ms_rpc.v1.RequestResult\x12\'\n\x07timings\x18\x04 \x01(\x0b\x32\x16.ms_rpc.v1.StepTimings\"+\n\x0fShutdownRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\"\x0f\n\rShutdownReply\"+\n\x0fLivenessRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\"d\n\rLivenessReply\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x11\n\tforward_s\x18\x02 \x01(\x01\x12\x14\n\x0cnext_step_id\x18\x03 \x01(\x04\x12\x17\n\x0frequests_active\x18\x04 \x01(\r*Q\n\x0fProtocolVersion\x12 \n\x1cPROTOCOL_VERSION_UNSPECIFIED\x10\x00\x12\x1c\n\x18PROTOCOL_VERSION_CURRENT\x10\x01*\x96\x01\n\x0cLogprobsMode\x12\x1e\n\x1aLOGPROBS_MODE_RAW_LOGPROBS\x10\x00\x12\x1c\n\x18LOGPROBS_MODE_RAW_LOGITS\x10\x01\x12$\n LOGPROBS_MODE_PROCESSED_LOGPROBS\x10\x02\x12\"\n\x1eLOGPROBS_MODE_PROCESSED_LOGITS\x10\x03\x32\x94\x04\n\x0bModelWorker\x12=\n\x08\x44\x65scribe\x12\x1a.ms_rpc.v1.DescribeRequest\x1a\x15.ms_rpc.v1.WorkerInfo\x12K\n\x18\x44\x65termineAvailableMemory\x12\x18.ms_rpc.v1.MemoryRequest\x1a\x15.ms_rpc.v1.MemoryInfo\x12?\n\x0fInitializeCache\x12\x16.ms_rpc.v1.CacheConfig\x1a\x14.ms_rpc.v1.CacheInfo\x12:\n\x06Warmup\x12\x18.ms_rpc.v1.WarmupRequest\x1a\x16.ms_rpc.v1.WarmupReply\x12\x38\n\x07\x45xecute\x12\x16.ms_rpc.v1.StepRequest\x1a\x15.ms_rpc.v1.StepResult\x12\x39\n\x06Sample\x12\x18.ms_rpc.v1.SampleRequest\x1a\x15.ms_rpc.v1.StepResult\x12@\n\x08Shutdown\x12\x1a.ms_rpc.v1.ShutdownRequest\x1a\x18.ms_rpc.v1.ShutdownReply\x12\x45\n\rCheckLiveness\x12\x1a.ms_rpc.v1.LivenessRequest\x1a\x18.ms_rpc.v1.LivenessReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,10 +33,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
-  _globals['_PROTOCOLVERSION']._serialized_start=2894
-  _globals['_PROTOCOLVERSION']._serialized_end=2975
-  _globals['_LOGPROBSMODE']._serialized_start=2978
-  _globals['_LOGPROBSMODE']._serialized_end=3128
+  _globals['_PROTOCOLVERSION']._serialized_start=3082
+  _globals['_PROTOCOLVERSION']._serialized_end=3163
+  _globals['_LOGPROBSMODE']._serialized_start=3166
+  _globals['_LOGPROBSMODE']._serialized_end=3316
   _globals['_DESCRIBEREQUEST']._serialized_start=37
   _globals['_DESCRIBEREQUEST']._serialized_end=80
   _globals['_MODELINFO']._serialized_start=83
@@ -58,33 +58,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENSEQUENCE']._serialized_start=1009
   _globals['_TOKENSEQUENCE']._serialized_end=1043
   _globals['_SAMPLINGPARAMS']._serialized_start=1046
-  _globals['_SAMPLINGPARAMS']._serialized_end=1554
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=1497
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=1545
-  _globals['_NEWREQUEST']._serialized_start=1557
-  _globals['_NEWREQUEST']._serialized_end=1734
-  _globals['_CACHEDREQUEST']._serialized_start=1737
-  _globals['_CACHEDREQUEST']._serialized_end=1913
-  _globals['_STEPREQUEST']._serialized_start=1916
-  _globals['_STEPREQUEST']._serialized_end=2154
-  _globals['_SAMPLEREQUEST']._serialized_start=2157
-  _globals['_SAMPLEREQUEST']._serialized_end=2291
-  _globals['_TOPLOGPROBS']._serialized_start=2293
-  _globals['_TOPLOGPROBS']._serialized_end=2358
-  _globals['_REQUESTRESULT']._serialized_start=2360
-  _globals['_REQUESTRESULT']._serialized_end=2460
-  _globals['_STEPTIMINGS']._serialized_start=2462
-  _globals['_STEPTIMINGS']._serialized_end=2548
-  _globals['_STEPRESULT']._serialized_start=2551
-  _globals['_STEPRESULT']._serialized_end=2683
-  _globals['_SHUTDOWNREQUEST']._serialized_start=2685
-  _globals['_SHUTDOWNREQUEST']._serialized_end=2728
-  _globals['_SHUTDOWNREPLY']._serialized_start=2730
-  _globals['_SHUTDOWNREPLY']._serialized_end=2745
-  _globals['_LIVENESSREQUEST']._serialized_start=2747
-  _globals['_LIVENESSREQUEST']._serialized_end=2790
-  _globals['_LIVENESSREPLY']._serialized_start=2792
-  _globals['_LIVENESSREPLY']._serialized_end=2892
-  _globals['_MODELWORKER']._serialized_start=3131
-  _globals['_MODELWORKER']._serialized_end=3663
+  _globals['_SAMPLINGPARAMS']._serialized_end=1604
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=1527
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=1575
+  _globals['_NEWREQUEST']._serialized_start=1607
+  _globals['_NEWREQUEST']._serialized_end=1784
+  _globals['_CACHEDREQUEST']._serialized_start=1787
+  _globals['_CACHEDREQUEST']._serialized_end=1963
+  _globals['_STEPREQUEST']._serialized_start=1966
+  _globals['_STEPREQUEST']._serialized_end=2204
+  _globals['_SAMPLEREQUEST']._serialized_start=2207
+  _globals['_SAMPLEREQUEST']._serialized_end=2341
+  _globals['_TOPLOGPROBS']._serialized_start=2343
+  _globals['_TOPLOGPROBS']._serialized_end=2408
+  _globals['_PROMPTLOGPROBS']._serialized_start=2410
+  _globals['_PROMPTLOGPROBS']._serialized_end=2493
+  _globals['_REQUESTRESULT']._serialized_start=2496
+  _globals['_REQUESTRESULT']._serialized_end=2648
+  _globals['_STEPTIMINGS']._serialized_start=2650
+  _globals['_STEPTIMINGS']._serialized_end=2736
+  _globals['_STEPRESULT']._serialized_start=2739
+  _globals['_STEPRESULT']._serialized_end=2871
+  _globals['_SHUTDOWNREQUEST']._serialized_start=2873
+  _globals['_SHUTDOWNREQUEST']._serialized_end=2916
+  _globals['_SHUTDOWNREPLY']._serialized_start=2918
+  _globals['_SHUTDOWNREPLY']._serialized_end=2933
+  _globals['_LIVENESSREQUEST']._serialized_start=2935
+  _globals['_LIVENESSREQUEST']._serialized_end=2978
+  _globals['_LIVENESSREPLY']._serialized_start=2980
+  _globals['_LIVENESSREPLY']._serialized_end=3080
+  _globals['_MODELWORKER']._serialized_start=3319
+  _globals['_MODELWORKER']._serialized_end=3851
 # @@protoc_insertion_point(module_scope)
