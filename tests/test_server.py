@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import threading
 import time
 import urllib.request
@@ -152,6 +153,18 @@ def test_structured_outputs_json_schema_and_choice(server, default_model):
                                            messages=[{"role": "user", "content": prompt}],
                                            extra_body={"structured_outputs": {"choice": choices}})
         assert r.choices[0].message.content in choices
+    r = client.completions.create(model=str(default_model), prompt="Call me at", max_tokens=12, temperature=0,
+                                  extra_body={"structured_outputs": {"regex": "[0-9]{3}-[0-9]{4}"}})
+    assert re.fullmatch("[0-9]{3}-[0-9]{4}", r.choices[0].text), r.choices[0].text
+
+
+def test_parallel_sampling_n(server, default_model):
+    import openai
+
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="none")
+    r = client.completions.create(model=str(default_model), prompt="My favourite animal is", max_tokens=8, n=3,
+                                  temperature=1.0, seed=11)
+    assert len(r.choices) == 3 and all(c.text for c in r.choices)
 
 
 def test_bad_request_fails_alone(server, default_model):
