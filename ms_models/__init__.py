@@ -1,5 +1,9 @@
 """MindSpore implementations of HF decoder-only LLMs with a paged KV cache.
 
+Architectures (``SUPPORTED_ARCHITECTURES``): LlamaForCausalLM, MistralForCausalLM,
+Qwen2ForCausalLM, Qwen3ForCausalLM: one module each over the shared decoder
+(``decoder.py``) and blocks (``layers.py``).
+
     from ms_models import load_model, ModelConfig, UnsupportedModelError
     model = load_model(model_dir, device="cpu", use_jit=True)   # -> CausalLM
     model.allocate_kv_cache(num_blocks, block_size)
@@ -17,7 +21,7 @@ __all__ = ["load_model", "ModelConfig", "UnsupportedModelError", "SUPPORTED_ARCH
 
 def load_model(model_dir: str, device: str = "cpu", use_jit: bool = True, threads: int | None = None,
                min_buckets: tuple = (1, 1, 1)):
-    """Loads a HF Llama-family model directory; see ms_models.loader.load_model."""
+    """Loads a HF model directory (config.json + safetensors); see ms_models.loader.load_model."""
     from .loader import load_model as _load
 
     return _load(model_dir, device=device, use_jit=use_jit, threads=threads, min_buckets=min_buckets)

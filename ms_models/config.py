@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 from .registry import UnsupportedModelError, resolve_architecture
 
-__all__ = ["ModelConfig", "read_hf_config", "canonical_rope_scaling"]
+__all__ = ["ModelConfig", "read_hf_config", "canonical_rope_scaling", "architecture_features"]
 
 # RoPE scaling types implemented by layers.RotaryEmbedding.
 SUPPORTED_ROPE_TYPES = ("linear", "llama3")
@@ -81,6 +81,50 @@ def canonical_rope_scaling(hf: dict) -> tuple[float, Optional[dict]]:
     return float(theta), dict(sorted(out.items()))
 
 
+def _uniform_sliding_window(hf: dict, num_layers: int, sliding: list) -> Optional[int]:
+    """The window when every layer in ``sliding`` (bools per layer) is windowed, None when none
+    is; a mix of windowed and full-attention layers is not supported."""
+    if not any(sliding):
+        return None
+    if not all(sliding):
+        raise UnsupportedModelError(
+            f"a mix of sliding-window and full-attention layers is not supported "
+            f"({sum(sliding)} of {num_layers} layers use sliding_window={hf.get('sliding_window')})")
+    window = hf.get("sliding_window")
+    if not isinstance(window, int) or isinstance(window, bool) or window <= 0:
+        raise ValueError(f"config.json: invalid sliding_window {window!r}")
+    return int(window)
+
+
+def architecture_features(arch: str, hf: dict) -> dict:
+    """The per-architecture ModelConfig fields (biases, q/k norm, sliding window), following what
+    HF transformers' implementation of ``arch`` does with the same config.json."""
+    num_layers = int(hf["num_hidden_layers"])
+    if arch == "LlamaForCausalLM":
+        bias = bool(hf.get("attention_bias", False))
+        return dict(attention_bias=bias, o_bias=bias, mlp_bias=bool(hf.get("mlp_bias", False)))
+    if arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM"):
+        layer_types = hf.get("layer_types")
+        if isinstance(layer_types, list) and layer_types:
+            if len(layer_types) != num_layers:
+                raise ValueError(f"config.json: layer_types has {len(layer_types)} entries for {num_layers} layers")
+            sliding = [t == "sliding_attention" for t in layer_types]
+        elif hf.get("use_sliding_window") and hf.get("sliding_window"):
+            first = int(hf.get("max_window_layers", 28))  # HF default: 28
+            sliding = [i >= first for i in range(num_layers)]
+        else:
+            sliding = [False] * num_layers
+        window = _uniform_sliding_window(hf, num_layers, sliding)
+        if arch == "Qwen2ForCausalLM":  # q/k/v always have a bias, o_proj never
+            return dict(attention_bias=True, o_bias=False, sliding_window=window)
+        bias = bool(hf.get("attention_bias", False))
+        return dict(attention_bias=bias, o_bias=bias, qk_norm=True, sliding_window=window)
+    if arch == "MistralForCausalLM":  # every layer uses the window when one is set (0 / null: none)
+        window = hf.get("sliding_window") or None
+        return dict(sliding_window=_uniform_sliding_window(hf, num_layers, [window is not None] * num_layers))
+    raise UnsupportedModelError(f"no configuration rules for architecture {arch}")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """The config fields the MindSpore implementation depends on.
@@ -101,8 +145,11 @@ class ModelConfig:
     rope_scaling: Optional[dict]
     max_position_embeddings: int
     tie_word_embeddings: bool
-    attention_bias: bool = False
+    attention_bias: bool = False  # q/k/v projections have a bias
+    o_bias: bool = False          # o_proj has a bias (Llama: = attention_bias; Qwen2: q/k/v only)
     mlp_bias: bool = False
+    qk_norm: bool = False         # per-head RMSNorm of q and k before RoPE (Qwen3)
+    sliding_window: Optional[int] = None  # every layer attends to the last N positions only (Mistral)
     dtype: str = "float32"  # compute / weight / KV-cache dtype of the MindSpore model
     config_hash: str = ""
 
@@ -144,9 +191,8 @@ class ModelConfig:
                 rope_scaling=scaling,
                 max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
                 tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-                attention_bias=bool(hf.get("attention_bias", False)),
-                mlp_bias=bool(hf.get("mlp_bias", False)),
                 dtype=dtype,
+                **architecture_features(arch, hf),
             )
         except KeyError as e:
             raise ValueError(f"config.json lacks required field {e.args[0]!r}") from e

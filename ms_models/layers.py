@@ -36,7 +36,7 @@ from mindspore import Parameter, ops
 
 __all__ = [
     "MASK_VALUE", "DeviceOps", "to_param", "new_kv_cache", "param_bytes",
-    "rms_norm", "linear", "embedding", "lm_head", "apply_rotary", "gated_mlp", "paged_attention",
+    "rms_norm", "head_rms_norm", "linear", "embedding", "lm_head", "apply_rotary", "gated_mlp", "paged_attention",
     "rope_inv_freq", "RotaryEmbedding", "build_attention_metadata",
 ]
 
@@ -72,9 +72,9 @@ class DeviceOps:
 
 def to_param(arr, name: str):
     """numpy array -> fp32 non-trainable Parameter (one copy; ``name`` must be unique in
-    the graph). ``None`` passes through (optional weights such as biases)."""
-    if arr is None:
-        return None
+    the graph). ``None`` and Parameters pass through (optional weights such as biases)."""
+    if arr is None or isinstance(arr, Parameter):
+        return arr
     a = np.ascontiguousarray(arr, dtype=np.float32)
     return Parameter(ms.from_numpy(a), name=name, requires_grad=False)
 
@@ -100,6 +100,17 @@ def rms_norm(x, eps, weight=None, fused=False):
     if weight is not None:
         y = y * weight
     return y
+
+
+def head_rms_norm(x, head_dim, eps, weight, fused=False):
+    """RMSNorm over each head of x [T, n*hd] (Qwen3's q/k norm). ``weight``: the gamma tiled
+    to [n*hd] (plain ops), or [hd] for the fused kernel."""
+    T, D = x.shape
+    if fused:
+        return ops.rms_norm(x.reshape(T * (D // head_dim), head_dim), weight, eps)[0].reshape(T, D)
+    x3 = x.reshape(T, D // head_dim, head_dim)
+    y = x3 * ops.rsqrt(ops.mean(x3 * x3, -1, True) + eps)
+    return y.reshape(T, D) * weight
 
 
 def linear(x, weight, bias=None):
@@ -215,7 +226,8 @@ class RotaryEmbedding:
 
 
 def build_attention_metadata(positions: np.ndarray, slot_mapping: np.ndarray, block_tables: np.ndarray,
-                             num_blocks: int, block_size: int, num_kv_heads: int, group: int):
+                             num_blocks: int, block_size: int, num_kv_heads: int, group: int,
+                             sliding_window: int | None = None):
     """Per-step attention inputs, shared by all layers (numpy, padded shapes).
 
     positions, slot_mapping: [B, Q] (slot -1 = padding token); block_tables [B, M] (-1 = padding).
@@ -226,7 +238,7 @@ def build_attention_metadata(positions: np.ndarray, slot_mapping: np.ndarray, bl
       read_rows [B, kvh, M*block_size] int32: the rows of key positions 0..L-1 of each
         request (padding table entries -> scratch);
       bias [B, kvh, Q*group, M*block_size] float32 additive mask: query (b, q) sees key j
-        iff j <= positions[b, q].
+        iff j <= positions[b, q] (and, with ``sliding_window`` W, j > positions[b, q] - W).
     """
     B, Q = positions.shape
     M = block_tables.shape[1]
@@ -240,7 +252,10 @@ def build_attention_metadata(positions: np.ndarray, slot_mapping: np.ndarray, bl
     bt = np.where(block_tables >= 0, block_tables, num_blocks).astype(np.int64)  # [B, M]
     read_rows = ((heads[None, :, None] + bt[:, None, :]) * block_size)[..., None] + np.arange(block_size)
     read_rows = read_rows.reshape(B, num_kv_heads, L).astype(np.int32)
-    allowed = np.arange(L, dtype=np.int64)[None, None, :] <= positions.astype(np.int64)[:, :, None]
+    keys, pos = np.arange(L, dtype=np.int64)[None, None, :], positions.astype(np.int64)[:, :, None]
+    allowed = keys <= pos
+    if sliding_window:
+        allowed &= keys > pos - int(sliding_window)
     bias = np.where(allowed, np.float32(0.0), np.float32(MASK_VALUE)).astype(np.float32)  # [B, Q, L]
     bias = np.broadcast_to(bias[:, None, :, None, :], (B, num_kv_heads, Q, group, L)).reshape(
         B, num_kv_heads, Q * group, L)

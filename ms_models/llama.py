@@ -1,153 +1,20 @@
-"""Llama architecture (LlamaForCausalLM: Llama 2/3, SmolLM2, TinyLlama, ...) in MindSpore."""
+"""LlamaForCausalLM (Llama 2/3 incl. llama3 RoPE scaling, SmolLM2, TinyLlama, ...) in MindSpore.
+
+Optional ``attention_bias`` (q/k/v/o) and ``mlp_bias``; tied or untied embeddings.
+"""
 from __future__ import annotations
 
-import numpy as np
-from mindspore import nn, ops
-
 from .config import ModelConfig
-from .layers import (DeviceOps, RotaryEmbedding, apply_rotary, build_attention_metadata, embedding, gated_mlp,
-                     lm_head, linear, new_kv_cache, paged_attention, param_bytes, rms_norm, to_param)
+from .decoder import DecoderLayer, DecoderModel, build_decoder
+from .layers import DeviceOps
 
 __all__ = ["LlamaDecoderLayer", "LlamaModel", "build_network"]
 
-
-class LlamaDecoderLayer(nn.Cell):
-    """One decoder layer; owns its weights and (after allocate_kv_cache) its K/V cache.
-
-    ``w``: numpy weights, linear ones [in, out]; ``ln1``/``ln2``/biases may be None
-    (folded gammas / no bias).
-    """
-
-    def __init__(self, cfg: ModelConfig, w: dict, prefix: str, dev: DeviceOps):
-        super().__init__(auto_prefix=False)
-        self.prefix = prefix
-        self.eps = float(cfg.rms_norm_eps)
-        self.fused_norm = dev.fused_rms_norm
-        self.num_kv_heads = cfg.num_kv_heads
-        self.head_dim = cfg.head_dim
-        a, m = prefix + ".self_attn.", prefix + ".mlp."
-        self.ln1 = to_param(w["ln1"], prefix + ".input_layernorm.weight")
-        self.ln2 = to_param(w["ln2"], prefix + ".post_attention_layernorm.weight")
-        self.wq, self.bq = to_param(w["wq"], a + "q_proj.weight"), to_param(w["bq"], a + "q_proj.bias")
-        self.wk, self.bk = to_param(w["wk"], a + "k_proj.weight"), to_param(w["bk"], a + "k_proj.bias")
-        self.wv, self.bv = to_param(w["wv"], a + "v_proj.weight"), to_param(w["bv"], a + "v_proj.bias")
-        self.wo, self.bo = to_param(w["wo"], a + "o_proj.weight"), to_param(w["bo"], a + "o_proj.bias")
-        self.wg, self.bg = to_param(w["wg"], m + "gate_proj.weight"), to_param(w["bg"], m + "gate_proj.bias")
-        self.wu, self.bu = to_param(w["wu"], m + "up_proj.weight"), to_param(w["bu"], m + "up_proj.bias")
-        self.wd, self.bd = to_param(w["wd"], m + "down_proj.weight"), to_param(w["bd"], m + "down_proj.bias")
-        self.rot = to_param(RotaryEmbedding.rotate_half_matrix(cfg.head_dim), a + "rotate_half")
-        self.k_cache = None
-        self.v_cache = None
-
-    def allocate_kv_cache(self, num_blocks: int, block_size: int, tag: str) -> None:
-        self.k_cache, self.v_cache = new_kv_cache(self.num_kv_heads, num_blocks, block_size, self.head_dim,
-                                                  f"{self.prefix}.self_attn.{tag}")
-
-    def kv_cache_bytes_per_block(self, block_size: int) -> int:
-        return 2 * self.num_kv_heads * block_size * self.head_dim * 4
-
-    def construct(self, x, cos_q, sin_q, cos_k, sin_k, write_rows, read_rows, attn_bias):
-        h = rms_norm(x, self.eps, self.ln1, self.fused_norm)
-        q = apply_rotary(linear(h, self.wq, self.bq), cos_q, sin_q, self.rot, self.head_dim)
-        k = apply_rotary(linear(h, self.wk, self.bk), cos_k, sin_k, self.rot, self.head_dim)
-        v = linear(h, self.wv, self.bv)
-        o = paged_attention(q, k, v, self.k_cache, self.v_cache, write_rows, read_rows, attn_bias,
-                            self.num_kv_heads, self.head_dim)
-        x = x + linear(o, self.wo, self.bo)
-        h = rms_norm(x, self.eps, self.ln2, self.fused_norm)
-        return x + gated_mlp(h, self.wg, self.wu, self.wd, self.bg, self.bu, self.bd)
+LlamaDecoderLayer = DecoderLayer
+LlamaModel = DecoderModel
 
 
-class LlamaModel(nn.Cell):
-    """Whole network: embedding -> decoder layers -> final norm (logit rows only) -> lm head.
-
-    construct inputs (padded shapes; T = B*Q): input_ids [T] int32, cos_q/sin_q [T, heads*hd],
-    cos_k/sin_k [T, kv_heads*hd], write_rows [T, kv_heads] int32, read_rows [B, kv_heads, L]
-    int32, attn_bias [B, kv_heads, Q*group, L] (L = M*block_size), logits_idx [B] int32 (flat
-    token index). Returns logits [B, vocab].
-    """
-
-    def __init__(self, cfg: ModelConfig, embed: np.ndarray, layers: list, norm: np.ndarray,
-                 lm_head_w: np.ndarray | None, dev: DeviceOps):
-        super().__init__(auto_prefix=False)
-        self.config = cfg
-        self.eps = float(cfg.rms_norm_eps)
-        self.fused_norm = dev.fused_rms_norm
-        self.embed = to_param(embed, "model.embed_tokens.weight")
-        self.layers = nn.CellList(layers)
-        self.norm = to_param(norm, "model.norm.weight")
-        # tied: the lm head multiplies by the embedding Parameter itself (no copy)
-        self.lm_head = self.embed if lm_head_w is None else to_param(lm_head_w, "lm_head.weight")
-        self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
-
-    # ---- protocol used by model.CausalLM
-    def cache_layers(self):
-        return list(self.layers)
-
-    def weight_bytes(self) -> int:
-        seen, total = set(), 0
-        for p in self.get_parameters():
-            if id(p) in seen or p.name.endswith((".k_cache", ".v_cache")):
-                continue
-            seen.add(id(p))
-            total += param_bytes(p)
-        return total
-
-    def prepare_inputs(self, input_ids, positions, slot_mapping, block_tables, logits_idx,
-                       num_blocks: int, block_size: int) -> tuple:
-        """Host-side (numpy) construct inputs from padded per-request arrays."""
-        cfg = self.config
-        B, Q = input_ids.shape
-        cos, sin = self.rope.cos_sin(positions.reshape(B * Q))
-        cos_q, sin_q = self.rope.full_shape(cos, sin, cfg.num_heads)
-        cos_k, sin_k = self.rope.full_shape(cos, sin, cfg.num_kv_heads)
-        wr, rr, bias = build_attention_metadata(positions, slot_mapping, block_tables, num_blocks, block_size,
-                                                cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads)
-        return (input_ids.reshape(B * Q).astype(np.int32), cos_q, sin_q, cos_k, sin_k, wr, rr, bias,
-                logits_idx.astype(np.int32))
-
-    def construct(self, input_ids, cos_q, sin_q, cos_k, sin_k, write_rows, read_rows, attn_bias, logits_idx):
-        x = embedding(input_ids, self.embed)
-        for layer in self.layers:
-            x = layer(x, cos_q, sin_q, cos_k, sin_k, write_rows, read_rows, attn_bias)
-        x = rms_norm(ops.gather(x, logits_idx, 0), self.eps, self.norm, self.fused_norm)
-        return lm_head(x, self.lm_head)
-
-
-def build_network(cfg: ModelConfig, weights, dev: DeviceOps) -> LlamaModel:
-    """Builds LlamaModel from HF-named fp32 weights (``weights.get(name)`` -> numpy, HF layout).
-
-    Linear weights are transposed to [in, out]; the attention scale 1/sqrt(head_dim) is
-    folded into q_proj (weight and bias); with ``dev.fold_norm`` (CPU) the input /
-    post-attention RMSNorm gammas are folded into the q/k/v and gate/up weights.
-    """
-    scale = cfg.head_dim ** -0.5
-
-    def lin(name, has_bias, gamma=None, mul=1.0):
-        w = weights.get(name + ".weight").T  # [in, out]
-        if gamma is not None:
-            w = w * gamma[:, None]
-        if mul != 1.0:
-            w = w * np.float32(mul)
-        b = weights.get(name + ".bias") * np.float32(mul) if has_bias else None
-        return np.ascontiguousarray(w, dtype=np.float32), b
-
-    layers = []
-    for i in range(cfg.num_layers):
-        p = f"model.layers.{i}"
-        ln1 = weights.get(p + ".input_layernorm.weight")
-        ln2 = weights.get(p + ".post_attention_layernorm.weight")
-        g1, g2 = (ln1, ln2) if dev.fold_norm else (None, None)
-        ab, mb = cfg.attention_bias, cfg.mlp_bias
-        w = {"ln1": None if dev.fold_norm else ln1, "ln2": None if dev.fold_norm else ln2}
-        w["wq"], w["bq"] = lin(p + ".self_attn.q_proj", ab, g1, scale)
-        w["wk"], w["bk"] = lin(p + ".self_attn.k_proj", ab, g1)
-        w["wv"], w["bv"] = lin(p + ".self_attn.v_proj", ab, g1)
-        w["wo"], w["bo"] = lin(p + ".self_attn.o_proj", ab)
-        w["wg"], w["bg"] = lin(p + ".mlp.gate_proj", mb, g2)
-        w["wu"], w["bu"] = lin(p + ".mlp.up_proj", mb, g2)
-        w["wd"], w["bd"] = lin(p + ".mlp.down_proj", mb)
-        layers.append(LlamaDecoderLayer(cfg, w, p, dev))  # numpy temporaries freed layer by layer
-    embed = weights.get("model.embed_tokens.weight")
-    lm_head_w = None if cfg.tie_word_embeddings else weights.get("lm_head.weight")
-    return LlamaModel(cfg, embed, layers, weights.get("model.norm.weight"), lm_head_w, dev)
+def build_network(cfg: ModelConfig, weights, dev: DeviceOps) -> DecoderModel:
+    assert cfg.architecture == "LlamaForCausalLM", cfg.architecture
+    assert not cfg.qk_norm and cfg.sliding_window is None and cfg.attention_bias == cfg.o_bias
+    return build_decoder(cfg, weights, dev)

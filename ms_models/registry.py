@@ -18,6 +18,9 @@ class UnsupportedModelError(ValueError):
 #   build(config: ModelConfig, weights: WeightSource, ops_set: layers.DeviceOps) -> nn.Cell
 SUPPORTED_ARCHITECTURES: dict[str, str] = {
     "LlamaForCausalLM": "ms_models.llama:build_network",
+    "MistralForCausalLM": "ms_models.mistral:build_network",
+    "Qwen2ForCausalLM": "ms_models.qwen2:build_network",
+    "Qwen3ForCausalLM": "ms_models.qwen3:build_network",
 }
 
 

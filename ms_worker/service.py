@@ -84,6 +84,7 @@ class WorkerService(pb_grpc.ModelWorkerServicer):
             architecture=c.architecture, vocab_size=c.vocab_size, num_layers=c.num_layers, num_heads=c.num_heads,
             num_kv_heads=c.num_kv_heads, head_dim=c.head_dim, hidden_size=c.hidden_size,
             max_position_embeddings=c.max_position_embeddings, config_hash=c.config_hash,
+            sliding_window=c.sliding_window or 0,
         )
 
     # -- handshake ------------------------------------------------------------------------------------------

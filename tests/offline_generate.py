@@ -1,22 +1,53 @@
 """Greedy generation with vLLM's offline API, for comparing backends. Prints one JSON list of token id lists.
 
-usage: offline_generate.py MODEL BACKEND PROMPTS_JSON MAX_NEW   (BACKEND: native | ms_rpc)
+usage: offline_generate.py MODEL BACKEND PROMPTS_JSON MAX_NEW [--skip-tokenizer-init] [--max-model-len N]
+                           [--kv-cache-mib N] [--also MODEL2 ...]          (BACKEND: native | ms_rpc)
+
+--skip-tokenizer-init: the model directory has no tokenizer (prompts are token ids; outputs are not detokenized).
+--max-model-len: vLLM's max_model_len (default 512).
+--kv-cache-mib: KV cache size for either backend (default: native 512 MiB, ms_rpc the worker's default).
+--also: more models, run one after another in this process (one engine each, the same prompts), saving the
+        start-up of a Python process per model (and, unless VLLM_ENABLE_V1_MULTIPROCESSING is set, of an engine
+        core process: the engines run in this process). One RESULT line is printed per model, MODEL first.
 """
 
+import argparse
+import gc
 import json
-import sys
-
-from vllm import LLM, SamplingParams, TokensPrompt
+import os
 
 if __name__ == "__main__":
-    model, backend, prompts, max_new = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4])
-    kwargs = dict(model=model, dtype="float32", max_model_len=512, enforce_eager=True, seed=0)
-    if backend == "ms_rpc":
-        kwargs["distributed_executor_backend"] = "ms_rpc"
-    else:
-        kwargs["gpu_memory_utilization"] = 0.2
-        kwargs["kv_cache_memory_bytes"] = 512 * 2**20
-    llm = LLM(**kwargs)
-    params = SamplingParams(temperature=0, max_tokens=max_new, ignore_eos=True)
-    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
-    print("RESULT " + json.dumps([list(o.outputs[0].token_ids) for o in outs]))
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model")
+    ap.add_argument("backend", choices=["native", "ms_rpc"])
+    ap.add_argument("prompts", type=json.loads)
+    ap.add_argument("max_new", type=int)
+    ap.add_argument("--skip-tokenizer-init", action="store_true")
+    ap.add_argument("--max-model-len", type=int, default=512)
+    ap.add_argument("--kv-cache-mib", type=int, default=0)
+    ap.add_argument("--also", action="append", default=[])
+    a = ap.parse_args()
+    if a.also:  # several engines one after another: run each engine core in this process (no process start-up)
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    from vllm import LLM, SamplingParams, TokensPrompt
+
+    for model in [a.model, *a.also]:
+        kwargs = dict(model=model, dtype="float32", max_model_len=a.max_model_len, enforce_eager=True, seed=0)
+        if a.skip_tokenizer_init:
+            kwargs["skip_tokenizer_init"] = True
+        if a.backend == "ms_rpc":
+            kwargs["distributed_executor_backend"] = "ms_rpc"
+        else:
+            kwargs["gpu_memory_utilization"] = 0.2
+            kwargs["kv_cache_memory_bytes"] = 512 * 2**20
+        if a.kv_cache_mib:
+            kwargs["kv_cache_memory_bytes"] = a.kv_cache_mib * 2**20
+        llm = LLM(**kwargs)
+        params = SamplingParams(temperature=0, max_tokens=a.max_new, ignore_eos=True,
+                                detokenize=not a.skip_tokenizer_init)
+        outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in a.prompts], params, use_tqdm=False)
+        print("RESULT " + json.dumps([list(o.outputs[0].token_ids) for o in outs]), flush=True)
+        if a.also:  # stop this engine (and its ms_rpc worker) before starting the next
+            llm.llm_engine.engine_core.shutdown()
+            del llm
+            gc.collect()

@@ -15,7 +15,7 @@ from functools import cached_property
 import grpc
 import torch
 from vllm.v1.executor.abstract import Executor
-from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheSpec
+from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheSpec, SlidingWindowSpec
 from vllm.v1.outputs import ModelRunnerOutput
 
 from ms_rpc.v1 import worker_pb2 as pb
@@ -162,8 +162,10 @@ class MsRpcExecutor(Executor):
 
     def get_kv_cache_specs(self) -> list[dict[str, KVCacheSpec]]:
         m = self.info.model
-        spec = FullAttentionSpec(block_size=self.cache_config.block_size, num_kv_heads=m.num_kv_heads,
-                                 head_size=m.head_dim, dtype=_DTYPES[self.info.dtype])
+        kw = dict(block_size=self.cache_config.block_size, num_kv_heads=m.num_kv_heads, head_size=m.head_dim,
+                  dtype=_DTYPES[self.info.dtype])
+        # A windowed model lets vLLM free the blocks that fall out of the window.
+        spec = SlidingWindowSpec(sliding_window=m.sliding_window, **kw) if m.sliding_window else FullAttentionSpec(**kw)
         return [{f"model.layers.{i}.self_attn.attn": spec for i in range(m.num_layers)}]
 
     def get_supported_kv_cache_layouts(self) -> list[list[str]]:

@@ -32,7 +32,7 @@ class DescribeRequest(_message.Message):
     def __init__(self, protocol_version: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("architecture", "vocab_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "hidden_size", "max_position_embeddings", "config_hash")
+    __slots__ = ("architecture", "vocab_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "hidden_size", "max_position_embeddings", "config_hash", "sliding_window")
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
@@ -42,6 +42,7 @@ class ModelInfo(_message.Message):
     HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_POSITION_EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
     CONFIG_HASH_FIELD_NUMBER: _ClassVar[int]
+    SLIDING_WINDOW_FIELD_NUMBER: _ClassVar[int]
     architecture: str
     vocab_size: int
     num_layers: int
@@ -51,7 +52,8 @@ class ModelInfo(_message.Message):
     hidden_size: int
     max_position_embeddings: int
     config_hash: str
-    def __init__(self, architecture: _Optional[str] = ..., vocab_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_heads: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., hidden_size: _Optional[int] = ..., max_position_embeddings: _Optional[int] = ..., config_hash: _Optional[str] = ...) -> None: ...
+    sliding_window: int
+    def __init__(self, architecture: _Optional[str] = ..., vocab_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_heads: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., hidden_size: _Optional[int] = ..., max_position_embeddings: _Optional[int] = ..., config_hash: _Optional[str] = ..., sliding_window: _Optional[int] = ...) -> None: ...
 
 class WorkerInfo(_message.Message):
     __slots__ = ("protocol_version", "worker_id", "framework", "device", "dtype", "model_path", "model", "rank", "world_size")
