@@ -164,12 +164,3 @@ class WorkerClient:
 
     def close(self) -> None:
         self.channel.close()
-
-
-def wait_for(predicate, timeout: float, interval: float = 0.2) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()

@@ -6,16 +6,12 @@ new block ids and counts. Everything here is plain data mapping; no state.
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 import torch
 from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.outputs import LogprobsLists, LogprobsTensors, ModelRunnerOutput
 
 from ms_rpc.v1 import worker_pb2 as pb
-
-log = logging.getLogger("vllm.ms_rpc")  # under vLLM's logger: same format and level
 
 PROTOCOL_VERSION = pb.PROTOCOL_VERSION_CURRENT
 
