@@ -85,7 +85,7 @@ def descendants(pid: int) -> list[int]:
 def cmdline(pid: int) -> str:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode()
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return ""
 
