@@ -1,25 +1,43 @@
-"""Fault check, the first piece of a fault script: kill -9 the embedded worker during 16 concurrent streams.
+"""Fault script: kill -9 a worker during 16 concurrent streams, then check that the front recovers.
 
-Prints how each stream ended and how long after the kill, whether any stream hung, and how and when the front
-exited. Usage: .venv/bin/python scripts/fault_kill_worker.py   (after `make envs model`)
+Prints how each stream ended and when (after the kill), whether any hung, how long the executor took to
+restart the worker and serve again, and whether a greedy request after the restart gives the same text as
+before the kill (prefix cache reset: the same prompt must not reuse the dead worker's KV blocks).
+
+Usage: .venv/bin/python scripts/fault_kill_worker.py [--streams 16] [--external]
+  --external: the worker runs outside the front (as under systemd/Kubernetes): the script kills it and
+  starts a new one on the same port, and the front reconnects.
 """
 
+import argparse
 import json
 import os
 import signal
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
-from conftest import DEFAULT_MODEL, Server, cmdline, descendants  # noqa: E402
+from conftest import DEFAULT_MODEL, Server, cmdline, descendants, free_port, start_worker  # noqa: E402
 
-STREAMS = 16
+PROMPT = "Count to a thousand:"
+
+
+def complete(server, prompt: str, max_tokens: int, timeout: float = 120) -> tuple[int, str]:
+    body = {"model": str(DEFAULT_MODEL), "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
+    req = urllib.request.Request(server.url + "/v1/completions", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read())["choices"][0]["text"]
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode(errors="replace")[:200]
 
 
 def stream(server, results: dict, i: int) -> None:
-    body = {"model": str(DEFAULT_MODEL), "prompt": "Count to a thousand:", "max_tokens": 400, "ignore_eos": True,
+    body = {"model": str(DEFAULT_MODEL), "prompt": f"{PROMPT} {i}", "max_tokens": 400, "ignore_eos": True,
             "stream": True}
     req = urllib.request.Request(server.url + "/v1/completions", data=json.dumps(body).encode(),
                                  headers={"Content-Type": "application/json"})
@@ -31,40 +49,81 @@ def stream(server, results: dict, i: int) -> None:
                 if line.startswith("data: ") and line != "data: [DONE]":
                     d = json.loads(line[6:])
                     if "error" in d:
-                        results[i] = ("error event", time.monotonic(), d["error"].get("message", "")[:160])
+                        results[i] = ("error event", time.monotonic(), d["error"].get("message", "")[:120])
+                        return
+                    if d["choices"][0].get("finish_reason") == "error":
+                        results[i] = ("finish_reason error", time.monotonic(), f"after {n} chunks")
                         return
                     n += 1
         results[i] = ("completed", time.monotonic(), f"{n} chunks")
     except Exception as e:  # noqa: BLE001 - reported
-        results[i] = ("exception", time.monotonic(), repr(e)[:160])
+        results[i] = ("exception", time.monotonic(), repr(e)[:120])
 
 
-def main() -> None:
-    server = Server(DEFAULT_MODEL, ["--max-model-len", "512"],
-                    log_path=os.environ.get("FAULT_LOG", "/tmp/fault_kill_worker.log"))
+def run(streams: int, external: bool, log_path: str) -> dict:
+    """Returns the figures (also printed)."""
+    worker = port = None
+    extra = ["--max-model-len", "512", "--gpu-memory-utilization", "0.05"]
+    if external:
+        port = free_port()
+        worker, address = start_worker(DEFAULT_MODEL, ["--port", str(port)], log_path=log_path + ".worker")
+        extra += ["--additional-config", json.dumps({"ms_rpc": {"workers": [address]}})]
+    server = Server(DEFAULT_MODEL, extra, log_path=log_path)
+    figures = {}
     try:
         server.wait_healthy()
+        before = complete(server, PROMPT, 24)
         results: dict = {}
-        threads = [threading.Thread(target=stream, args=(server, results, i)) for i in range(STREAMS)]
+        threads = [threading.Thread(target=stream, args=(server, results, i)) for i in range(streams)]
         for t in threads:
             t.start()
         time.sleep(8)
-        worker = [p for p in descendants(server.proc.pid) if "ms_worker serve" in cmdline(p)][0]
+        pid = worker.pid if external else [p for p in descendants(server.proc.pid)
+                                          if "ms_worker serve" in cmdline(p)][0]
         t0 = time.monotonic()
-        os.kill(worker, signal.SIGKILL)
+        os.kill(pid, signal.SIGKILL)
         for t in threads:
-            t.join(60)
-        print(f"streams still open 60 s after the kill: {sum(t.is_alive() for t in threads)}")
+            t.join(max(0.0, t0 + 60 - time.monotonic()))
+        figures["hung"] = sum(t.is_alive() for t in threads)
+        ends = sorted(when - t0 for how, when, _ in results.values() if how != "completed")
+        figures["errored"] = len(ends)
+        figures["completed"] = sum(how == "completed" for how, _, _ in results.values())
+        figures["first_error_s"] = ends[0] if ends else None
+        figures["last_error_s"] = ends[-1] if ends else None
         for i in sorted(results):
             how, when, what = results[i]
             print(f"stream {i:2d}: {how} after {when - t0:.2f} s: {what}")
-        for _ in range(30):
+        if external:
+            worker.wait()
+            worker, _ = start_worker(DEFAULT_MODEL, ["--port", str(port)], log_path=log_path + ".worker2")
+        after = (0, "")
+        for _ in range(60):                       # bounded: 60 tries, one every 3 s at most
             if server.proc.poll() is not None:
                 break
-            time.sleep(1)
-        print(f"front exit code: {server.proc.poll()} ({time.monotonic() - t0:.1f} s after the kill)")
+            after = complete(server, PROMPT, 24, timeout=60)
+            if after[0] == 200:
+                break
+            time.sleep(3)
+        figures["served_again_s"] = time.monotonic() - t0 if after[0] == 200 else None
+        figures["same_text_after_restart"] = after == before
+        figures["front_alive"] = server.proc.poll() is None
+        for k, v in figures.items():
+            print(f"{k}: {round(v, 2) if isinstance(v, float) else v}")
+        return figures
     finally:
         server.stop()
+        if worker is not None:
+            worker.kill()
+            worker.wait()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--streams", type=int, default=16)
+    ap.add_argument("--external", action="store_true")
+    ap.add_argument("--log", default="/tmp/fault_kill_worker.log")
+    a = ap.parse_args()
+    run(a.streams, a.external, a.log)
 
 
 if __name__ == "__main__":

@@ -177,3 +177,19 @@ def test_bad_request_fails_alone(server, default_model):
                                   logit_bias={"999999": 5})
     ok = client.completions.create(model=str(default_model), prompt="Hi", max_tokens=4, temperature=0)
     assert ok.choices[0].text
+
+
+def test_front_refuses_what_vllm_refuses(server, default_model):
+    """Bad input on the front is vLLM's to refuse, and still is with ms_rpc: a prompt longer than the context and
+    max_tokens past it get 400s that say why, and the server keeps serving."""
+    import openai
+
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="none")
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=str(default_model), prompt=[1] * 400, max_tokens=4)
+    assert "288" in str(e.value)                                 # names the model's context length
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=str(default_model), prompt="Hi", max_tokens=1000)
+    assert "288" in str(e.value)
+    ok = client.completions.create(model=str(default_model), prompt="Hi", max_tokens=4, temperature=0)
+    assert ok.choices[0].text

@@ -9,37 +9,50 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+import time
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import cached_property
 
-import grpc
 import torch
 from vllm.v1.executor.abstract import Executor
 from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheSpec, SlidingWindowSpec
 from vllm.v1.outputs import ModelRunnerOutput
 
 from ms_rpc.v1 import worker_pb2 as pb
-from vllm_ext.client import ChannelSecurity, WorkerClient, WorkerError
+from vllm_ext.client import WorkerError
 from vllm_ext.codec import decode_result, encode_grammar, encode_step
-from vllm_ext.launcher import LocalWorker, default_worker_python
+from vllm_ext.group import ConfigError, WorkerGroup, group_addresses
+from vllm_ext.launcher import default_worker_python
+from vllm_ext.stats import StepStats
 
 log = logging.getLogger("vllm.ms_rpc")  # under vLLM's logger: same format and level
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-class ConfigError(RuntimeError):
-    pass
-
-
 _SECURITY_KEYS = ("tls", "tls_ca", "tls_cert", "tls_key", "tls_server_name", "token", "token_file")
+
+# name: (default, type). Each from --additional-config '{"ms_rpc": {name: ...}}', else MS_RPC_<NAME>.
+_NUMBERS = {
+    "connect_timeout_s": 30.0,        # wait for a worker's health SERVING at start-up
+    "step_timeout_s": 600.0,          # the longest any step may take (the cap of the step deadline)
+    "step_deadline_floor_s": 120.0,   # the step deadline: max(floor, factor x slowest of the last 64 steps)
+    "step_deadline_factor": 10.0,
+    "reconnect_timeout_s": 300.0,     # external workers: how long to wait for a lost worker to come back
+    "max_restarts": 5,                # local workers: restarts within restart_window_s before giving up
+    "restart_window_s": 600.0,
+    "watch_interval_s": 2.0,          # how often idle workers are checked (local process alive, health)
+    "stats_interval_s": 30.0,         # how often the step breakdown is logged (0 = never)
+}
 
 
 def rpc_settings(vllm_config) -> dict:
     """ms_rpc settings: `--additional-config '{"ms_rpc": {...}}'` first, then MS_RPC_* environment variables.
 
     Security (for external workers; see ChannelSecurity): tls (bool), tls_ca, tls_cert + tls_key (mutual TLS),
-    tls_server_name, token or token_file; MS_RPC_TLS=1, MS_RPC_TLS_CA, ... likewise."""
+    tls_server_name, token or token_file; MS_RPC_TLS=1, MS_RPC_TLS_CA, ... likewise. Numbers: see _NUMBERS."""
     extra = (vllm_config.additional_config or {}).get("ms_rpc", {}) or {}
     security = {k: extra.get(k, os.environ.get(f"MS_RPC_{k.upper()}")) for k in _SECURITY_KEYS}
     tls = security["tls"]
@@ -47,33 +60,19 @@ def rpc_settings(vllm_config) -> dict:
     workers = extra.get("workers")
     if workers is None and os.environ.get("MS_RPC_WORKERS"):
         workers = [w.strip() for w in os.environ["MS_RPC_WORKERS"].split(",") if w.strip()]
-    return dict(
+    settings = dict(
         workers=list(workers or []),
         worker_python=extra.get("worker_python") or os.environ.get("MS_RPC_WORKER_PYTHON") or default_worker_python(),
         worker_args=list(extra.get("worker_args") or os.environ.get("MS_RPC_WORKER_ARGS", "").split()),
-        connect_timeout_s=float(extra.get("connect_timeout_s", os.environ.get("MS_RPC_CONNECT_TIMEOUT_S", 30))),
-        step_timeout_s=float(extra.get("step_timeout_s", os.environ.get("MS_RPC_STEP_TIMEOUT_S", 600))),
         security=security,
     )
-
-
-def connect_worker(settings: dict, address: str) -> WorkerClient:
-    """A client for the worker at `address` with the configured TLS/token, once its health says SERVING."""
-    try:
-        security = ChannelSecurity.load(**settings["security"])
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    host = address.rsplit(":", 1)[0].strip("[]")
-    if not security.tls and not security.token and host not in ("localhost", "::1") and not host.startswith("127."):
-        log.warning("ms_rpc: worker %s is reached without TLS or a token: anyone who can reach its port can "
-                    "drive it (see the ms_rpc tls_ca/token settings)", address)
-    client = WorkerClient(address, security=security)
-    try:
-        client.wait_ready(settings["connect_timeout_s"])
-    except BaseException:
-        client.close()
-        raise
-    return client
+    for name, default in _NUMBERS.items():
+        raw = extra.get(name, os.environ.get(f"MS_RPC_{name.upper()}", default))
+        try:
+            settings[name] = type(default)(raw)
+        except (TypeError, ValueError):
+            raise ConfigError(f"ms_rpc setting {name} must be a number, got {raw!r}") from None
+    return settings
 
 
 def check_same_model(info: pb.WorkerInfo, model_config, address: str) -> None:
@@ -108,61 +107,93 @@ def check_same_model(info: pb.WorkerInfo, model_config, address: str) -> None:
         )
 
 
+class WorkerLost(RuntimeError):
+    """The workers can no longer continue the batch: a worker died, restarted, missed its deadline or refused a
+    step. Every request they held fails; the executor recovers them in the background."""
+
+
 class MsRpcExecutor(Executor):
+    """Faults: when the workers are lost mid-batch, every request they held state for ends with an error (vLLM's
+    FINISHED_ERROR: a 500, or an error event in a stream) at once, the prefix cache is reset before the next
+    schedule (the KV blocks it points to are gone), and a background thread brings the workers back (local ones
+    restarted with backoff, external ones reconnected when systemd or Kubernetes restarted them) and re-runs the
+    handshake. Requests that come while the workers are down fail fast. Only after repeated crashes, or an
+    external worker gone longer than reconnect_timeout_s, does the executor give up through vLLM's failure
+    callback (vLLM's health turns red and the server stops)."""
+
     uses_ray = False
     supports_pp = False
 
     # -- start-up ------------------------------------------------------------------------------------------
     def _init_executor(self) -> None:
-        if self.parallel_config.world_size != 1:
-            raise ConfigError("ms_rpc serves tensor/pipeline parallel size 1 for now")
+        pc = self.parallel_config
+        if pc.pipeline_parallel_size != 1:
+            raise ConfigError("ms_rpc serves pipeline parallel size 1 (tensor and data parallel are supported)")
         self.settings = rpc_settings(self.vllm_config)
         self._failure_callback = None
-        self._local: LocalWorker | None = None
+        self._scheduler = None
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ms_rpc")
+        self._lock = threading.Lock()
+        self._closing = threading.Event()
         self._step = 0
-        self.client = None
+        self._cache: pb.CacheConfig | None = None
+        self._live: set[str] = set()            # requests whose state the workers hold
+        self._deferred = None                     # the SchedulerOutput of a step awaiting sample_tokens()
+        self._down: str | None = None             # why the workers are lost (None: serving)
+        self._gave_up: str | None = None
+        self._reset_prefix_cache = False
+        self._restarts: deque[float] = deque()
+        self._step_times: deque[float] = deque(maxlen=64)
+        self.stats = StepStats(self.settings["stats_interval_s"])
+        addresses = group_addresses(self.settings["workers"], pc.tensor_parallel_size, pc.data_parallel_rank,
+                                    pc.data_parallel_size)
+        self.group = WorkerGroup(self.settings, self.model_config.model, pc.tensor_parallel_size, addresses)
         try:
-            self._connect()
+            if not addresses:
+                self.group.launch()
+            self.group.connect(self._check_model)
         except BaseException:
             self.shutdown()
             raise
+        i = self.info
+        log.info("ms_rpc: %s (%s): %s on %s, %s, model %s", self.group.describe_ranks(),
+                 self.group.clients[0].security.describe(), i.framework, i.device, i.dtype, i.model_path)
+        from vllm_ext.plugin import await_scheduler
 
-    def _connect(self) -> None:
-        if self.settings["workers"]:
-            if len(self.settings["workers"]) != 1:
-                raise ConfigError(f"ms_rpc: one worker address expected, got {self.settings['workers']}")
-            address = self.settings["workers"][0]
-        else:
-            model = self.model_config.model
-            if not os.path.isdir(model):
-                raise ConfigError(f"ms_rpc: the embedded worker needs a local model directory; {model!r} is not one")
-            # The embedded worker listens on loopback in plaintext; a configured token still guards it.
-            sec = self.settings["security"]
-            self.settings["security"] = {"token": sec["token"], "token_file": sec["token_file"]}
-            try:
-                token = ChannelSecurity.load(**self.settings["security"]).token
-            except ValueError as e:
-                raise ConfigError(str(e)) from None
-            self._local = LocalWorker(self.settings["worker_python"], os.path.abspath(model),
-                                      self.settings["worker_args"], token=token)
-            address = self._local.address
-        self.client = connect_worker(self.settings, address)
-        self.info = self.client.describe()
-        if self.info.world_size != 1 or self.info.rank != 0:
-            raise ConfigError(f"ms_rpc worker {address} was started as rank {self.info.rank} of "
-                              f"{self.info.world_size}; this front drives one worker (rank 0 of 1)")
-        check_same_model(self.info, self.model_config, address)
-        log.info("ms_rpc: worker %s at %s (%s): %s on %s, %s, model %s", self.info.worker_id, address,
-                 self.client.security.describe(), self.info.framework, self.info.device, self.info.dtype,
-                 self.info.model_path)
+        await_scheduler(self)
+        self._watchdog = threading.Thread(target=self._watch, name="ms_rpc_watch", daemon=True)
+        self._watchdog.start()
+
+    @property
+    def info(self) -> pb.WorkerInfo:
+        return self.group.info
+
+    def _check_model(self, info: pb.WorkerInfo, address: str) -> None:
+        check_same_model(info, self.model_config, address)
 
     def register_failure_callback(self, callback) -> None:
         self._failure_callback = callback
 
+    def attach_scheduler(self, scheduler) -> None:
+        """Called by the plugin once vLLM's engine core has built its scheduler: lost requests are ended through
+        the scheduler's own error path, and its prefix cache is reset before the first schedule after a loss."""
+        self._scheduler = scheduler
+        schedule = scheduler.schedule
+
+        def schedule_after_reset(*args, **kwargs):
+            if self._reset_prefix_cache:
+                self._reset_prefix_cache = False
+                scheduler.reset_prefix_cache(reset_running_requests=True)
+                log.info("ms_rpc: prefix cache reset (the lost workers' KV cache is gone)")
+            return schedule(*args, **kwargs)
+
+        scheduler.schedule = schedule_after_reset
+
     def get_kv_cache_specs(self) -> list[dict[str, KVCacheSpec]]:
         m = self.info.model
-        kw = dict(block_size=self.cache_config.block_size, num_kv_heads=m.num_kv_heads, head_size=m.head_dim,
+        tp = self.group.size
+        # The KV cache spec of one rank: its share of the KV heads.
+        kw = dict(block_size=self.cache_config.block_size, num_kv_heads=m.num_kv_heads // tp, head_size=m.head_dim,
                   dtype=_DTYPES[self.info.dtype])
         # A windowed model lets vLLM free the blocks that fall out of the window.
         spec = SlidingWindowSpec(sliding_window=m.sliding_window, **kw) if m.sliding_window else FullAttentionSpec(**kw)
@@ -176,22 +207,22 @@ class MsRpcExecutor(Executor):
 
     def determine_available_memory(self) -> list[int]:
         requested = self.cache_config.kv_cache_memory_bytes or 0
-        mem = self.client.determine_available_memory(self.cache_config.block_size, requested)
-        return [mem.available_kv_bytes]
+        return [self.group.available_kv_bytes(self.cache_config.block_size, requested)]
 
     def initialize_from_config(self, kv_cache_configs: list[KVCacheConfig]) -> None:
         cfg = kv_cache_configs[0]
         block_size = cfg.kv_cache_groups[0].kv_cache_spec.block_size
         sc = self.scheduler_config
-        self.client.initialize_cache(pb.CacheConfig(
+        self._cache = pb.CacheConfig(
             num_blocks=cfg.num_blocks, block_size=block_size, num_layers=self.info.model.num_layers,
             max_num_seqs=sc.max_num_seqs, max_num_batched_tokens=sc.max_num_batched_tokens,
             max_model_len=self.model_config.max_model_len,
-        ))
+        )
+        self.group.handshake(self._cache, warmup=False)
         self._step = 0
 
     def compile_or_warm_up_model(self) -> None:
-        reply = self.client.warmup()
+        reply = self.group.call_all(lambda c: c.warmup())
         self.vllm_config.compilation_config.compilation_time = reply.seconds
         log.info("ms_rpc: worker warm-up compiled %d shapes in %.1f s", reply.compiled_shapes, reply.seconds)
 
@@ -200,26 +231,67 @@ class MsRpcExecutor(Executor):
         return ("generate",)
 
     # -- the step --------------------------------------------------------------------------------------------
-    def _call_step(self, call, msg, step_id: int):
+    def _deadline(self) -> float:
+        """The step deadline: far above the slowest recent step (a new shape may compile), never infinite."""
+        cap = self.settings["step_timeout_s"]
+        if not self._step_times:
+            return cap
+        derived = self.settings["step_deadline_factor"] * max(self._step_times)
+        return min(cap, max(self.settings["step_deadline_floor_s"], derived))
+
+    def _call_step(self, rpc: str, msg, step_id: int) -> pb.StepResult:
+        """One step RPC on every rank. Anything that breaks the step sequence raises WorkerLost."""
+        deadline = self._deadline()
+        t0 = time.perf_counter()
         try:
-            res = call(msg, self.settings["step_timeout_s"])
+            res = self.group.call_all(lambda c: getattr(c, rpc)(msg, deadline))
         except WorkerError as e:
-            if e.unreachable and self._failure_callback is not None:
-                self._failure_callback()
-            raise
+            how = "missed its deadline of %.0f s: " % deadline if e.code and e.code.name == "DEADLINE_EXCEEDED" else ""
+            raise WorkerLost(f"step {step_id}: {how}{e}") from None
+        dt = time.perf_counter() - t0
+        if res.worker_id != self.info.worker_id:
+            raise WorkerLost(f"step {step_id}: ms_rpc worker {self.group.address} restarted (worker id "
+                             f"{self.info.worker_id} became {res.worker_id})")
         if res.step_id != step_id:
-            raise RuntimeError(f"ms_rpc worker {self.client.address} answered step {res.step_id} for step {step_id}")
+            raise WorkerLost(f"step {step_id}: ms_rpc worker {self.group.address} answered step {res.step_id}")
+        self._step_times.append(dt)
+        self.stats.add_rpc(rpc, dt, res.timings)
         return res
 
-    def _execute(self, scheduler_output) -> ModelRunnerOutput | None:
+    def _track(self, so) -> None:
+        self._live.difference_update(so.finished_req_ids)
+        self._live.update(r.req_id for r in so.scheduled_new_reqs)
+
+    def _execute(self, so) -> ModelRunnerOutput | None:
         """One step. With structured-output requests in the batch, the worker only runs the forward here and
         samples in sample_tokens() with the grammar bitmask the engine computes meanwhile (two phases, as vLLM's
         own executors); otherwise it samples at once and the engine skips sample_tokens()."""
+        if self._gave_up:
+            raise RuntimeError(self._gave_up)
+        self._track(so)
+        if self._down is not None:
+            return self._fail(so, f"ms_rpc workers are down ({self._down}); recovering")
         self._step += 1
-        defer = bool(scheduler_output.has_structured_output_requests)
-        msg = encode_step(scheduler_output, self._step, self.model_config.logprobs_mode, defer)
-        res = self._call_step(self.client.execute, msg, self._step)
-        return None if defer else decode_result(res)
+        defer = bool(so.has_structured_output_requests)
+        t0 = time.perf_counter()
+        msg = encode_step(so, self._step, self.model_config.logprobs_mode, defer)
+        self.stats.add("encode", time.perf_counter() - t0)
+        try:
+            res = self._call_step("execute", msg, self._step)
+        except WorkerLost as e:
+            self._lost(str(e))
+            return self._fail(so, str(e))
+        if defer:
+            self._deferred = so
+            return None
+        return self._decode(res)
+
+    def _decode(self, res: pb.StepResult) -> ModelRunnerOutput:
+        t0 = time.perf_counter()
+        out = decode_result(res)
+        self.stats.add("decode", time.perf_counter() - t0)
+        self.stats.maybe_log(log)
+        return out
 
     def execute_model(self, scheduler_output, non_block: bool = False):
         if non_block:
@@ -227,13 +299,114 @@ class MsRpcExecutor(Executor):
         return self._execute(scheduler_output)
 
     def _sample(self, grammar_output) -> ModelRunnerOutput:
-        res = self._call_step(self.client.sample, encode_grammar(self._step, grammar_output), self._step)
-        return decode_result(res)
+        so, self._deferred = self._deferred, None
+        if self._down is not None:
+            return self._fail(so, f"ms_rpc workers are down ({self._down})")
+        try:
+            res = self._call_step("sample", encode_grammar(self._step, grammar_output), self._step)
+        except WorkerLost as e:
+            self._lost(str(e))
+            return self._fail(so, str(e))
+        return self._decode(res)
 
     def sample_tokens(self, grammar_output, non_block: bool = False):
         if non_block:
             return self._pool.submit(self._sample, grammar_output)
         return self._sample(grammar_output)
+
+    # -- faults ----------------------------------------------------------------------------------------------
+    def _fail(self, so, why: str) -> ModelRunnerOutput:
+        """An output with no tokens for this step; every request the workers held, and every request of this
+        step, ends with an error through the scheduler's own error path when the engine applies it."""
+        ids = list(so.num_scheduled_tokens)
+        doomed = self._live | set(ids)
+        self._live.clear()
+        if self._scheduler is None:  # without the plugin's hook there is no way to end them alone
+            raise RuntimeError(why)
+        if doomed:
+            log.error("ms_rpc: %s: ending %d request(s) with an error", why, len(doomed))
+            self._scheduler.grammar_compile_error_reqs.update(doomed)
+            self._reset_prefix_cache = True
+        return ModelRunnerOutput(req_ids=ids, req_id_to_index={r: i for i, r in enumerate(ids)},
+                                 sampled_token_ids=[[] for _ in ids])
+
+    def _lost(self, why: str) -> None:
+        """Mark the workers lost (once) and start bringing them back in the background."""
+        with self._lock:
+            if self._down is not None or self._closing.is_set():
+                return
+            self._down = why
+        log.error("ms_rpc: lost the workers: %s", why)
+        threading.Thread(target=self._recover, name="ms_rpc_recover", daemon=True).start()
+
+    def _give_up(self, why: str) -> None:
+        self._gave_up = f"ms_rpc: giving up on the workers: {why}"
+        log.error("%s; vLLM's health turns red and the server stops (restart it, or its supervisor will)",
+                  self._gave_up)
+        if self._failure_callback is not None:
+            self._failure_callback()
+
+    def _recover(self) -> None:
+        """Bring the workers back: local ones are restarted (all ranks; backoff 1, 2, 4 .. 30 s; give up after
+        max_restarts within restart_window_s), external ones are waited for (give up after reconnect_timeout_s).
+        Then the full handshake again (the new workers hold no requests and an empty KV cache)."""
+        s = self.settings
+        start, backoff, last = time.monotonic(), 1.0, self._down
+        while not self._closing.is_set():
+            try:
+                if not self.group.external:
+                    now = time.monotonic()
+                    while self._restarts and now - self._restarts[0] > s["restart_window_s"]:
+                        self._restarts.popleft()
+                    if len(self._restarts) >= s["max_restarts"]:
+                        return self._give_up(f"the local workers were restarted {len(self._restarts)} times in "
+                                             f"{s['restart_window_s']:.0f} s; last: {last}")
+                    self._restarts.append(now)
+                    self.group.stop_local()
+                    log.warning("ms_rpc: restarting the local workers (restart %d of at most %d in %.0f s)",
+                                len(self._restarts), s["max_restarts"], s["restart_window_s"])
+                    self.group.launch()
+                self.group.connect(self._check_model, timeout=5.0)
+                if self._cache is not None:
+                    self.group.handshake(self._cache, warmup=True)
+                self._step = 0
+                self._step_times.clear()
+                self._down = None
+                log.warning("ms_rpc: workers back after %.1f s: %s", time.monotonic() - start,
+                            self.group.describe_ranks())
+                return
+            except Exception as e:  # noqa: BLE001 - every failure is retried or ends in a give-up
+                last = str(e)
+                if isinstance(e, ConfigError):
+                    return self._give_up(last)
+                if self.group.external and time.monotonic() - start > s["reconnect_timeout_s"]:
+                    return self._give_up(f"not back within {s['reconnect_timeout_s']:.0f} s: {last}")
+                log.warning("ms_rpc: workers not back yet (%s); retrying in %.0f s", last, backoff)
+                self._closing.wait(backoff)
+                backoff = min(2 * backoff, 30.0)
+
+    def _watch(self) -> None:
+        """Notice a lost worker while no step runs: a local process that exited, or health not SERVING."""
+        while not self._closing.wait(self.settings["watch_interval_s"]):
+            if self._down is not None or self._gave_up:
+                continue
+            dead = self.group.local_dead()
+            if dead:
+                self._lost(f"local worker {', '.join(dead)} exited")
+                continue
+            for c in list(self.group.clients):
+                try:
+                    status = c.health(timeout=5.0)
+                except WorkerError as e:
+                    # Refused or reset: the process is gone. A slow answer is not a loss (a worker compiling a
+                    # new shape may answer late); the step deadline judges those.
+                    if e.code is not None and e.code.name == "UNAVAILABLE":
+                        self._lost(str(e))
+                        break
+                    continue
+                if status != "SERVING":
+                    self._lost(f"ms_rpc worker {c.address}: health {status}")
+                    break
 
     def collective_rpc(self, method, timeout=None, args=(), kwargs=None, non_block=False):
         name = method if isinstance(method, str) else getattr(method, "__name__", repr(method))
@@ -247,22 +420,17 @@ class MsRpcExecutor(Executor):
         raise NotImplementedError(f"ms_rpc workers do not implement the worker call {name!r}")
 
     def check_health(self) -> None:
-        if self._local is not None and not self._local.alive():
-            raise RuntimeError(f"ms_rpc: local worker {self.client.address} exited "
-                               f"(code {self._local.proc.returncode})")
-        # Deep liveness: the worker runs a real one-token forward (waits for a step in flight).
-        try:
-            self.client.check_liveness(timeout=max(30.0, self.settings["step_timeout_s"]))
-        except WorkerError as e:
-            if e.code != grpc.StatusCode.UNIMPLEMENTED:
-                raise
-            self.client.describe(timeout=5.0)
+        if self._gave_up:
+            raise RuntimeError(self._gave_up)
+        if self._down is not None:
+            raise RuntimeError(f"ms_rpc workers are down, recovering: {self._down}")
+        # Deep liveness: each rank runs a real one-token forward (waits for a step in flight).
+        self.group.check_liveness(timeout=max(30.0, self._deadline()))
 
     def shutdown(self) -> None:
+        if getattr(self, "_closing", None) is not None:
+            self._closing.set()
         if getattr(self, "_pool", None) is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
-        if getattr(self, "client", None) is not None:
-            self.client.close()
-        if getattr(self, "_local", None) is not None:
-            self._local.stop()
-            self._local = None
+        if getattr(self, "group", None) is not None:
+            self.group.close()

@@ -31,14 +31,17 @@ class LaunchError(RuntimeError):
 
 
 class LocalWorker:
+    """One local worker process. Started at construction; `wait_ready()` returns once it serves."""
+
     def __init__(self, python: str, model: str, extra_args: list[str] | None = None, start_timeout: float = 300.0,
-                 token: str | None = None):
+                 token: str | None = None, rank: int = 0):
         if not os.path.exists(python):
             raise LaunchError(
                 f"ms_rpc: the worker Python {python} does not exist. Create the worker environment "
                 f"(`make worker-env`), or point to one with MS_RPC_WORKER_PYTHON or "
                 f'--additional-config \'{{"ms_rpc": {{"worker_python": "..."}}}}\', or give worker addresses.'
             )
+        self.rank, self.start_timeout, self.address = rank, start_timeout, None
         self.tmpdir = tempfile.mkdtemp(prefix="ms_rpc_worker_")
         self.ready_file = os.path.join(self.tmpdir, "port")
         cmd = [python, "-m", "ms_worker", "serve", "--model", model, "--host", "127.0.0.1", "--port", "0",
@@ -56,20 +59,22 @@ class LocalWorker:
             env["MS_WORKER_TOKEN"] = token
         log.info("ms_rpc: starting a local worker: %s", " ".join(cmd))
         self.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=sys.stderr, stderr=sys.stderr)
-        self.address = self._wait_ready(start_timeout)
 
-    def _wait_ready(self, timeout: float) -> str:
-        end = time.monotonic() + timeout
+    def wait_ready(self) -> str:
+        end = time.monotonic() + self.start_timeout
         while time.monotonic() < end:
             if os.path.exists(self.ready_file):
                 with open(self.ready_file) as f:
-                    return f"127.0.0.1:{int(f.read().strip())}"
+                    text = f.read().strip()
+                if text:
+                    self.address = f"127.0.0.1:{int(text)}"
+                    return self.address
             if self.proc.poll() is not None:
-                raise LaunchError(f"ms_rpc: the local worker exited with code {self.proc.returncode} before it "
-                                  f"was ready (its log is above)")
+                raise LaunchError(f"ms_rpc: local worker rank {self.rank} exited with code {self.proc.returncode} "
+                                  f"before it was ready (its log is above)")
             time.sleep(0.2)
         self.stop()
-        raise LaunchError(f"ms_rpc: the local worker was not ready within {timeout:.0f} s")
+        raise LaunchError(f"ms_rpc: local worker rank {self.rank} was not ready within {self.start_timeout:.0f} s")
 
     def alive(self) -> bool:
         return self.proc.poll() is None

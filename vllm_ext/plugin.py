@@ -5,6 +5,14 @@ own names as an import path (`pkg.module.Class`); a bare `ms_rpc` has no dot, so
 `vllm.general_plugins` entry point in every vLLM process, before the config is built) wraps
 `Executor.get_class` to map the name `ms_rpc` to `vllm_ext.executor.MsRpcExecutor`. The full import path
 `vllm_ext.executor.MsRpcExecutor` keeps working without the plugin.
+
+It also hands the engine core's scheduler to an executor that asks for it (`await_scheduler`): when the
+workers are lost, the executor ends the requests they held through the scheduler's own error path and resets
+its prefix cache, so vLLM keeps serving once the workers are back (see MsRpcExecutor).
+
+World size > 1: vLLM 0.32's CPU platform rewrites the backend only when it is "uni" (to "mp"), and the
+parallel config picks a backend only when none is given, so `--tensor-parallel-size N
+--distributed-executor-backend ms_rpc` reaches this executor unchanged (tests/test_tp_front.py checks it).
 """
 
 from __future__ import annotations
@@ -29,3 +37,30 @@ def register() -> None:
 
     get_class._ms_rpc_wrapped = True
     Executor.get_class = staticmethod(get_class)
+    _hand_scheduler_to_executor()
+
+
+_awaiting_scheduler: list = []   # executors of this process that asked for the scheduler built after them
+
+
+def await_scheduler(executor) -> None:
+    """The engine core builds its executor, then its scheduler: hand that scheduler to `executor`."""
+    _awaiting_scheduler.append(executor)
+
+
+def _hand_scheduler_to_executor() -> None:
+    # vLLM's engine core loads the plugins inside its own __init__, before it builds the executor and then the
+    # scheduler: wrapping Scheduler.__init__ (subclasses call it) is the hook that sees the scheduler.
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    init = Scheduler.__init__
+    if getattr(init, "_ms_rpc_wrapped", False):
+        return
+
+    def __init__(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        while _awaiting_scheduler:
+            _awaiting_scheduler.pop().attach_scheduler(self)
+
+    __init__._ms_rpc_wrapped = True
+    Scheduler.__init__ = __init__

@@ -1,0 +1,188 @@
+"""The workers behind one executor: ranks 0..N-1 of one model (tensor parallel), external or local.
+
+A group is started (local processes launched, or external addresses given), connected (each rank's health
+SERVING, Describe checked: rank, world size, same model, same config on every rank), then handshaken
+(InitializeCache, Warmup). Every step goes to every rank at once; rank 0's reply is the result. A group can
+be torn down and started again: that is how the executor recovers from a worker that died or restarted.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from concurrent.futures import ThreadPoolExecutor
+
+from ms_rpc.v1 import worker_pb2 as pb
+from vllm_ext.client import ChannelSecurity, WorkerClient, WorkerError
+from vllm_ext.launcher import LocalWorker
+
+log = logging.getLogger("vllm.ms_rpc")  # under vLLM's logger: same format and level
+
+
+class ConfigError(RuntimeError):
+    pass
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def group_addresses(workers: list[str], tp_size: int, dp_rank: int, dp_size: int) -> list[str]:
+    """This DP rank's worker addresses out of the configured list: one group of tp_size per DP rank, in order
+    (DP rank r gets workers[r*tp_size:(r+1)*tp_size]). [] = the embedded default (local workers)."""
+    if not workers:
+        return []
+    if len(workers) != tp_size * dp_size:
+        raise ConfigError(f"ms_rpc: {len(workers)} worker addresses given for data parallel size {dp_size} x tensor "
+                          f"parallel size {tp_size}; expected {tp_size * dp_size} (DP rank r uses addresses "
+                          f"r*{tp_size} .. r*{tp_size}+{tp_size - 1}): {workers}")
+    return workers[dp_rank * tp_size:(dp_rank + 1) * tp_size]
+
+
+def connect_worker(settings: dict, address: str, timeout: float | None = None) -> WorkerClient:
+    """A client for the worker at `address` with the configured TLS/token, once its health says SERVING."""
+    try:
+        security = ChannelSecurity.load(**settings["security"])
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    host = address.rsplit(":", 1)[0].strip("[]")
+    if not security.tls and not security.token and host not in ("localhost", "::1") and not host.startswith("127."):
+        log.warning("ms_rpc: worker %s is reached without TLS or a token: anyone who can reach its port can "
+                    "drive it (see the ms_rpc tls_ca/token settings)", address)
+    client = WorkerClient(address, security=security)
+    try:
+        client.wait_ready(settings["connect_timeout_s"] if timeout is None else timeout)
+    except BaseException:
+        client.close()
+        raise
+    return client
+
+
+class WorkerGroup:
+    def __init__(self, settings: dict, model: str, tp_size: int, addresses: list[str]):
+        self.settings, self.model, self.size = settings, model, tp_size
+        self.external = list(addresses)
+        self.local: list[LocalWorker] = []
+        self.clients: list[WorkerClient] = []
+        self.infos: list[pb.WorkerInfo] = []
+        self._pool = ThreadPoolExecutor(max_workers=tp_size, thread_name_prefix="ms_rpc_rank")
+
+    @property
+    def info(self) -> pb.WorkerInfo:
+        return self.infos[0]
+
+    @property
+    def address(self) -> str:
+        return self.clients[0].address if self.clients else ",".join(self.addresses())
+
+    def addresses(self) -> list[str]:
+        return self.external or [w.address for w in self.local]
+
+    def describe_ranks(self) -> str:
+        return ", ".join(f"rank {i} {c.address} ({inf.worker_id})" for i, (c, inf) in
+                         enumerate(zip(self.clients, self.infos)))
+
+    # -- start, connect, stop ------------------------------------------------------------------------------
+    def launch(self) -> None:
+        """The embedded default: start this group's local worker processes (all ranks at once: they find each
+        other through MindSpore's cluster, whose scheduler rank 0 starts on a free loopback port)."""
+        if not os.path.isdir(self.model):
+            raise ConfigError(f"ms_rpc: the embedded worker needs a local model directory; {self.model!r} is not one")
+        # The embedded workers listen on loopback in plaintext; a configured token still guards them.
+        sec = self.settings["security"]
+        self.settings["security"] = {"token": sec.get("token"), "token_file": sec.get("token_file")}
+        try:
+            token = ChannelSecurity.load(**self.settings["security"]).token
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        dist = f"127.0.0.1:{_free_port()}" if self.size > 1 else None
+        try:
+            for rank in range(self.size):
+                extra = list(self.settings["worker_args"])
+                if dist:
+                    extra += ["--rank", str(rank), "--world-size", str(self.size), "--dist-addr", dist]
+                self.local.append(LocalWorker(self.settings["worker_python"], os.path.abspath(self.model), extra,
+                                              token=token, rank=rank))
+            for w in self.local:
+                w.wait_ready()
+        except BaseException:
+            self.stop_local()
+            raise
+
+    def connect(self, model_check, timeout: float | None = None) -> None:
+        """Clients for every rank; Describe each and check it: rank i of N, the same model as vLLM's
+        (`model_check(info, address)` raises), and the same model config on every rank."""
+        self.close_clients()
+        for addr in self.addresses():
+            self.clients.append(connect_worker(self.settings, addr, timeout))
+        self.infos = [c.describe() for c in self.clients]
+        for i, (c, inf) in enumerate(zip(self.clients, self.infos)):
+            if inf.world_size != self.size or inf.rank != i:
+                raise ConfigError(f"ms_rpc worker {c.address} was started as rank {inf.rank} of {inf.world_size}; "
+                                  f"this front expects rank {i} of {self.size} there (tensor parallel size "
+                                  f"{self.size}, addresses in rank order)")
+            model_check(inf, c.address)
+            if inf.model.config_hash != self.infos[0].model.config_hash or inf.model_path != self.info.model_path:
+                raise ConfigError(f"ms_rpc workers {self.clients[0].address} and {c.address} serve different models "
+                                  f"({self.info.model_path} vs {inf.model_path})")
+
+    def close_clients(self) -> None:
+        for c in self.clients:
+            c.close()
+        self.clients, self.infos = [], []
+
+    def stop_local(self) -> None:
+        for w in self.local:
+            w.stop()
+        self.local = []
+
+    def local_dead(self) -> list[str]:
+        """The local ranks whose process exited, as 'rank i (code c)'."""
+        return [f"rank {w.rank} (exit code {w.proc.returncode})" for w in self.local if not w.alive()]
+
+    def close(self) -> None:
+        self.close_clients()
+        self.stop_local()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    # -- calls on every rank ---------------------------------------------------------------------------------
+    def call_all(self, fn):
+        """fn(client) on every rank at once; rank 0's result. The first failure (in rank order) is raised, after
+        every rank answered or failed: ranks of one model move together or not at all."""
+        if len(self.clients) == 1:
+            return fn(self.clients[0])
+        futures = [self._pool.submit(fn, c) for c in self.clients]
+        errors = [f.exception() for f in futures]
+        for e in errors:
+            if e is not None:
+                raise e
+        return futures[0].result()
+
+    def handshake(self, cache: pb.CacheConfig, warmup: bool = True) -> float:
+        """InitializeCache (a fresh copy of `cache` per rank) and, if asked, Warmup; returns warm-up seconds."""
+        def init(c: WorkerClient):
+            cfg = pb.CacheConfig()
+            cfg.CopyFrom(cache)
+            return c.initialize_cache(cfg)
+
+        self.call_all(init)
+        if not warmup:
+            return 0.0
+        reply = self.call_all(lambda c: c.warmup())
+        log.info("ms_rpc: worker warm-up compiled %d shapes in %.1f s", reply.compiled_shapes, reply.seconds)
+        return reply.seconds
+
+    def available_kv_bytes(self, block_size: int, requested: int) -> int:
+        return min(c.determine_available_memory(block_size, requested).available_kv_bytes for c in self.clients)
+
+    def check_liveness(self, timeout: float) -> None:
+        for c in self.clients:
+            try:
+                c.check_liveness(timeout=timeout)
+            except WorkerError as e:
+                if e.code is None or e.code.name != "UNIMPLEMENTED":
+                    raise
+                c.describe(timeout=5.0)

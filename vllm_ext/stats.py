@@ -1,0 +1,50 @@
+"""Where a step's time goes, as the executor sees it: encode, the RPC (transfer + the worker's own prepare,
+forward and sample, which the worker reports in StepResult.timings), and decode. Logged every interval as one
+line `ms_rpc step breakdown ...` (scripts/bench.py reads it)."""
+
+from __future__ import annotations
+
+import time
+
+PARTS = ("encode", "transfer", "prepare", "forward", "sample", "decode")
+
+
+class StepStats:
+    def __init__(self, interval_s: float):
+        self.interval_s = interval_s
+        self._reset(time.monotonic())
+
+    def _reset(self, now: float) -> None:
+        self.sums = dict.fromkeys(PARTS, 0.0)
+        self.steps = 0
+        self.since = now
+
+    def add(self, part: str, seconds: float) -> None:
+        self.sums[part] += seconds
+
+    def add_rpc(self, rpc: str, rpc_s: float, timings) -> None:
+        """One step RPC: its round trip and the worker's timings (prepare/forward/sample/total). A deferred step
+        (Execute runs the forward, Sample samples) reports its timings once, in the Sample reply; its transfer is
+        the Sample round trip less the sampling (the Execute round trip holds the forward, untimed)."""
+        if timings.total_s == 0:
+            return                       # the first half of a deferred step
+        self.sums["transfer"] += max(0.0, rpc_s - (timings.sample_s if rpc == "sample" else timings.total_s))
+        self.sums["prepare"] += timings.prepare_s
+        self.sums["forward"] += timings.forward_s
+        self.sums["sample"] += timings.sample_s
+        self.steps += 1
+
+    def line(self) -> str:
+        total = sum(self.sums.values()) or 1e-12
+        n = max(self.steps, 1)
+        parts = " ".join(f"{p}={1e3 * self.sums[p] / n:.2f}ms({100 * self.sums[p] / total:.1f}%)" for p in PARTS)
+        outside = sum(self.sums[p] for p in ("encode", "transfer", "prepare", "decode"))
+        return (f"ms_rpc step breakdown over {self.steps} steps: {parts} "
+                f"outside_forward_sample={100 * outside / total:.1f}%")
+
+    def maybe_log(self, log) -> None:
+        now = time.monotonic()
+        if self.interval_s <= 0 or now - self.since < self.interval_s or not self.steps:
+            return
+        log.info("%s", self.line())
+        self._reset(now)
