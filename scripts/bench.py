@@ -12,10 +12,14 @@ latency). For each concurrency level, one warm-up round (`concurrency` requests,
 
 Printed per backend and concurrency: output tok/s, TTFT p50/p99, ITL p50/p99 (gap between streamed tokens),
 peak RSS (polled) of the model process(es) -- native: the engine-core process tree; ms_rpc: the `ms_worker serve`
-process -- and of all the server's children, and the ratio ms_rpc/native. Start-up: process start -> /health 200
--> first request served. For ms_rpc, the embedded worker gets `--metrics-port` (via MS_RPC_WORKER_ARGS) and the
-worker's step metrics (mean Execute/Sample wall time per step, mean batch size) are printed per level; the
-prepare/forward/sample split of StepResult.timings is not exported by the worker, so it is not shown.
+process(es) -- and of all the server's children, and the ratio ms_rpc/native. Start-up: process start -> /health
+200 -> first request served. For ms_rpc, the embedded worker gets `--metrics-port` (via MS_RPC_WORKER_ARGS) and
+the worker's step metrics (mean Execute/Sample wall time per step, mean batch size) are printed per level, with
+the executor's step breakdown (encode, transfer, the worker's prepare/forward/sample, decode: the
+`ms_rpc step breakdown` lines it logs every MS_RPC_STATS_INTERVAL_S, 5 s here, summed over the level).
+
+Backends: native, ms_rpc, and ms_rpc_tpN (ms_rpc with --tensor-parallel-size N: N embedded worker ranks joined
+by MindSpore's collectives; the collectives' time is inside "forward").
 
 --offline: each backend in its own Python subprocess with `LLM.generate` on `--num-prompts` prompts (default 64),
 after a warm-up generate of as many other prompts; prints total output tok/s and engine start-up time.
@@ -92,7 +96,7 @@ class RssSampler:
 
     def _is_model(self, pid: int) -> bool:
         cl = cmdline(pid)
-        if self.backend == "ms_rpc":
+        if self.backend.startswith("ms_rpc"):
             return "ms_worker serve" in cl
         return cl.startswith("VLLM::")                  # native: EngineCore and its Worker (not compile helpers)
 
@@ -140,10 +144,14 @@ class Server:
                "--kv-cache-memory-bytes", str(kv_bytes), "--seed", "0", *extra]
         env = dict(os.environ)
         self.metrics_port = None
-        if backend == "ms_rpc":
+        if backend.startswith("ms_rpc"):
             cmd += ["--distributed-executor-backend", "ms_rpc"]
-            self.metrics_port = free_port()
+            tp = re.fullmatch(r"ms_rpc_tp(\d+)", backend)
+            if tp:
+                cmd += ["--tensor-parallel-size", tp.group(1)]
+            self.metrics_port = free_port()      # rank 0's (with TP, the other ranks get no metrics port)
             env["MS_RPC_WORKER_ARGS"] = (env.get("MS_RPC_WORKER_ARGS", "") + f" --metrics-port {self.metrics_port}").strip()
+            env.setdefault("MS_RPC_STATS_INTERVAL_S", "5")
         self.log_path = logdir / f"{backend}_serve.log"
         self.log = open(self.log_path, "w")
         print(f"[{backend}] {' '.join(cmd)}  (log: {self.log_path})", flush=True)
@@ -289,10 +297,33 @@ def step_delta(before: dict, after: dict) -> str:
     return "; ".join(parts)
 
 
+BREAKDOWN = re.compile(r"ms_rpc step breakdown over (\d+) steps: (.*) outside_forward_sample=.*"
+                       r"engine between steps: ([\d.]+)ms")
+
+
+def step_breakdown(log_text: str) -> str:
+    """The executor's `ms_rpc step breakdown` lines in `log_text`, summed: mean ms per step of each part, its
+    share, and the share outside forward + sample."""
+    steps, sums, engine = 0, {}, 0.0
+    for m in BREAKDOWN.finditer(log_text):
+        n = int(m.group(1))
+        steps += n
+        engine += n * float(m.group(3))
+        for part, ms in re.findall(r"(\w+)=([\d.]+)ms", m.group(2)):
+            sums[part] = sums.get(part, 0.0) + n * float(ms)
+    if not steps:
+        return ""
+    total = sum(sums.values()) or 1e-12
+    outside = sum(v for k, v in sums.items() if k not in ("forward", "sample"))
+    return (f"{steps} steps: " + ", ".join(f"{k} {v / steps:.2f} ms ({100 * v / total:.1f}%)" for k, v in sums.items())
+            + f"; outside forward+sample {100 * outside / total:.2f}%; vLLM engine between steps "
+            f"{engine / steps:.2f} ms")
+
+
 def bench_online(backend: str, a, logdir: Path, out: dict) -> dict:
     """Fills `out` as it goes, so that the levels done are kept when a later one fails."""
     vocab = vocab_size(a.model)
-    out.update(backend=backend, levels={}, steps={}, t_health=float("nan"), t_first=float("nan"))
+    out.update(backend=backend, levels={}, steps={}, breakdown={}, t_health=float("nan"), t_first=float("nan"))
     srv = Server(backend, a.model, a.kv_cache_bytes, logdir, a.serve_arg)
     try:
         out["t_health"] = srv.wait_healthy()
@@ -310,8 +341,13 @@ def bench_online(backend: str, a, logdir: Path, out: dict) -> dict:
             prompts = make_prompts(n, a.input_len, vocab, seed=c)
             srv.rss.reset()
             m0 = srv.worker_metrics()
+            log_at = srv.log_path.stat().st_size
             res = asyncio.run(run_level(srv.url, a.model, prompts, a.output_len, c))
             m1 = srv.worker_metrics()
+            time.sleep(5.5)              # the executor logs its breakdown every 5 s (at a step)
+            with open(srv.log_path, errors="replace") as f:
+                f.seek(log_at)
+                out["breakdown"][c] = step_breakdown(f.read())
             res["rss_model"], res["rss_tree"] = srv.rss.peaks_mib()
             res["n"] = n
             out["levels"][c] = res
@@ -378,7 +414,7 @@ def fmt_ratio(x: float, y: float) -> str:
 
 
 def print_online(results: dict, a):
-    hdr = (f"{'backend':8} {'conc':>4} {'n':>3} {'out tok/s':>9} {'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8} "
+    hdr = (f"{'backend':10} {'conc':>4} {'n':>3} {'out tok/s':>9} {'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8} "
            f"{'ITL p99':>8} {'model RSS':>9} {'tree RSS':>9} {'err':>3}")
     print(f"\nOnline: input {a.input_len} tokens, output {a.output_len} tokens (ignore_eos, greedy, streamed); "
           f"times in ms, RSS = peak polled RSS in MiB during the level")
@@ -393,27 +429,32 @@ def print_online(results: dict, a):
                        i50=1000 * pct(lv["itl"], 50), i99=1000 * pct(lv["itl"], 99), rm=lv["rss_model"],
                        rt=lv["rss_tree"])
             rows[(b, c)] = row
-            print(f"{b:8} {c:>4} {lv['n']:>3} {row['tps']:>9.1f} {row['t50']:>9.1f} {row['t99']:>9.1f} "
+            print(f"{b:10} {c:>4} {lv['n']:>3} {row['tps']:>9.1f} {row['t50']:>9.1f} {row['t99']:>9.1f} "
                   f"{row['i50']:>8.1f} {row['i99']:>8.1f} {row['rm']:>9.0f} {row['rt']:>9.0f} "
                   f"{len(lv['errors']) + lv['short']:>3}")
-    if "native" in results and "ms_rpc" in results:
+    for b in [b for b in results if b.startswith("ms_rpc")] if "native" in results else []:
         for c in a.concurrency:
-            n, m = rows.get(("native", c)), rows.get(("ms_rpc", c))
+            n, m = rows.get(("native", c)), rows.get((b, c))
             if n and m:
-                print(f"{'ratio':8} {c:>4} {'':>3} " + " ".join(
+                print(f"{'ratio':10} {c:>4} {'':>3} " + " ".join(
                     f"{fmt_ratio(m[k], n[k]):>{w}}" for k, w in
-                    [("tps", 9), ("t50", 9), ("t99", 9), ("i50", 8), ("i99", 8), ("rm", 9), ("rt", 9)]))
-        print("(ratio = ms_rpc / native: >1 is better for tok/s, worse for latency and RSS)")
+                    [("tps", 9), ("t50", 9), ("t99", 9), ("i50", 8), ("i99", 8), ("rm", 9), ("rt", 9)])
+                    + f"   ({b} / native)")
+    print("(ratio = ms_rpc / native: >1 is better for tok/s, worse for latency and RSS)")
     print("\nStart-up (s): process start -> /health 200 -> first request served; VmHWM: sum over the model "
           "processes of their peak RSS over the whole run")
     for b, r in results.items():
-        print(f"  {b:8} health {r['t_health']:6.1f}   first request {r['t_first']:6.1f}   "
+        print(f"  {b:10} health {r['t_health']:6.1f}   first request {r['t_first']:6.1f}   "
               f"VmHWM {r.get('hwm_model', float('nan')):7.0f} MiB   model procs: {r.get('model_pids', [])}")
     for b, r in results.items():
         if r.get("steps"):
-            print(f"\n{b} worker step metrics (ms_worker_step_seconds / batch_size, per level; the "
-                  f"prepare/forward/sample split is not exported):")
+            print(f"\n{b} worker step metrics (rank 0's ms_worker_step_seconds / batch_size, per level):")
             for c, s in r["steps"].items():
+                print(f"  c={c}: {s}")
+        if r.get("breakdown"):
+            print(f"\n{b} step breakdown (executor: encode, transfer = RPC round trip less the worker's time, "
+                  f"decode; worker: prepare, forward, sample), per level:")
+            for c, s in r["breakdown"].items():
                 print(f"  c={c}: {s}")
 
 
@@ -453,7 +494,7 @@ def main():
                 print(f"[{b}] FAILED: {e}", flush=True)
         print(f"\nOffline LLM.generate: {a.num_prompts or 64} prompts, input {a.input_len}, output {a.output_len}")
         for b, r in res.items():
-            print(f"  {b:8} {r['tokens'] / r['wall']:8.1f} tok/s   ({r['tokens']} tokens in {r['wall']:.1f} s; "
+            print(f"  {b:10} {r['tokens'] / r['wall']:8.1f} tok/s   ({r['tokens']} tokens in {r['wall']:.1f} s; "
                   f"engine start {r['t_init']:.1f} s; model-process VmHWM {r['hwm_model']:.0f} MiB)")
         if "native" in res and "ms_rpc" in res:
             print(f"  ratio ms_rpc/native tok/s: "

@@ -273,6 +273,7 @@ class MsRpcExecutor(Executor):
             return self._fail(so, f"ms_rpc workers are down ({self._down}); recovering")
         self._step += 1
         defer = bool(so.has_structured_output_requests)
+        self.stats.step_started()
         t0 = time.perf_counter()
         msg = encode_step(so, self._step, self.model_config.logprobs_mode, defer)
         self.stats.add("encode", time.perf_counter() - t0)
@@ -290,6 +291,7 @@ class MsRpcExecutor(Executor):
         t0 = time.perf_counter()
         out = decode_result(res)
         self.stats.add("decode", time.perf_counter() - t0)
+        self.stats.step_ended()
         self.stats.maybe_log(log)
         return out
 
@@ -410,7 +412,9 @@ class MsRpcExecutor(Executor):
 
     def collective_rpc(self, method, timeout=None, args=(), kwargs=None, non_block=False):
         name = method if isinstance(method, str) else getattr(method, "__name__", repr(method))
-        if name in ("reset_mm_cache", "reset_encoder_cache", "update_max_model_len"):
+        # No-ops for ms_rpc workers: no multimodal or encoder caches; no MoE collectives across data parallel
+        # ranks, so an idle DP rank's dummy batch has nothing to run.
+        if name in ("reset_mm_cache", "reset_encoder_cache", "update_max_model_len", "execute_dummy_batch"):
             result: list = [None]
             if non_block:
                 f: Future = Future()

@@ -1,12 +1,15 @@
 """Where a step's time goes, as the executor sees it: encode, the RPC (transfer + the worker's own prepare,
 forward and sample, which the worker reports in StepResult.timings), and decode. Logged every interval as one
-line `ms_rpc step breakdown ...` (scripts/bench.py reads it)."""
+line `ms_rpc step breakdown ...` (scripts/bench.py reads it). Beside it, `engine`: vLLM's own time between
+two back-to-back steps (scheduling, output processing) -- what overlapping the next schedule with the worker's
+compute could hide (vLLM's CPU platform turns async scheduling off)."""
 
 from __future__ import annotations
 
 import time
 
 PARTS = ("encode", "transfer", "prepare", "forward", "sample", "decode")
+BUSY_GAP_S = 0.5        # a longer gap between steps is idle time, not the engine's work
 
 
 class StepStats:
@@ -18,6 +21,17 @@ class StepStats:
         self.sums = dict.fromkeys(PARTS, 0.0)
         self.steps = 0
         self.since = now
+        self.engine_s, self.gaps = 0.0, 0
+        self.last_end: float | None = None
+
+    def step_started(self) -> None:
+        now = time.perf_counter()
+        if self.last_end is not None and now - self.last_end < BUSY_GAP_S:
+            self.engine_s += now - self.last_end
+            self.gaps += 1
+
+    def step_ended(self) -> None:
+        self.last_end = time.perf_counter()
 
     def add(self, part: str, seconds: float) -> None:
         self.sums[part] += seconds
@@ -39,8 +53,9 @@ class StepStats:
         n = max(self.steps, 1)
         parts = " ".join(f"{p}={1e3 * self.sums[p] / n:.2f}ms({100 * self.sums[p] / total:.1f}%)" for p in PARTS)
         outside = sum(self.sums[p] for p in ("encode", "transfer", "prepare", "decode"))
+        engine = 1e3 * self.engine_s / max(self.gaps, 1)
         return (f"ms_rpc step breakdown over {self.steps} steps: {parts} "
-                f"outside_forward_sample={100 * outside / total:.1f}%")
+                f"outside_forward_sample={100 * outside / total:.1f}% (engine between steps: {engine:.2f}ms)")
 
     def maybe_log(self, log) -> None:
         now = time.monotonic()
