@@ -38,7 +38,7 @@ _SECURITY_KEYS = ("tls", "tls_ca", "tls_cert", "tls_key", "tls_server_name", "to
 _NUMBERS = {
     "connect_timeout_s": 30.0,        # wait for a worker's health SERVING at start-up
     "step_timeout_s": 600.0,          # the longest any step may take (the cap of the step deadline)
-    "step_deadline_floor_s": 120.0,   # the step deadline: max(floor, factor x slowest of the last 64 steps)
+    "step_deadline_floor_s": 120.0,   # the step deadline: max(floor, factor x p90 of the last 64 steps)
     "step_deadline_factor": 10.0,
     "reconnect_timeout_s": 300.0,     # external workers: how long to wait for a lost worker to come back
     "max_restarts": 5,                # local workers: restarts within restart_window_s before giving up
@@ -232,11 +232,13 @@ class MsRpcExecutor(Executor):
 
     # -- the step --------------------------------------------------------------------------------------------
     def _deadline(self) -> float:
-        """The step deadline: far above the slowest recent step (a new shape may compile), never infinite."""
+        """The step deadline: well above the recent step times (p90, times a factor; a floor for a new shape to
+        compile), never infinite."""
         cap = self.settings["step_timeout_s"]
         if not self._step_times:
             return cap
-        derived = self.settings["step_deadline_factor"] * max(self._step_times)
+        recent = sorted(self._step_times)
+        derived = self.settings["step_deadline_factor"] * recent[int(0.9 * (len(recent) - 1))]  # p90: not one compile
         return min(cap, max(self.settings["step_deadline_floor_s"], derived))
 
     def _call_step(self, rpc: str, msg, step_id: int) -> pb.StepResult:
