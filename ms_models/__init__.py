@@ -20,11 +20,12 @@ __all__ = ["load_model", "ModelConfig", "UnsupportedModelError", "SUPPORTED_ARCH
 
 
 def load_model(model_dir: str, device: str = "cpu", use_jit: bool = True, threads: int | None = None,
-               min_buckets: tuple = (1, 1, 1)):
+               min_buckets: tuple = (1, 1, 1), tp_rank: int = 0, tp_size: int = 1):
     """Loads a HF model directory (config.json + safetensors); see ms_models.loader.load_model."""
     from .loader import load_model as _load
 
-    return _load(model_dir, device=device, use_jit=use_jit, threads=threads, min_buckets=min_buckets)
+    return _load(model_dir, device=device, use_jit=use_jit, threads=threads, min_buckets=min_buckets,
+                 tp_rank=tp_rank, tp_size=tp_size)
 
 
 def __getattr__(name):

@@ -4,6 +4,8 @@
         --decode-batches 1,8,32 --ctx 200 --prefill 128
 
 Prints load time, first call (compile) and median steady time per (B, Q, M) bucket.
+Tensor parallel: run it once per rank with ``--tp-rank I --tp-size N --dist-addr HOST:PORT``
+and the cluster's scheduler beside them (``ms-worker sched --dist-addr HOST:PORT --tp-size N``).
 Decode rows each have ``ctx`` tokens of context (the cache holds arbitrary values: only
 timing is measured).
 """
@@ -38,14 +40,17 @@ def main(argv=None):
     ap.add_argument("--prefill", default="128", help="comma-separated prompt lengths (B=1)")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--eager", action="store_true", help="PyNative instead of ms.jit")
+    ap.add_argument("--tp-rank", type=int, default=0, help="tensor-parallel rank of this process")
+    ap.add_argument("--tp-size", type=int, default=1, help="tensor-parallel size (one process per rank)")
+    ap.add_argument("--dist-addr", default=None, help="HOST:PORT of the MindSpore cluster scheduler (tp-size > 1)")
     a = ap.parse_args(argv)
 
     from . import load_model, runtime
 
     t0 = time.perf_counter()
-    runtime.setup(a.device)
+    runtime.setup(a.device, tp_rank=a.tp_rank, tp_size=a.tp_size, dist_addr=a.dist_addr, join_timeout_s=300)
     t1 = time.perf_counter()
-    model = load_model(a.model_dir, device=a.device, use_jit=not a.eager)
+    model = load_model(a.model_dir, device=a.device, use_jit=not a.eager, tp_rank=a.tp_rank, tp_size=a.tp_size)
     t2 = time.perf_counter()
     bs, nb = a.block_size, a.num_blocks
     model.allocate_kv_cache(nb, bs)

@@ -8,13 +8,15 @@ its weights are ``None`` and the branch is resolved when the graph is compiled.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 from mindspore import nn, ops
 
 from .config import ModelConfig
 from .layers import (DeviceOps, RotaryEmbedding, apply_rotary, build_attention_metadata, embedding, gated_mlp,
-                     head_rms_norm, lm_head, linear, new_kv_cache, paged_attention, param_bytes, rms_norm,
-                     to_param)
+                     gather_logits, head_rms_norm, lm_head, linear, new_kv_cache, paged_attention, param_bytes,
+                     rms_norm, to_param, vocab_parallel_embedding)
 
 __all__ = ["DecoderLayer", "DecoderModel", "build_decoder"]
 
@@ -47,6 +49,8 @@ class DecoderLayer(nn.Cell):
         self.wu, self.bu = to_param(w["wu"], m + "up_proj.weight"), to_param(w["bu"], m + "up_proj.bias")
         self.wd, self.bd = to_param(w["wd"], m + "down_proj.weight"), to_param(w["bd"], m + "down_proj.bias")
         self.rot = to_param(RotaryEmbedding.rotate_half_matrix(cfg.head_dim), a + "rotate_half")
+        # tensor parallel: o_proj and down_proj are row-parallel, their partial sums are all-reduced
+        self.all_reduce = ops.AllReduce() if dev.tp.enabled else None
         self.k_cache = None
         self.v_cache = None
 
@@ -57,7 +61,7 @@ class DecoderLayer(nn.Cell):
     def kv_cache_bytes_per_block(self, block_size: int) -> int:
         return 2 * self.num_kv_heads * block_size * self.head_dim * 4
 
-    def construct(self, x, cos_q, sin_q, cos_k, sin_k, write_rows, read_rows, attn_bias):
+    def construct(self, x, cos_q, sin_q, cos_k, sin_k, write_rows, read_rows, attn_bias, q_perm, o_perm):
         h = rms_norm(x, self.eps, self.ln1, self.fused_norm)
         q = linear(h, self.wq, self.bq)
         k = linear(h, self.wk, self.bk)
@@ -67,11 +71,17 @@ class DecoderLayer(nn.Cell):
         q = apply_rotary(q, cos_q, sin_q, self.rot, self.head_dim)
         k = apply_rotary(k, cos_k, sin_k, self.rot, self.head_dim)
         v = linear(h, self.wv, self.bv)
-        o = paged_attention(q, k, v, self.k_cache, self.v_cache, write_rows, read_rows, attn_bias,
+        o = paged_attention(q, k, v, self.k_cache, self.v_cache, write_rows, read_rows, attn_bias, q_perm, o_perm,
                             self.num_kv_heads, self.head_dim)
-        x = x + linear(o, self.wo, self.bo)
+        y = linear(o, self.wo, self.bo)
+        if self.all_reduce is not None:
+            y = self.all_reduce(y)
+        x = x + y
         h = rms_norm(x, self.eps, self.ln2, self.fused_norm)
-        return x + gated_mlp(h, self.wg, self.wu, self.wd, self.bg, self.bu, self.bd)
+        y = gated_mlp(h, self.wg, self.wu, self.wd, self.bg, self.bu, self.bd)
+        if self.all_reduce is not None:
+            y = self.all_reduce(y)
+        return x + y
 
 
 class DecoderModel(nn.Cell):
@@ -79,8 +89,8 @@ class DecoderModel(nn.Cell):
 
     construct inputs (padded shapes; T = B*Q): input_ids [T] int32, cos_q/sin_q [T, heads*hd],
     cos_k/sin_k [T, kv_heads*hd], write_rows [T, kv_heads] int32, read_rows [B, kv_heads, L]
-    int32, attn_bias [B, kv_heads, Q*group, L] (L = M*block_size), logits_idx [B] int32 (flat
-    token index). Returns logits [B, vocab].
+    int32, attn_bias [B, kv_heads, Q*group, L] (L = M*block_size), q_perm / o_perm [T*kv_heads]
+    int32 (None when Q == 1), logits_idx [B] int32 (flat token index). Returns logits [B, vocab].
     """
 
     def __init__(self, cfg: ModelConfig, embed, layers: list, norm: np.ndarray, lm_head_w, dev: DeviceOps):
@@ -95,6 +105,13 @@ class DecoderModel(nn.Cell):
         # tied: the lm head multiplies by the embedding Parameter itself (no copy)
         self.lm_head = self.embed if lm_head_w is None else to_param(lm_head_w, "lm_head.weight")
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        # tensor parallel (ms_models.parallel): ``cfg`` holds this rank's heads; the embedding and the
+        # lm head hold its vocabulary rows [vocab_start, vocab_start + Vp), zero-padded
+        self.tp_size = dev.tp.size
+        self.vocab_size = cfg.vocab_size
+        self.vocab_start = dev.tp.vocab_range(cfg.vocab_size)[0]
+        self.all_reduce = ops.AllReduce() if dev.tp.enabled else None
+        self.all_gather = ops.AllGather() if dev.tp.enabled else None
 
     # ---- protocol used by model.CausalLM
     def cache_layers(self):
@@ -117,17 +134,23 @@ class DecoderModel(nn.Cell):
         cos, sin = self.rope.cos_sin(positions.reshape(B * Q))
         cos_q, sin_q = self.rope.full_shape(cos, sin, cfg.num_heads)
         cos_k, sin_k = self.rope.full_shape(cos, sin, cfg.num_kv_heads)
-        wr, rr, bias = build_attention_metadata(positions, slot_mapping, block_tables, num_blocks, block_size,
-                                                cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads,
-                                                sliding_window=cfg.sliding_window)
-        return (input_ids.reshape(B * Q).astype(np.int32), cos_q, sin_q, cos_k, sin_k, wr, rr, bias,
+        attn = build_attention_metadata(positions, slot_mapping, block_tables, num_blocks, block_size,
+                                        cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads,
+                                        sliding_window=cfg.sliding_window)
+        return (input_ids.reshape(B * Q).astype(np.int32), cos_q, sin_q, cos_k, sin_k, *attn,
                 logits_idx.astype(np.int32))
 
-    def construct(self, input_ids, cos_q, sin_q, cos_k, sin_k, write_rows, read_rows, attn_bias, logits_idx):
-        x = embedding(input_ids, self.embed)
+    def construct(self, input_ids, cos_q, sin_q, cos_k, sin_k, write_rows, read_rows, attn_bias, q_perm, o_perm,
+                  logits_idx):
+        if self.all_reduce is not None:
+            x = vocab_parallel_embedding(input_ids, self.embed, self.vocab_start, self.all_reduce)
+        else:
+            x = embedding(input_ids, self.embed)
         for layer in self.layers:
-            x = layer(x, cos_q, sin_q, cos_k, sin_k, write_rows, read_rows, attn_bias)
+            x = layer(x, cos_q, sin_q, cos_k, sin_k, write_rows, read_rows, attn_bias, q_perm, o_perm)
         x = rms_norm(ops.gather(x, logits_idx, 0), self.eps, self.norm, self.fused_norm)
+        if self.all_gather is not None:
+            return gather_logits(lm_head(x, self.lm_head), self.all_gather, self.tp_size, self.vocab_size)
         return lm_head(x, self.lm_head)
 
 
@@ -140,19 +163,44 @@ def build_decoder(cfg: ModelConfig, weights, dev: DeviceOps) -> DecoderModel:
     ``dev.fold_norm`` (CPU) the input / post-attention RMSNorm gammas are folded into the
     q/k/v and gate/up weights. Weights are read layer by layer: the numpy temporaries of
     one layer are freed before the next is read.
+
+    Tensor parallel (``dev.tp``, see ms_models.parallel): only this rank's shard of each weight
+    is read (``weights.get(name, dim=, start=, stop=, pad_to=)``): q/k/v/gate/up split along
+    their output (HF dim 0), o/down along their input (HF dim 1; a bias stays with rank 0),
+    embedding and lm head by vocabulary rows, zero-padded to ceil(vocab / size); the layers are
+    built with this rank's heads, KV heads and intermediate size.
     """
+    tp = dev.tp
     scale = cfg.head_dim ** -0.5
     q_mul = 1.0 if cfg.qk_norm else scale
+    if tp.enabled:
+        local = dict(num_heads=cfg.num_heads // tp.size, num_kv_heads=cfg.num_kv_heads // tp.size)
+        hd = cfg.head_dim
+        q_span = (tp.rank * local["num_heads"] * hd, (tp.rank + 1) * local["num_heads"] * hd)
+        kv_span = (tp.rank * local["num_kv_heads"] * hd, (tp.rank + 1) * local["num_kv_heads"] * hd)
+        mlp_span = tp.split(cfg.intermediate_size)
+        lcfg = dataclasses.replace(cfg, intermediate_size=mlp_span[1] - mlp_span[0], **local)
+    else:
+        q_span = kv_span = mlp_span = None
+        lcfg = cfg
 
-    def lin(name, has_bias, gamma=None, mul=1.0):
-        w = np.ascontiguousarray(weights.get(name + ".weight").T)  # [in, out], a copy we own
+    def read(name, dim=None, span=None, pad_to=None):
+        if span is None:
+            return weights.get(name)
+        return weights.get(name, dim=dim, start=span[0], stop=span[1], pad_to=pad_to)
+
+    def lin(name, has_bias, gamma=None, mul=1.0, col=None, row=None):
+        """col=(start, stop): this rank's output features (column-parallel); row=: its input features
+        (row-parallel: the bias is added once, by rank 0, before the all-reduce)."""
+        w = read(name + ".weight", 0, col) if col else read(name + ".weight", 1, row)
+        w = np.ascontiguousarray(w.T)  # [in, out], a copy we own
         if gamma is not None:
             w *= gamma[:, None]
         if mul != 1.0:
             w *= np.float32(mul)
         b = None
-        if has_bias:
-            b = weights.get(name + ".bias")
+        if has_bias and not (row and tp.rank != 0):
+            b = read(name + ".bias", 0, col)
             if mul != 1.0:
                 b *= np.float32(mul)
         return w, b
@@ -166,8 +214,11 @@ def build_decoder(cfg: ModelConfig, weights, dev: DeviceOps) -> DecoderModel:
     # The embedding and lm head first, each turned into its Parameter at once: the transient numpy
     # copy of the largest tensors then comes before the layers' weights exist, so the peak stays
     # close to the final size (weights + one layer's numpy temporaries).
-    embed = to_param(weights.get("model.embed_tokens.weight"), "model.embed_tokens.weight")
-    lm_head_w = None if cfg.tie_word_embeddings else to_param(weights.get("lm_head.weight"), "lm_head.weight")
+    vstart, vstop, vpad = tp.vocab_range(cfg.vocab_size)
+    vspan = (vstart, vstop) if tp.enabled else None
+    embed = to_param(read("model.embed_tokens.weight", 0, vspan, vpad), "model.embed_tokens.weight")
+    lm_head_w = None if cfg.tie_word_embeddings else to_param(read("lm_head.weight", 0, vspan, vpad),
+                                                              "lm_head.weight")
     layers = []
     for i in range(cfg.num_layers):
         p = f"model.layers.{i}"
@@ -175,15 +226,15 @@ def build_decoder(cfg: ModelConfig, weights, dev: DeviceOps) -> DecoderModel:
         ln2 = weights.get(p + ".post_attention_layernorm.weight")
         g1, g2 = (ln1, ln2) if dev.fold_norm else (None, None)
         w = {"ln1": None if dev.fold_norm else ln1, "ln2": None if dev.fold_norm else ln2}
-        w["wq"], w["bq"] = lin(p + ".self_attn.q_proj", cfg.attention_bias, g1, q_mul)
-        w["wk"], w["bk"] = lin(p + ".self_attn.k_proj", cfg.attention_bias, g1)
-        w["wv"], w["bv"] = lin(p + ".self_attn.v_proj", cfg.attention_bias, g1)
-        w["wo"], w["bo"] = lin(p + ".self_attn.o_proj", cfg.o_bias)
+        w["wq"], w["bq"] = lin(p + ".self_attn.q_proj", cfg.attention_bias, g1, q_mul, col=q_span)
+        w["wk"], w["bk"] = lin(p + ".self_attn.k_proj", cfg.attention_bias, g1, col=kv_span)
+        w["wv"], w["bv"] = lin(p + ".self_attn.v_proj", cfg.attention_bias, g1, col=kv_span)
+        w["wo"], w["bo"] = lin(p + ".self_attn.o_proj", cfg.o_bias, row=q_span)
         if cfg.qk_norm:
-            w["qn"] = head_gamma(p + ".self_attn.q_norm.weight", cfg.num_heads, scale)
-            w["kn"] = head_gamma(p + ".self_attn.k_norm.weight", cfg.num_kv_heads)
-        w["wg"], w["bg"] = lin(p + ".mlp.gate_proj", cfg.mlp_bias, g2)
-        w["wu"], w["bu"] = lin(p + ".mlp.up_proj", cfg.mlp_bias, g2)
-        w["wd"], w["bd"] = lin(p + ".mlp.down_proj", cfg.mlp_bias)
-        layers.append(DecoderLayer(cfg, w, p, dev))  # numpy temporaries freed layer by layer
-    return DecoderModel(cfg, embed, layers, weights.get("model.norm.weight"), lm_head_w, dev)
+            w["qn"] = head_gamma(p + ".self_attn.q_norm.weight", lcfg.num_heads, scale)
+            w["kn"] = head_gamma(p + ".self_attn.k_norm.weight", lcfg.num_kv_heads)
+        w["wg"], w["bg"] = lin(p + ".mlp.gate_proj", cfg.mlp_bias, g2, col=mlp_span)
+        w["wu"], w["bu"] = lin(p + ".mlp.up_proj", cfg.mlp_bias, g2, col=mlp_span)
+        w["wd"], w["bd"] = lin(p + ".mlp.down_proj", cfg.mlp_bias, row=mlp_span)
+        layers.append(DecoderLayer(lcfg, w, p, dev))  # numpy temporaries freed layer by layer
+    return DecoderModel(lcfg, embed, layers, weights.get("model.norm.weight"), lm_head_w, dev)

@@ -36,7 +36,8 @@ from mindspore import Parameter, ops
 
 __all__ = [
     "MASK_VALUE", "DeviceOps", "to_param", "new_kv_cache", "param_bytes",
-    "rms_norm", "head_rms_norm", "linear", "embedding", "lm_head", "apply_rotary", "gated_mlp", "paged_attention",
+    "rms_norm", "head_rms_norm", "linear", "embedding", "lm_head", "vocab_parallel_embedding", "gather_logits",
+    "apply_rotary", "gated_mlp", "paged_attention",
     "rope_inv_freq", "RotaryEmbedding", "build_attention_metadata",
 ]
 
@@ -59,15 +60,20 @@ class DeviceOps:
     The KV write and attention stay the plain-op versions on every device: the fused
     Ascend kernels (reshape_and_cache / paged_attention) need vLLM's
     [blocks, block_size, heads, dim] cache layout and fp16/bf16.
+    ``tp``: this process's tensor-parallel rank and size (ms_models.parallel.TensorParallel;
+    default: one process holds the whole model).
     """
 
-    def __init__(self, device: str = "cpu"):
+    def __init__(self, device: str = "cpu", tp=None):
+        from .parallel import TensorParallel
+
         device = str(device).lower()
         if device not in ("cpu", "ascend"):
             raise ValueError(f"unsupported device {device!r} (expected 'cpu' or 'ascend')")
         self.device = device
         self.fused_rms_norm = device == "ascend"
         self.fold_norm = not self.fused_rms_norm
+        self.tp = tp if tp is not None else TensorParallel()
 
 
 def to_param(arr, name: str):
@@ -92,13 +98,24 @@ def param_bytes(p) -> int:
 
 
 # ----------------------------------------------------------------------------- graph functions
+def expand_to(t, shape):
+    """``t`` tiled to ``shape`` (same rank; its size-1 dims repeated), for an element-wise op.
+
+    MindSpore's CPU broadcasting binary kernels (``[T, D] * [T, 1]``, ``[T, D] * [D]``) keep
+    about two output-sized buffers of their own for as long as the compiled graph lives, one
+    set per graph (per bucket shape): 0.5 MiB per token of a bucket for SmolLM2's norms alone.
+    A Tile output is an ordinary intermediate, freed and reused within the step, and from a
+    few tokens up Tile + a same-shape kernel is also faster than the broadcasting kernel."""
+    return ops.tile(t, tuple(s // d for s, d in zip(shape, t.shape)))
+
+
 def rms_norm(x, eps, weight=None, fused=False):
     """x / sqrt(mean(x^2) + eps) [* weight]; ``weight=None``: gamma folded elsewhere."""
     if fused:
         return ops.rms_norm(x, weight, eps)[0]
-    y = x * ops.rsqrt(ops.mean(x * x, -1, True) + eps)
+    y = x * expand_to(ops.rsqrt(ops.mean(x * x, -1, True) + eps), x.shape)
     if weight is not None:
-        y = y * weight
+        y = y * expand_to(weight.reshape((1,) * (x.ndim - 1) + weight.shape), x.shape)
     return y
 
 
@@ -109,8 +126,8 @@ def head_rms_norm(x, head_dim, eps, weight, fused=False):
     if fused:
         return ops.rms_norm(x.reshape(T * (D // head_dim), head_dim), weight, eps)[0].reshape(T, D)
     x3 = x.reshape(T, D // head_dim, head_dim)
-    y = x3 * ops.rsqrt(ops.mean(x3 * x3, -1, True) + eps)
-    return y.reshape(T, D) * weight
+    y = x3 * expand_to(ops.rsqrt(ops.mean(x3 * x3, -1, True) + eps), x3.shape)
+    return y.reshape(T, D) * expand_to(weight.reshape(1, D), (T, D))
 
 
 def linear(x, weight, bias=None):
@@ -131,6 +148,27 @@ def lm_head(x, table):
     return _mm_tb(x, table)
 
 
+def vocab_parallel_embedding(ids, table, start, all_reduce):
+    """Tensor parallel (ms_models.parallel): token lookup in this rank's vocabulary rows ``table``
+    [Vp, hidden] (global ids start..start+Vp-1); other ids give zeros, and the AllReduce sums the
+    ranks' rows into the full embedding."""
+    local = ids - start
+    inside = ops.logical_and(local >= 0, local < table.shape[0])
+    local = ops.select(inside, local, ops.zeros_like(local))
+    return all_reduce(ops.gather(table, local, 0) * ops.expand_dims(ops.cast(inside, table.dtype), -1))
+
+
+def gather_logits(local, all_gather, size, vocab):
+    """Tensor parallel: this rank's logits [B, Vp] -> every rank's, [B, vocab]. AllGather stacks the
+    ranks on dim 0 ([size*B, Vp], rank-major), reordered to [B, size*Vp] and cut to ``vocab``
+    (the padding rows) when size*Vp > vocab. Every rank gets the same bytes."""
+    B, vp = local.shape
+    full = all_gather(local).reshape(size, B, vp).transpose(1, 0, 2).reshape(B, size * vp)
+    if size * vp != vocab:
+        full = full[:, :vocab]
+    return full
+
+
 def gated_mlp(x, w_gate, w_up, w_down, b_gate=None, b_up=None, b_down=None):
     """down(silu(gate(x)) * up(x)); separate gate/up matmuls (no slicing of a fused output)."""
     return linear(ops.silu(linear(x, w_gate, b_gate)) * linear(x, w_up, b_up), w_down, b_down)
@@ -144,15 +182,21 @@ def apply_rotary(x, cos, sin, rot, head_dim):
     return x * cos + xr * sin
 
 
-def paged_attention(q, k, v, k_cache, v_cache, write_rows, read_rows, attn_bias, num_kv_heads, head_dim):
+def paged_attention(q, k, v, k_cache, v_cache, write_rows, read_rows, attn_bias, q_perm, o_perm, num_kv_heads,
+                    head_dim):
     """Writes this step's K/V into the paged cache, then attends over the cache.
 
     q [T, heads*hd] (RoPE'd and pre-scaled by 1/sqrt(hd)), k/v [T, kv_heads*hd], T = B*Q.
     write_rows [T, kv_heads]: cache row of each new token's K/V per kv head;
     read_rows [B, kv_heads, L]: cache rows of each request's key positions 0..L-1 (through
-    its block table); attn_bias [B, kv_heads, Q*group, L] additive mask (see
+    its block table); attn_bias [B, kv_heads, Q*group, L] additive mask; q_perm / o_perm: the
+    row orders that take q to kv-head-major and the output back (see
     build_attention_metadata). GQA: query head h uses kv head h // group.
     Returns [T, heads*hd].
+
+    With Q > 1 the two layout changes are row gathers, not transposes: MindSpore's CPU
+    Transpose keeps output-sized buffers for the life of each compiled graph (0.3 MiB per
+    token of a prefill bucket for SmolLM2) and is slower than gathering rows of g*hd floats.
     """
     kvh, hd = num_kv_heads, head_dim
     T = q.shape[0]
@@ -166,12 +210,12 @@ def paged_attention(q, k, v, k_cache, v_cache, write_rows, read_rows, attn_bias,
     if Q == 1:  # decode: [B, heads*hd] is already [B, kvh, group, hd] (static shape: no transpose)
         qq = q.reshape(B, kvh, g, hd)
     else:
-        qq = q.reshape(B, Q, kvh, g * hd).transpose(0, 2, 1, 3).reshape(B, kvh, Q * g, hd)
+        qq = ops.gather(q.reshape(T * kvh, g * hd), q_perm, 0).reshape(B, kvh, Q * g, hd)
     p = ops.softmax(_bmm_tb(qq, kk) + attn_bias, -1)
     o = _bmm(p, vv)  # [B, kvh, Q*g, hd]
     if Q == 1:
         return o.reshape(T, kvh * g * hd)
-    return o.reshape(B, kvh, Q, g * hd).transpose(0, 2, 1, 3).reshape(T, kvh * g * hd)
+    return ops.gather(o.reshape(B * kvh * Q, g * hd), o_perm, 0).reshape(T, kvh * g * hd)
 
 
 # ----------------------------------------------------------------------------- host side (numpy)
@@ -238,7 +282,14 @@ def build_attention_metadata(positions: np.ndarray, slot_mapping: np.ndarray, bl
       read_rows [B, kvh, M*block_size] int32: the rows of key positions 0..L-1 of each
         request (padding table entries -> scratch);
       bias [B, kvh, Q*group, M*block_size] float32 additive mask: query (b, q) sees key j
-        iff j <= positions[b, q] (and, with ``sliding_window`` W, j > positions[b, q] - W).
+        iff j <= positions[b, q] (and, with ``sliding_window`` W, j > positions[b, q] - W);
+      q_perm [B*kvh*Q] int32: for each (b, h, q), the row (b*Q + q)*kvh + h of q viewed as
+        [T*kvh, group*hd] (token-major -> kv-head-major);
+      o_perm [B*Q*kvh] int32: for each (b, q, h), the row (b*kvh + h)*Q + q of the attention
+        output viewed as [B*kvh*Q, group*hd] (back to token-major).
+    Decode (Q == 1) needs no reordering: q_perm and o_perm are then None, since a graph input
+    that the graph does not use makes a MindSpore CPU graph markedly slower (+60% measured on
+    a 1,200-kernel graph), while None is a compile-time constant.
     """
     B, Q = positions.shape
     M = block_tables.shape[1]
@@ -259,4 +310,9 @@ def build_attention_metadata(positions: np.ndarray, slot_mapping: np.ndarray, bl
     bias = np.where(allowed, np.float32(0.0), np.float32(MASK_VALUE)).astype(np.float32)  # [B, Q, L]
     bias = np.broadcast_to(bias[:, None, :, None, :], (B, num_kv_heads, Q, group, L)).reshape(
         B, num_kv_heads, Q * group, L)
-    return write_rows, read_rows, np.ascontiguousarray(bias)
+    if Q == 1:
+        return write_rows, read_rows, np.ascontiguousarray(bias), None, None
+    rows = np.arange(T * num_kv_heads, dtype=np.int32)
+    q_perm = rows.reshape(B, Q, num_kv_heads).transpose(0, 2, 1).reshape(-1)
+    o_perm = rows.reshape(B, num_kv_heads, Q).transpose(0, 2, 1).reshape(-1)
+    return write_rows, read_rows, np.ascontiguousarray(bias), q_perm, o_perm

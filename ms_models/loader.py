@@ -29,6 +29,18 @@ log = logging.getLogger("ms_models")
 _DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64}
 
 
+def _to_f32(raw: np.ndarray) -> np.ndarray:
+    """A stored tensor (float32, float16, float64, or bf16 held as uint16) as a new float32 array."""
+    if raw.dtype == np.float32:
+        return raw
+    if raw.dtype == np.uint16:  # bf16 is the high half of an fp32: place the 16 bits, low half zero
+        out = np.zeros(raw.shape, np.float32)
+        halves = out.reshape(-1).view(np.uint16)
+        halves[(1 if sys.byteorder == "little" else 0)::2] = raw.reshape(-1)
+        return out
+    return raw.astype(np.float32)
+
+
 class SafetensorsWeights:
     """Name -> fp32 numpy array over the safetensors files of one model directory.
 
@@ -114,8 +126,11 @@ class SafetensorsWeights:
                 raise ValueError(f"invalid safetensors file {path}: unexpected end of file")
             got += n
 
-    def get(self, name: str, shape=None) -> np.ndarray:
-        """fp32 array (new, writable) of HF tensor ``name``."""
+    def get(self, name: str, shape=None, dim: int | None = None, start: int = 0, stop: int | None = None,
+            pad_to: int | None = None) -> np.ndarray:
+        """fp32 array (new, writable) of HF tensor ``name``; with ``dim`` only the slice [start, stop) along
+        dim 0 or 1 is read from the file (a tensor-parallel shard), zero-padded along ``dim`` to ``pad_to``
+        entries. ``shape``: the expected shape of the whole tensor."""
         if name not in self._index:
             raise ValueError(f"weight {name!r} not found in the safetensors files of {self.model_dir}")
         path, dt, shp, begin, end = self._index[name]
@@ -124,30 +139,51 @@ class SafetensorsWeights:
         if shape is not None and tuple(shape) != shp:
             raise ValueError(f"weight {name!r} in {path} has shape {list(shp)}, expected {list(shape)}")
         n = int(np.prod(shp, dtype=np.int64))
-        if (end - begin) != n * np.dtype(_DTYPES[dt]).itemsize:
+        item = np.dtype(_DTYPES[dt]).itemsize
+        if (end - begin) != n * item:
             raise ValueError(f"invalid safetensors file {path}: tensor {name} has {end - begin} bytes "
                              f"for shape {list(shp)} {dt}")
-        if dt == "F32":
-            out = np.empty(shp, np.float32)
-            self._read_into(path, begin, out)
-        else:
-            raw = np.empty(n, _DTYPES[dt])
+        if dim is None:
+            raw = np.empty(shp, _DTYPES[dt])
             self._read_into(path, begin, raw)
-            if dt == "BF16":  # bf16 is the high half of an fp32: place the 16 bits, low half zero
-                out = np.zeros(shp, np.float32)
-                halves = out.reshape(-1).view(np.uint16)
-                halves[(1 if sys.byteorder == "little" else 0)::2] = raw
-            else:
-                out = raw.astype(np.float32).reshape(shp)
-            del raw
-        self._advance(end - begin)
+        else:
+            raw = self._read_slice(path, begin, shp, _DTYPES[dt], dim, start, shp[dim] if stop is None else stop)
+        nbytes = raw.nbytes
+        if pad_to is not None and pad_to > raw.shape[dim]:
+            widths = [(0, 0)] * raw.ndim
+            widths[dim] = (0, pad_to - raw.shape[dim])
+            raw = np.pad(raw, widths)
+        out = _to_f32(raw)
+        del raw
+        self._advance(nbytes)
+        return out
+
+    def _read_slice(self, path: str, begin: int, shp: tuple, dtype, dim: int, start: int, stop: int) -> np.ndarray:
+        """Entries [start, stop) along dim 0 or 1 of a stored (row-major) tensor, in its stored dtype: one read
+        for dim 0; for dim 1, whole rows in chunks of about 4 MiB, keeping only the columns asked for."""
+        if dim not in (0, 1) or len(shp) <= dim or not 0 <= start <= stop <= shp[dim]:
+            raise ValueError(f"cannot slice [{start}:{stop}] along dim {dim} of a tensor of shape {list(shp)}")
+        item = np.dtype(dtype).itemsize
+        row = int(np.prod(shp[1:], dtype=np.int64))   # entries per dim-0 row
+        if dim == 0:
+            out = np.empty((stop - start, *shp[1:]), dtype)
+            self._read_into(path, begin + start * row * item, out)
+            return out
+        inner = int(np.prod(shp[2:], dtype=np.int64))
+        out = np.empty((shp[0], stop - start, *shp[2:]), dtype)
+        rows = max(1, (4 << 20) // max(1, row * item))
+        for r0 in range(0, shp[0], rows):
+            r1 = min(shp[0], r0 + rows)
+            buf = np.empty((r1 - r0, shp[1], inner), dtype)
+            self._read_into(path, begin + r0 * row * item, buf)
+            out[r0:r1] = buf[:, start:stop].reshape(r1 - r0, stop - start, *shp[2:])
         return out
 
     def _advance(self, nbytes: int) -> None:
         self.bytes_read += nbytes
         if not self.progress or not self.total_bytes:
             return
-        pct = 100 * self.bytes_read // self.total_bytes
+        pct = min(100, 100 * self.bytes_read // self.total_bytes)
         if pct >= self._next_pct:
             log.info("loading weights: %d%% (%.1f / %.1f MiB, %.1f s)", pct, self.bytes_read / 2**20,
                      self.total_bytes / 2**20, time.perf_counter() - self._t0)
@@ -196,24 +232,39 @@ class _CheckedWeights:
     def has(self, name):
         return self.src.has(name)
 
-    def get(self, name):
-        return self.src.get(name, self._expected(name))
+    def get(self, name, **shard):
+        """The whole tensor, or with ``dim=, start=, stop=`` (``pad_to=``) a slice of it (SafetensorsWeights.get)."""
+        return self.src.get(name, self._expected(name), **shard)
 
 
 def load_model(model_dir: str, device: str = "cpu", use_jit: bool = True, threads: int | None = None,
-               min_buckets: tuple = (1, 1, 1)):
+               min_buckets: tuple = (1, 1, 1), tp_rank: int = 0, tp_size: int = 1):
     """Loads a HF model directory (config.json + safetensors) as a :class:`CausalLM`.
 
     Raises FileNotFoundError / ValueError (naming the path) for a missing or invalid
     directory, UnsupportedModelError for an architecture/feature ms_models lacks.
     Calls ``runtime.setup(device, threads)`` (no-op if the worker already did).
     ``min_buckets``: smallest (B, Q, M) padding buckets (see CausalLM.bucket_shape).
+    ``tp_rank``/``tp_size``: this process's shard of a tensor-parallel model (ms_models.parallel): only its
+    1/tp_size of the weights is read; the process must have joined the MindSpore cluster first
+    (``runtime.setup(..., tp_rank=, tp_size=, dist_addr=)``). ValueError if tp_size does not divide the heads.
     """
     from . import runtime
+    from .parallel import TensorParallel, check_divisible
 
     dev_name = runtime.normalize_device(device)
     cfg = ModelConfig.from_model_dir(model_dir)  # before importing MindSpore: cheap failures first
+    tp = TensorParallel(int(tp_rank), int(tp_size))
+    problem = check_divisible(cfg.num_heads, cfg.num_kv_heads, tp.size)
+    if problem:
+        raise ValueError(f"{problem} (model: {os.fspath(model_dir)})")
     src = SafetensorsWeights(model_dir)
+    if tp.enabled:
+        if runtime.current_tp() != (tp.rank, tp.size):
+            raise RuntimeError(f"load_model(tp_rank={tp.rank}, tp_size={tp.size}) needs this process in the "
+                               f"MindSpore cluster as that rank first: runtime.setup(..., tp_rank=, tp_size=, "
+                               f"dist_addr=); it is {runtime.current_tp()}")
+        src.total_bytes = -(-src.total_bytes // tp.size)   # roughly what this rank reads (progress log)
     runtime.setup(dev_name, threads)
     build = get_builder(cfg.architecture)
     from .layers import DeviceOps
@@ -223,11 +274,12 @@ def load_model(model_dir: str, device: str = "cpu", use_jit: bool = True, thread
     if not cfg.tie_word_embeddings and not src.has("lm_head.weight"):
         raise ValueError(f"{model_dir}: config has tie_word_embeddings=false but no lm_head.weight")
     t0 = time.perf_counter()
-    log.info("loading %s (%s, %d layers) from %s: %.1f MiB in %d safetensors file(s)", cfg.architecture,
+    log.info("loading %s (%s, %d layers) from %s: %.1f MiB in %d safetensors file(s)%s", cfg.architecture,
              cfg.dtype, cfg.num_layers, os.fspath(model_dir), src.total_bytes / 2**20,
-             len({e[0] for e in src._index.values()}))
+             len({e[0] for e in src._index.values()}),
+             f", tensor-parallel rank {tp.rank} of {tp.size}: about 1/{tp.size} of it" if tp.enabled else "")
     try:
-        net = build(cfg, weights, DeviceOps(dev_name))
+        net = build(cfg, weights, DeviceOps(dev_name, tp))
     finally:
         src.close()
     log.info("weights loaded: %.1f MiB read, %.1f MiB as %s, in %.1f s", src.bytes_read / 2**20,

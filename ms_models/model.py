@@ -1,8 +1,11 @@
 """Architecture-independent runner: KV-cache allocation, shape bucketing, jit, forward."""
 from __future__ import annotations
 
+import ctypes
 import gc
+import os
 import time
+from collections import OrderedDict
 from typing import Iterable
 
 import numpy as np
@@ -11,13 +14,119 @@ from mindspore import Tensor, nn
 
 from .config import ModelConfig
 
-__all__ = ["CausalLM", "next_bucket"]
+__all__ = ["CausalLM", "next_bucket", "DEFAULT_GRAPH_MEMORY"]
+
+# Host memory for compiled bucket graphs (see _GraphCache). Measured on SmolLM2-135M: a decode graph costs
+# about 46 MiB, a prefill graph 50-250 MiB (growing with its tokens); the worker target is RSS <= weights +
+# KV cache + 700 MiB, of which MindSpore itself and the Python process take about 450.
+DEFAULT_GRAPH_MEMORY = 160 << 20
+# A bucket without a graph runs in a compiled bigger one (see CausalLM._bucket_to_run) until asked this often.
+COMPILE_AFTER = 8
 
 
 def next_bucket(n: int, minimum: int = 1) -> int:
     """Smallest power of two >= max(n, minimum)."""
     n = max(int(n), int(minimum), 1)
     return 1 << (n - 1).bit_length()
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                     "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def _heap_bytes() -> int:
+    """Bytes malloc'd and not freed (glibc mallinfo2), else the resident set size.
+
+    Compiled graphs live in malloc'd memory, and a graph compiled after others were dropped
+    mostly reuses their freed heap, so RSS growth would undercount it; heap in use does not."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = _MallInfo2
+        info = libc.mallinfo2()
+        return info.uordblks + info.hblkhd
+    except (OSError, AttributeError):  # not glibc >= 2.33
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _compiled_phases() -> set:
+    """The phases (compiled-graph keys) of every ms.jit graph of this process."""
+    from mindspore.graph.api import ms_compile_cache
+
+    return set(ms_compile_cache)
+
+
+def _drop_graphs(phases: set) -> None:
+    """Frees compiled graphs (MindSpore 2.10 internals: what its own auto-dynamic-shape cache does to drop a
+    graph), then hands the freed heap back to the OS (the graphs live in malloc'd memory, not in MindSpore's
+    pool, and glibc keeps freed memory otherwise)."""
+    from mindspore._c_expression import GraphExecutor_, JitExecutor_
+    from mindspore.graph.api import ms_compile_cache
+
+    for executor in (JitExecutor_.get_instance(), GraphExecutor_.get_instance()):
+        executor.del_net_res(None, set(phases))
+    ms_compile_cache.difference_update(phases)
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+class _GraphCache:
+    """The bucket graphs compiled with the current KV cache, least recently used first.
+
+    MindSpore keeps every compiled graph until told to drop it, and each costs host memory: about 30 KB per
+    kernel (a 30-layer decoder is ~1,600 kernels, ~46 MiB) plus buffers some CPU kernels keep per graph. One
+    graph per (B, Q, M) bucket made the worker's RSS grow with every new batch size and context length. Each
+    graph's cost is the heap its compilation and first run leave allocated; once the total passes the budget,
+    the least recently used graphs are dropped (and recompile, 2-3 s, if their shape comes back). Dropping is
+    not quite free: MindSpore 2.10 never frees about an eighth of each compilation (~6 MiB per SmolLM2 graph,
+    in its frontend), so a dropped shape that keeps coming back leaks; the budget should hold a workload's
+    usual shapes.
+    """
+
+    def __init__(self):
+        self._graphs: OrderedDict = OrderedDict()  # key -> (phases, bytes)
+
+    def __contains__(self, key) -> bool:
+        return key in self._graphs
+
+    def __len__(self) -> int:
+        return len(self._graphs)
+
+    @property
+    def bytes(self) -> int:
+        return sum(cost for _, cost in self._graphs.values())
+
+    @property
+    def largest(self) -> int:
+        return max((cost for _, cost in self._graphs.values()), default=0)
+
+    def cover(self, key):
+        """The compiled key with the fewest padded tokens (then blocks) that can run ``key``'s batch: no
+        smaller in B, Q or M, and the same all_positions; None if there is none."""
+        fits = [k for k in self._graphs if k[3] == key[3] and all(a >= b for a, b in zip(k[:3], key[:3]))]
+        return min(fits, key=lambda k: (k[0] * k[1], k[2]), default=None)
+
+    def touch(self, key) -> bool:
+        """Marks ``key`` used now; False if it has no graph yet."""
+        if key not in self._graphs:
+            return False
+        self._graphs.move_to_end(key)
+        return True
+
+    def add(self, key, phases: set, cost: int, budget: int) -> None:
+        """Records a new graph, then drops the least recently used others while over ``budget``."""
+        self._graphs[key] = (phases, max(int(cost), 0))
+        while self.bytes > budget and len(self._graphs) > 1:
+            _, (old, _) = self._graphs.popitem(last=False)
+            _drop_graphs(old)
+
+    def clear(self) -> None:
+        for phases, _ in self._graphs.values():
+            _drop_graphs(phases)
+        self._graphs.clear()
 
 
 class _Runner(nn.Cell):
@@ -31,19 +140,23 @@ class _Runner(nn.Cell):
         super().__init__(auto_prefix=False)
         self.net = net
 
-    def construct(self, input_ids, cos_q, sin_q, cos_k, sin_k, write_rows, read_rows, attn_bias, logits_idx):
-        return self.net(input_ids, cos_q, sin_q, cos_k, sin_k, write_rows, read_rows, attn_bias, logits_idx)
+    def construct(self, input_ids, cos_q, sin_q, cos_k, sin_k, write_rows, read_rows, attn_bias, q_perm, o_perm,
+                  logits_idx):
+        return self.net(input_ids, cos_q, sin_q, cos_k, sin_k, write_rows, read_rows, attn_bias, q_perm, o_perm,
+                        logits_idx)
 
 
 class CausalLM:
     """A loaded model: weights + paged KV cache, one ``forward`` per scheduled batch.
 
     ``forward`` pads (B, Q, M) to power-of-two buckets (at least ``min_buckets``) and runs
-    the whole network as one ``ms.jit`` graph compiled once per bucket shape.
+    the whole network as one ``ms.jit`` graph compiled once per bucket shape; at most
+    ``graph_memory`` bytes of compiled graphs are kept (the least recently used are dropped).
     """
 
     def __init__(self, config: ModelConfig, net: nn.Cell, device: str = "cpu", use_jit: bool = True,
-                 model_dir: str | None = None, min_buckets: tuple = (1, 1, 1)):
+                 model_dir: str | None = None, min_buckets: tuple = (1, 1, 1),
+                 graph_memory: int = DEFAULT_GRAPH_MEMORY):
         self.config = config
         self.net = net
         self.net.set_train(False)
@@ -51,12 +164,14 @@ class CausalLM:
         self.use_jit = bool(use_jit)
         self.model_dir = model_dir
         self.min_buckets = tuple(int(x) for x in min_buckets)
+        self.graph_memory = int(graph_memory)
         self.num_blocks: int | None = None
         self.block_size: int | None = None
         self._gen = 0
         self._runner = None
         self._fn = None
-        self.compiled_shapes: set = set()  # bucket shapes already run with the current cache
+        self.graphs = _GraphCache()  # bucket shapes compiled with the current cache
+        self._asked: dict = {}       # uncompiled bucket -> times asked for (see _bucket_to_run)
 
     # ------------------------------------------------------------------ sizes
     def kv_cache_bytes_per_block(self, block_size: int) -> int:
@@ -87,6 +202,8 @@ class CausalLM:
         if self._runner is not None:
             # compiled graphs hold the old cache Parameters: drop them (all of this process's
             # compiled graphs; they recompile on next use) so the old caches can be freed
+            self.graphs.clear()
+            self._asked.clear()
             self._runner = self._fn = None
             for layer in self.net.cache_layers():
                 layer.k_cache = layer.v_cache = None
@@ -95,10 +212,12 @@ class CausalLM:
         for layer in self.net.cache_layers():
             layer.allocate_kv_cache(num_blocks, block_size, f"g{self._gen}")
         self.num_blocks, self.block_size = num_blocks, block_size
+        # MindSpore's memory pool mallocs its first block (1 GiB of address space, resident only as
+        # used) at the first op: a tiny op now keeps it out of the first graph's measured cost
+        (Tensor(np.zeros(1, np.float32)) + 1).asnumpy()
         self._runner = _Runner(self.net)
         self._runner.set_train(False)
         self._fn = ms.jit(self._runner.construct) if self.use_jit else self._runner.construct
-        self.compiled_shapes = set()
 
     # ------------------------------------------------------------------ forward
     def bucket_shape(self, B: int, Q: int, M: int) -> tuple:
@@ -148,7 +267,29 @@ class CausalLM:
         if ids.min() < 0 or ids.max() >= self.config.vocab_size:
             raise ValueError(f"input_ids must be in [0, vocab_size={self.config.vocab_size})")
 
-        Bp, Qp, Mp = self.bucket_shape(B, Q, M)
+        return self._forward(ids, pos, slots, bt, li, self._bucket_to_run(self.bucket_shape(B, Q, M), all_positions),
+                             all_positions)
+
+    __call__ = forward
+
+    def _bucket_to_run(self, shape: tuple, all_positions: bool) -> tuple:
+        """``shape``, or, while it has no graph and has been asked for fewer than COMPILE_AFTER times, the
+        smallest compiled bucket that covers it: a batch size or context bucket that lasts a few steps (requests
+        arriving or finishing one by one) then costs some padding instead of a 2-3 s compilation and the
+        eviction of a graph in use."""
+        key = (*shape, all_positions)
+        if not self.use_jit or key in self.graphs:
+            return shape
+        asked = self._asked[key] = self._asked.get(key, 0) + 1
+        cover = self.graphs.cover(key) if asked < COMPILE_AFTER else None
+        return shape if cover is None else cover[:3]
+
+    def _forward(self, ids, pos, slots, bt, li, shape: tuple, all_positions: bool) -> np.ndarray:
+        """forward() of valid inputs, padded to bucket ``shape``."""
+        B, Q = ids.shape
+        M = bt.shape[1]
+        nb, bs = self.num_blocks, self.block_size
+        Bp, Qp, Mp = shape
         p_ids = np.zeros((Bp, Qp), np.int32)
         p_ids[:B, :Q] = ids
         p_pos = np.zeros((Bp, Qp), np.int32)
@@ -164,26 +305,38 @@ class CausalLM:
         else:
             logits_flat = np.arange(Bp, dtype=np.int64) * Qp + p_li
         arrays = self.net.prepare_inputs(p_ids, p_pos, p_slots, p_bt, logits_flat, nb, bs)
-        out = self._fn(*[Tensor(a) for a in arrays])
-        self.compiled_shapes.add((Bp, Qp, Mp, all_positions))
+        out = self._run((Bp, Qp, Mp, all_positions), [None if a is None else Tensor(a) for a in arrays])
         if all_positions:
             return out.asnumpy().reshape(Bp, Qp, -1)[:B, :Q]
         return out.asnumpy()[:B]
 
-    __call__ = forward
+    def _run(self, key: tuple, inputs: list):
+        """Runs the graph of bucket ``key``, compiling it on first use (and recording its cost in
+        ``graphs``, which may drop others)."""
+        if not self.use_jit or self.graphs.touch(key):
+            return self._fn(*inputs)
+        before, heap = _compiled_phases(), _heap_bytes()
+        out = self._fn(*inputs)  # blocking mode: the graph has run when this returns
+        self.graphs.add(key, _compiled_phases() - before, _heap_bytes() - heap, self.graph_memory)
+        self._asked.pop(key, None)
+        return out
 
     def warmup(self, shapes: Iterable) -> dict:
         """Runs each (B, Q, M) bucket once with dummy inputs (writes only to the scratch
-        block) so compilation happens before serving. Returns {bucket: seconds}."""
+        block) so compilation happens before serving, in order, while another graph (as big as
+        the biggest so far) fits in ``graph_memory``: warming more would only drop the first
+        ones again. Returns {bucket: seconds}."""
         times = {}
         for B, Q, M in shapes:
             shape = self.bucket_shape(B, Q, M)
             if shape in times:
                 continue
+            if self.use_jit and self.graphs.bytes + self.graphs.largest > self.graph_memory:
+                break
             Bp, Qp, Mp = shape
             t0 = time.perf_counter()
-            self.forward(np.zeros((Bp, Qp), np.int32), np.zeros((Bp, Qp), np.int32),
-                         np.full((Bp, Qp), -1, np.int32), np.full((Bp, Mp), -1, np.int32),
-                         np.zeros((Bp,), np.int32))
+            self._forward(np.zeros((Bp, Qp), np.int32), np.zeros((Bp, Qp), np.int32),
+                          np.full((Bp, Qp), -1, np.int32), np.full((Bp, Mp), -1, np.int32),
+                          np.zeros((Bp,), np.int32), shape, False)
             times[shape] = time.perf_counter() - t0
         return times

@@ -5,11 +5,15 @@ Start-up order: bind the port with only health answering (NOT_SERVING; ModelWork
 file written. The front's InitializeCache then turns "ms_rpc.v1.ModelWorker" SERVING. SIGTERM/SIGINT drains: both
 health services go NOT_SERVING, new steps are refused, the step in flight finishes (or is cancelled after
 --shutdown-grace-s), the port closes, exit 0.
+
+Tensor parallel (--tp-size N > 1): before loading, each rank joins the group's MindSpore cluster (rank 0 first
+starts its scheduler, `ms-worker sched`, as a child process: ms_worker.cluster), then loads only its 1/N shard.
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import logging
 import os
 import re
@@ -20,6 +24,7 @@ import time
 from concurrent import futures
 
 DEFAULT_MAX_MESSAGE_MB = 64
+DEFAULT_DIST_TIMEOUT_S = 300.0
 ENV_PREFIX = "MS_WORKER_"
 
 
@@ -51,15 +56,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cpu (default), or ascend:N for NPU N (sets DEVICE_ID=N) [MS_WORKER_DEVICE]")
     g.add_argument("--dtype", default=_env("DTYPE", "auto"), choices=["auto", "float32", "float16", "bfloat16"],
                    help="compute and KV-cache dtype; auto (default) = the model's (float32 for now) [MS_WORKER_DTYPE]")
-    g.add_argument("--rank", type=int, default=int(_env("RANK", "0")),
-                   help="this worker's rank among the front's workers (default 0) [MS_WORKER_RANK]")
-    g.add_argument("--world-size", type=int, default=int(_env("WORLD_SIZE", "1")),
-                   help="number of workers behind one front (default and, for now, only 1) [MS_WORKER_WORLD_SIZE]")
     g.add_argument("--kv-cache-gb", type=float, default=float(_env("KV_CACHE_GB", "0")),
                    help="KV cache size offered when the front does not ask for one; 0 = 30%% of free memory, "
                         "at most 1 GiB [MS_WORKER_KV_CACHE_GB]")
     g.add_argument("--no-jit", action="store_true", default=_env("NO_JIT", "") == "1",
                    help="run eagerly (PyNative) instead of compiling the model with ms.jit [MS_WORKER_NO_JIT=1]")
+    _add_tp_arguments(s.add_argument_group(
+        "tensor parallelism", "N workers, started separately, each holding 1/N of the weights, form a MindSpore "
+        "cluster whose scheduler rank 0 runs; the front sends every step to all of them"))
 
     g = s.add_argument_group("network and security")
     g.add_argument("--host", default=_env("HOST", "127.0.0.1"),
@@ -79,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--token-file", default=_env("TOKEN_FILE"), help="file holding the bearer token "
                    "[MS_WORKER_TOKEN_FILE]")
     g.add_argument("--max-message-mb", type=int, default=int(_env("MAX_MESSAGE_MB", str(DEFAULT_MAX_MESSAGE_MB))),
-                   help=f"largest gRPC message accepted (default {DEFAULT_MAX_MESSAGE_MB}) [MS_WORKER_MAX_MESSAGE_MB]")
+                   help=f"largest gRPC message received or sent, in MiB (default {DEFAULT_MAX_MESSAGE_MB}, as the "
+                        f"front's client); a larger one gets RESOURCE_EXHAUSTED [MS_WORKER_MAX_MESSAGE_MB]")
 
     g = s.add_argument_group("operations")
     g.add_argument("--health-port", type=int, default=int(_env("HEALTH_PORT", "0")),
@@ -102,7 +107,37 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exit when this process is gone (the embedded launcher passes its own pid)")
     g.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"), type=str.upper,
                    choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log level (default INFO) [MS_WORKER_LOG_LEVEL]")
+
+    c = sub.add_parser(
+        "sched", help="MindSpore's cluster scheduler for N tensor-parallel workers (rank 0 starts it itself)",
+        description="Run MindSpore's cluster scheduler (MS_ROLE=MS_SCHED) on --dist-addr for --tp-size workers "
+                    "until they have all left. `ms-worker serve --tp-rank 0` starts this as its child process; "
+                    "there is no need to run it by hand.")
+    c.add_argument("--dist-addr", required=True, help="HOST:PORT to listen on (HOST: an address of this host)")
+    c.add_argument("--tp-size", type=int, required=True, help="number of workers in the cluster")
+    c.add_argument("--device", default="cpu", help="cpu (default) or ascend[:N], as the workers")
+    c.add_argument("--dist-timeout-s", type=float, default=DEFAULT_DIST_TIMEOUT_S,
+                   help=f"how long to wait for all workers to register (default {DEFAULT_DIST_TIMEOUT_S:g})")
+    c.add_argument("--parent-pid", type=int, default=0, help="exit when this process (rank 0) is gone")
     return p
+
+
+def _add_tp_arguments(g) -> None:
+    g.add_argument("--tp-rank", "--rank", dest="rank", metavar="I", type=int,
+                   default=int(_env("TP_RANK", _env("RANK", "0"))),
+                   help="this worker's tensor-parallel rank, 0..N-1 (default 0) [MS_WORKER_TP_RANK, or "
+                        "MS_WORKER_RANK]")
+    g.add_argument("--tp-size", "--world-size", dest="world_size", metavar="N", type=int,
+                   default=int(_env("TP_SIZE", _env("WORLD_SIZE", "1"))),
+                   help="number of tensor-parallel workers, each holding 1/N of the weights; N must divide the "
+                        "model's attention and KV heads (default 1) [MS_WORKER_TP_SIZE, or MS_WORKER_WORLD_SIZE]")
+    g.add_argument("--dist-addr", metavar="HOST:PORT", default=_env("DIST_ADDR"),
+                   help="where rank 0 runs the group's MindSpore cluster scheduler (HOST: an address of rank 0's "
+                        "host), the same on every rank; needed when N > 1 [MS_WORKER_DIST_ADDR]")
+    g.add_argument("--dist-timeout-s", metavar="S", type=float,
+                   default=float(_env("DIST_TIMEOUT_S", str(DEFAULT_DIST_TIMEOUT_S))),
+                   help=f"how long a rank waits for all N ranks to join the cluster before it fails, naming the "
+                        f"missing ones (default {DEFAULT_DIST_TIMEOUT_S:g}) [MS_WORKER_DIST_TIMEOUT_S]")
 
 
 def _check_args(args) -> str | None:
@@ -117,10 +152,29 @@ def _check_args(args) -> str | None:
         return str(e)
     if args.dtype not in ("auto", "float32"):
         return f"--dtype {args.dtype} is not supported yet: the MindSpore models compute in float32"
+    if not 1 <= args.max_message_mb <= 2047:
+        return f"--max-message-mb {args.max_message_mb} is not in 1..2047 (gRPC sizes are 32-bit)"
     if args.world_size < 1 or not 0 <= args.rank < args.world_size:
-        return f"rank {args.rank} is not in 0..{args.world_size - 1} (world size {args.world_size})"
-    if args.world_size != 1:
-        return "world size > 1 (tensor parallel workers) is not supported yet"
+        return f"rank {args.rank} is not in 0..{args.world_size - 1} (tensor-parallel size {args.world_size})"
+    if args.world_size > 1:
+        from ms_models import ModelConfig, UnsupportedModelError
+        from ms_models.parallel import check_divisible
+        from ms_models.runtime import parse_dist_addr
+
+        if not args.dist_addr:
+            return (f"--tp-size {args.world_size} needs --dist-addr HOST:PORT (MS_WORKER_DIST_ADDR): where rank 0 "
+                    "runs the group's MindSpore cluster scheduler, the same on every rank")
+        try:
+            parse_dist_addr(args.dist_addr)
+        except ValueError as e:
+            return str(e)
+        if args.dist_timeout_s <= 0:
+            return "--dist-timeout-s must be positive"
+        try:
+            cfg = ModelConfig.from_model_dir(args.model)
+        except (UnsupportedModelError, FileNotFoundError, ValueError) as e:
+            return f"cannot load model {args.model}: {e}"
+        return check_divisible(cfg.num_heads, cfg.num_kv_heads, args.world_size)
     return None
 
 
@@ -227,20 +281,63 @@ def serve(args) -> int:
     serving.sd_notify("STATUS=loading the model")
     log.info("loading %s (%.0f MiB of safetensors) on %s", args.model, _weights_mib(args.model), args.device)
     with serving.Heartbeat("still loading the model"):
+        from ms_models import UnsupportedModelError, load_model
+        from ms_models.runtime import ClusterJoinError, setup
+
+        tp = dict(tp_rank=args.rank, tp_size=args.world_size)
+        if args.world_size > 1:
+            # Tensor parallel: join the group's MindSpore cluster before any MindSpore op (rank 0 first starts
+            # the cluster's scheduler, a child process: fork + exec before MindSpore runs anything here).
+            from ms_worker import cluster
+
+            sched = None
+            if args.rank == 0:
+                from ms_models.runtime import resolve_dist_addr
+
+                try:
+                    busy = cluster.check_port_free(*resolve_dist_addr(args.dist_addr, args.dist_timeout_s))
+                except ClusterJoinError as e:
+                    busy = str(e)
+                if busy:
+                    log.error("%s (--dist-addr %s)", busy, args.dist_addr)
+                    return stop_port(2)
+                sched = cluster.Scheduler(args.dist_addr, args.world_size, kind, args.dist_timeout_s)
+                sched.start()
+                atexit.register(sched.stop)
+                problem = sched.wait_listening(args.dist_timeout_s)
+                if problem:
+                    log.error("%s", problem)
+                    sched.stop()
+                    return stop_port(2)
+            serving.sd_notify(f"STATUS=joining the tensor-parallel group on {args.dist_addr} as rank {args.rank} "
+                              f"of {args.world_size}")
+            log.info("rank %d of %d: joining the MindSpore cluster at %s (waiting up to %g s for all ranks)",
+                     args.rank, args.world_size, args.dist_addr, args.dist_timeout_s)
+            try:
+                setup(kind, dist_addr=args.dist_addr, join_timeout_s=args.dist_timeout_s, **tp)
+            except ClusterJoinError as e:
+                log.error("%s", cluster.join_failure_message(args.rank, args.world_size, args.dist_addr,
+                                                             args.dist_timeout_s, e, sched))
+                if sched is not None:
+                    sched.stop()
+                return stop_port(2)
+            if sched is not None:
+                sched.joining = False
+            log.info("rank %d of %d joined the MindSpore cluster at %s", args.rank, args.world_size, args.dist_addr)
+        else:
+            setup(kind)
         import mindspore as ms
 
-        from ms_models import UnsupportedModelError, load_model
-        from ms_models.runtime import setup
         from ms_worker.service import WorkerService
 
-        setup(kind)
         try:
-            model = load_model(args.model, device=kind, use_jit=not args.no_jit)
+            model = load_model(args.model, device=kind, use_jit=not args.no_jit, **tp)
         except (UnsupportedModelError, FileNotFoundError, ValueError) as e:
             log.error("cannot load model %s: %s", args.model, e)
             return stop_port(2)
     load_s = time.perf_counter() - t0
-    log.info("model %s loaded in %.1f s (%.1f MiB of weights)", args.model, load_s, model.weight_bytes() / 2**20)
+    log.info("model %s loaded in %.1f s (%.1f MiB of weights%s)", args.model, load_s, model.weight_bytes() / 2**20,
+             f", tensor-parallel rank {args.rank} of {args.world_size}" if args.world_size > 1 else "")
 
     service = WorkerService(model, os.path.abspath(args.model), args.device,
                             kv_cache_bytes=int(args.kv_cache_gb * 2**30), framework=f"mindspore {ms.__version__}",
@@ -305,7 +402,11 @@ def main(argv: list[str] | None = None) -> int:
     # Under systemd (journald adds time and pid) the timestamp is left out.
     fmt = "%(levelname)s %(name)s: %(message)s" if os.environ.get("JOURNAL_STREAM") else \
         "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
-    logging.basicConfig(level=args.log_level, stream=sys.stderr, format=fmt)
+    logging.basicConfig(level=getattr(args, "log_level", "INFO"), stream=sys.stderr, format=fmt)
     if args.command == "serve":
         return serve(args)
+    if args.command == "sched":
+        from ms_worker.cluster import run_scheduler
+
+        return run_scheduler(args)
     return 2

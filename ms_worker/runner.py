@@ -2,7 +2,8 @@
 
 Continuous batching: decodes (one token each) run as one [B, 1] forward; prefills and prefill chunks run as a
 second [B, Q] forward padded to the longest chunk. Both read and write the same paged KV cache through the block
-ids vLLM scheduled, so any mix of new, chunked, resumed and decoding requests is served in one step.
+ids vLLM scheduled, so any mix of new, chunked, resumed and decoding requests is served in one step. A forward
+holds at most MAX_FORWARD_TOKENS padded tokens; bigger groups run as several forwards, in order.
 """
 
 from __future__ import annotations
@@ -11,6 +12,27 @@ import numpy as np
 
 from ms_worker.sampler import SampleResult, Sampler, prompt_logprobs_chunk
 from ms_worker.state import WorkItem
+
+# Padded tokens (B x Q after the model's power-of-two bucketing) in one forward. Each compiled bucket graph keeps
+# host memory that grows with its tokens, and a step's activations (the attention scores are [B, heads, Q, L])
+# with them too; past a few hundred tokens a bigger forward is no faster, it only costs memory.
+MAX_FORWARD_TOKENS = 512
+
+
+def split_forwards(items: list[WorkItem], padded_tokens, limit: int = MAX_FORWARD_TOKENS) -> list[list[WorkItem]]:
+    """`items` as consecutive forwards of at most `limit` padded tokens (``padded_tokens(b, q)``: B x Q as the model
+    pads them). An item longer than `limit` runs as pieces of `limit` tokens, one per forward, in order: each piece
+    then reads the K/V its predecessors wrote."""
+    pieces = [WorkItem(it.req, start, min(limit, it.start + it.count - start))
+              for it in items for start in range(it.start, it.start + it.count, limit)]
+    forwards: list[list[WorkItem]] = []
+    for piece in pieces:
+        group = forwards[-1] + [piece] if forwards else []
+        if group and padded_tokens(len(group), max(p.count for p in group)) <= limit:
+            forwards[-1] = group
+        else:
+            forwards.append([piece])
+    return forwards
 
 
 def build_inputs(items: list[WorkItem], block_size: int) -> dict[str, np.ndarray]:
@@ -42,29 +64,35 @@ class ModelRunner:
         self.block_size = block_size
         self.sampler = sampler
 
-    def _forward(self, items: list[WorkItem]) -> np.ndarray:
-        return self.model.forward(**build_inputs(items, self.block_size))
+    def _forwards(self, items: list[WorkItem], all_positions: bool = False):
+        """(piece, logits) for every piece of `items` (see split_forwards), in order; logits [vocab], or
+        [count, vocab] with `all_positions`."""
+        def padded_tokens(b: int, q: int) -> int:
+            bp, qp, _ = self.model.bucket_shape(b, q, 1)
+            return bp * qp
+
+        for pieces in split_forwards(items, padded_tokens):
+            logits = self.model.forward(**build_inputs(pieces, self.block_size), all_positions=all_positions)
+            yield from zip(pieces, logits)
 
     def forward(self, items: list[WorkItem]) -> tuple[dict[int, np.ndarray], dict[int, tuple]]:
         """Logits rows of the items that sample this step, by id(item); and the completed prompt logprobs of
         the items whose prefill finished this step (requests that asked for them)."""
         lp = [it for it in items if it.wants_prompt_logprobs]
         rest = [it for it in items if not it.wants_prompt_logprobs]
+        item_of = {id(it.req): it for it in items}   # a request has one item per step; pieces map back to it
         logits_of: dict[int, np.ndarray] = {}
         prompt_done: dict[int, tuple] = {}
         for group in ([it for it in rest if it.count == 1], [it for it in rest if it.count > 1]):
-            if group:
-                for it, row in zip(group, self._forward(group)):
-                    if it.samples:
-                        logits_of[id(it)] = row
-        if lp:
-            all_logits = self.model.forward(**build_inputs(lp, self.block_size), all_positions=True)
-            for it, rows in zip(lp, all_logits):
-                if it.samples:
-                    logits_of[id(it)] = rows[it.count - 1]
-                done = prompt_logprobs_chunk(it, rows[: it.count])
-                if done is not None:
-                    prompt_done[id(it)] = done
+            for piece, row in self._forwards(group):
+                if piece.samples:
+                    logits_of[id(item_of[id(piece.req)])] = row
+        for piece, rows in self._forwards(lp, all_positions=True):
+            if piece.samples:
+                logits_of[id(item_of[id(piece.req)])] = rows[piece.count - 1]
+            done = prompt_logprobs_chunk(piece, rows[: piece.count])
+            if done is not None:
+                prompt_done[id(item_of[id(piece.req)])] = done
         return logits_of, prompt_done
 
     def sample(self, items: list[WorkItem], logits_of: dict[int, np.ndarray],

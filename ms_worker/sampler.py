@@ -113,7 +113,11 @@ def prompt_logprobs_chunk(item, logits: np.ndarray) -> tuple | None:
 
 class Sampler:
     def __init__(self, seed: int | None = None):
-        self.rng = np.random.default_rng(seed)
+        """``seed``: of the shared generator that requests without their own seed draw from (CacheConfig's
+        sampling_seed); None or 0 = a random one. Tensor-parallel ranks get the same seed and sample the same
+        steps in the same order from the same (all-gathered) logits, so their draws, and the tokens they record
+        in each request's state, stay identical."""
+        self.rng = np.random.default_rng(seed or None)
 
     def sample(self, logits: np.ndarray, reqs: list[RequestState],
                allowed: list[np.ndarray | None] | None = None) -> list[SampleResult]:

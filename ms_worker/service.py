@@ -38,11 +38,15 @@ def warmup_shapes(max_num_seqs: int, max_num_batched_tokens: int) -> list[tuple[
 def decode_bitmask(request, vocab_size: int, scheduled: set[str]) -> dict[str, np.ndarray]:
     """The packed grammar bitmask of a SampleRequest -> {req_id: boolean mask over the vocabulary}."""
     n, words = len(request.structured_req_ids), request.bitmask_words
-    if n == 0:
-        return {}
-    if words * 32 < vocab_size or len(request.grammar_bitmask) != n * words * 4:
+    if len(request.grammar_bitmask) != n * words * 4 or (n and words * 32 < vocab_size):
         raise ValueError(f"grammar bitmask of {len(request.grammar_bitmask)} bytes does not hold {n} rows of "
                          f"{words} words covering {vocab_size} tokens")
+    if n == 0:
+        return {}
+    ids = list(request.structured_req_ids)
+    if len(set(ids)) != n:
+        twice = sorted({r for r in ids if ids.count(r) > 1})
+        raise ValueError(f"grammar bitmask names requests more than once: {twice[:3]}")
     unknown = set(request.structured_req_ids) - scheduled
     if unknown:
         raise ValueError(f"grammar bitmask for requests not in the step: {sorted(unknown)[:3]}")
@@ -121,9 +125,10 @@ class WorkerService(pb_grpc.ModelWorkerServicer):
             t0 = time.perf_counter()
             self.model.allocate_kv_cache(request.num_blocks, request.block_size)
             max_len = min(request.max_model_len or c.max_position_embeddings, c.max_position_embeddings)
-            self.state = BatchState(request.num_blocks, c.vocab_size, max_len)
+            self.state = BatchState(request.num_blocks, c.vocab_size, max_len, request.max_num_seqs,
+                                    request.max_num_batched_tokens)
             self.block_size = request.block_size
-            self.runner = ModelRunner(self.model, request.block_size, Sampler())
+            self.runner = ModelRunner(self.model, request.block_size, Sampler(request.sampling_seed))
             self.next_step = 1
             self.pending = None
             self.warmup_shapes = warmup_shapes(request.max_num_seqs or 8, request.max_num_batched_tokens or 256)

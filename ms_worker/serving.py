@@ -173,8 +173,9 @@ class DeferredServicer:
 
 
 class WorkerInterceptor(grpc.ServerInterceptor):
-    """Checks the bearer token on every ModelWorker call, counts errors and step metrics, and runs hooks after
-    successful calls (health follows InitializeCache). Health calls pass untouched."""
+    """Checks the bearer token on every ModelWorker call, parses the request (bytes that are not the method's
+    message get INVALID_ARGUMENT), counts errors and step metrics, and runs hooks after successful calls (health
+    follows InitializeCache). Health calls pass untouched."""
 
     def __init__(self, token: str | None = None, metrics: Metrics | None = None, after: dict | None = None):
         self._token = token.encode() if token else None
@@ -194,12 +195,12 @@ class WorkerInterceptor(grpc.ServerInterceptor):
             scheme, _, value = given.partition(" ")
             if not (scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), self._token)):
                 return self._refuse(name, "missing" if not given else "invalid")
-        if self.metrics is None and name not in self.after:
-            return handler
         if handler.unary_unary is None:
             return handler
-        return grpc.unary_unary_rpc_method_handler(self._wrap(name, handler.unary_unary),
-                                                   request_deserializer=handler.request_deserializer,
+        # The request arrives as bytes and is parsed in _wrap, so that a payload that is not the method's message
+        # gets INVALID_ARGUMENT naming the problem (grpc's own parsing answers INTERNAL "Exception deserializing").
+        return grpc.unary_unary_rpc_method_handler(self._wrap(name, handler.unary_unary, handler.request_deserializer),
+                                                   request_deserializer=None,
                                                    response_serializer=handler.response_serializer)
 
     def _refuse(self, name: str, why: str):
@@ -216,12 +217,20 @@ class WorkerInterceptor(grpc.ServerInterceptor):
         # The request body is never parsed for a refused call.
         return grpc.unary_unary_rpc_method_handler(refuse)
 
-    def _wrap(self, name: str, behavior):
+    def _wrap(self, name: str, behavior, deserialize=None):
         metrics, hook = self.metrics, self.after.get(name)
+        method = pb.DESCRIPTOR.services_by_name["ModelWorker"].methods_by_name.get(name)
+        type_name = method.input_type.full_name if method is not None else "request"
 
-        def call(request, context):
+        def call(raw, context):
             t0 = time.perf_counter()
             try:
+                try:
+                    request = deserialize(raw) if deserialize is not None else raw
+                except Exception as e:  # noqa: BLE001 - DecodeError, or anything else the parser raises
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                  f"malformed {name} request: {len(raw)} bytes that do not parse as {type_name} "
+                                  f"({type(e).__name__}: {e})")
                 reply = behavior(request, context)
             except BaseException:
                 if metrics is not None:

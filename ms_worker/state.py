@@ -8,6 +8,7 @@ against what the worker knows, so a bad message is refused before any state chan
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -15,6 +16,9 @@ import numpy as np
 
 class StepError(ValueError):
     """A step message the worker cannot apply. It is refused whole; worker state is unchanged."""
+
+
+LOGPROBS_MODES = frozenset(range(4))    # ms_rpc.v1.LogprobsMode: RAW_LOGPROBS .. PROCESSED_LOGITS
 
 
 @dataclass
@@ -95,11 +99,45 @@ class WorkItem:
         return self.start + self.count >= len(self.req.token_ids)
 
 
+def check_sampling(req_id: str, p) -> None:
+    """Refuse sampling parameters (a SamplingParams message) that no sampler can apply: the ranges vLLM's own
+    SamplingParams accepts, minus what the sampler's arithmetic cannot take (NaN, inf). 0 stands for "unset" where
+    the contract says so (top_p, repetition_penalty)."""
+    def bad(name: str, value, want: str) -> StepError:
+        return StepError(f"request {req_id!r}: sampling {name} {value!r} is not {want}")
+
+    finite = math.isfinite
+    if not (finite(p.temperature) and p.temperature >= 0.0):
+        raise bad("temperature", p.temperature, "a finite number >= 0")
+    if not (finite(p.top_p) and 0.0 <= p.top_p <= 1.0):
+        raise bad("top_p", p.top_p, "in (0, 1] (0 = unset)")
+    if p.top_k < -1:
+        raise bad("top_k", p.top_k, ">= -1 (0 and -1 = disabled)")
+    if not (finite(p.min_p) and 0.0 <= p.min_p <= 1.0):
+        raise bad("min_p", p.min_p, "in [0, 1]")
+    for name in ("presence_penalty", "frequency_penalty"):
+        v = getattr(p, name)
+        if not (finite(v) and -2.0 <= v <= 2.0):
+            raise bad(name, v, "in [-2, 2]")
+    if not (finite(p.repetition_penalty) and p.repetition_penalty >= 0.0):
+        raise bad("repetition_penalty", p.repetition_penalty, "a finite number > 0 (0 = unset)")
+    if p.logprobs_mode not in LOGPROBS_MODES:
+        raise bad("logprobs_mode", p.logprobs_mode, f"one of {sorted(LOGPROBS_MODES)}")
+    nonfinite = [t for t, b in p.logit_bias.items() if not finite(b)]
+    if nonfinite:
+        raise bad("logit_bias", {t: p.logit_bias[t] for t in nonfinite[:3]}, "finite")
+
+
 class BatchState:
-    def __init__(self, num_blocks: int, vocab_size: int, max_model_len: int):
+    def __init__(self, num_blocks: int, vocab_size: int, max_model_len: int, max_num_seqs: int = 0,
+                 max_num_batched_tokens: int = 0):
         self.num_blocks = num_blocks
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
+        # The front's scheduling budgets (from InitializeCache; 0 = not given): vLLM's scheduler never exceeds
+        # them, so a step that does is refused rather than run as an arbitrarily large batch.
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
         self.requests: dict[str, RequestState] = {}
 
     # -- validation helpers ---------------------------------------------------------------------------
@@ -116,6 +154,15 @@ class BatchState:
         if bad:
             raise StepError(f"request {req_id!r}: token ids {bad[:5]} outside the vocabulary (0..{self.vocab_size - 1})")
         return ids
+
+    def _check_length(self, req_id: str, tokens: list[int], num_prompt_tokens: int) -> None:
+        """A request's token list (prompt + outputs) as the front sent it: within max_model_len, and never shorter
+        than the prompt the worker holds (all_token_ids always starts with the whole prompt)."""
+        if len(tokens) > self.max_model_len:
+            raise StepError(f"request {req_id!r}: {len(tokens)} tokens exceed max_model_len {self.max_model_len}")
+        if len(tokens) < num_prompt_tokens:
+            raise StepError(f"request {req_id!r}: {len(tokens)} tokens are fewer than its prompt of "
+                            f"{num_prompt_tokens}")
 
     def _check_span(self, req: RequestState, start: int, count: int, num_blocks: int, block_size: int) -> None:
         rid = req.req_id
@@ -150,6 +197,8 @@ class BatchState:
             tokens = self._check_tokens(rid, nr.prompt_token_ids)
             if not tokens:
                 raise StepError(f"request {rid!r} has an empty prompt")
+            self._check_length(rid, tokens, len(tokens))
+            check_sampling(rid, nr.sampling)
             sampling = Sampling.from_proto(nr.sampling)
             self._check_tokens(rid, sampling.token_ids_used())
             req = RequestState(rid, tokens, len(tokens), self._check_blocks(rid, nr.block_ids), sampling,
@@ -172,6 +221,8 @@ class BatchState:
             if cr.new_token_ids:
                 new = self._check_tokens(rid, cr.new_token_ids)
                 tokens = tokens[: cr.num_computed_tokens] + new if cr.num_computed_tokens < len(tokens) else tokens + new
+            if cr.all_token_ids or cr.new_token_ids:
+                self._check_length(rid, tokens, old.num_prompt_tokens)
             if cr.resumed:
                 blocks = self._check_blocks(rid, cr.new_block_ids)
             else:
@@ -185,6 +236,12 @@ class BatchState:
             raise StepError(
                 f"per-request scheduled tokens add up to {total}, the step says {step.total_num_scheduled_tokens}"
             )
+        n = len(staged) + len(updates)
+        if self.max_num_seqs and n > self.max_num_seqs:
+            raise StepError(f"{n} requests scheduled in one step, more than max_num_seqs {self.max_num_seqs}")
+        if self.max_num_batched_tokens and total > self.max_num_batched_tokens:
+            raise StepError(f"{total} tokens scheduled in one step, more than max_num_batched_tokens "
+                            f"{self.max_num_batched_tokens}")
 
         # Phase 2: commit.
         for rid in step.finished_req_ids:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import threading
 import time
 from collections import deque
@@ -145,8 +146,7 @@ class MsRpcExecutor(Executor):
         self._restarts: deque[float] = deque()
         self._step_times: deque[float] = deque(maxlen=64)
         self.stats = StepStats(self.settings["stats_interval_s"])
-        addresses = group_addresses(self.settings["workers"], pc.tensor_parallel_size, pc.data_parallel_rank,
-                                    pc.data_parallel_size)
+        addresses = group_addresses(self.settings["workers"], pc.tensor_parallel_size, pc.data_parallel_index)
         self.group = WorkerGroup(self.settings, self.model_config.model, pc.tensor_parallel_size, addresses)
         try:
             if not addresses:
@@ -217,6 +217,8 @@ class MsRpcExecutor(Executor):
             num_blocks=cfg.num_blocks, block_size=block_size, num_layers=self.info.model.num_layers,
             max_num_seqs=sc.max_num_seqs, max_num_batched_tokens=sc.max_num_batched_tokens,
             max_model_len=self.model_config.max_model_len,
+            # One seed for every rank: their unseeded random draws stay identical, and so do their request states.
+            sampling_seed=secrets.randbits(63) or 1,
         )
         self.group.handshake(self._cache, warmup=False)
         self._step = 0

@@ -30,16 +30,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def group_addresses(workers: list[str], tp_size: int, dp_rank: int, dp_size: int) -> list[str]:
+def group_addresses(workers: list[str], tp_size: int, dp_index: int) -> list[str]:
     """This DP rank's worker addresses out of the configured list: one group of tp_size per DP rank, in order
-    (DP rank r gets workers[r*tp_size:(r+1)*tp_size]). [] = the embedded default (local workers)."""
+    (DP rank r gets workers[r*tp_size:(r+1)*tp_size]). [] = the embedded default (local workers).
+
+    vLLM runs each DP rank of a dense model as an independent engine (its parallel config then says DP size 1),
+    so the rank comes from `data_parallel_index` and the list's length is checked against the groups it holds."""
     if not workers:
         return []
-    if len(workers) != tp_size * dp_size:
-        raise ConfigError(f"ms_rpc: {len(workers)} worker addresses given for data parallel size {dp_size} x tensor "
-                          f"parallel size {tp_size}; expected {tp_size * dp_size} (DP rank r uses addresses "
-                          f"r*{tp_size} .. r*{tp_size}+{tp_size - 1}): {workers}")
-    return workers[dp_rank * tp_size:(dp_rank + 1) * tp_size]
+    if len(workers) % tp_size or (dp_index + 1) * tp_size > len(workers):
+        raise ConfigError(f"ms_rpc: {len(workers)} worker addresses do not hold a group of {tp_size} (tensor parallel "
+                          f"size) for data parallel rank {dp_index}: give tp_size x dp_size addresses, DP rank r "
+                          f"using addresses r*{tp_size} .. r*{tp_size}+{tp_size - 1}: {workers}")
+    return workers[dp_index * tp_size:(dp_index + 1) * tp_size]
 
 
 def connect_worker(settings: dict, address: str, timeout: float | None = None) -> WorkerClient:
@@ -179,10 +182,13 @@ class WorkerGroup:
         return min(c.determine_available_memory(block_size, requested).available_kv_bytes for c in self.clients)
 
     def check_liveness(self, timeout: float) -> None:
-        for c in self.clients:
+        """Every rank runs a real one-token forward, all at once (a forward holds collectives across the ranks)."""
+        def check(c: WorkerClient):
             try:
                 c.check_liveness(timeout=timeout)
             except WorkerError as e:
                 if e.code is None or e.code.name != "UNIMPLEMENTED":
                     raise
                 c.describe(timeout=5.0)
+
+        self.call_all(check)

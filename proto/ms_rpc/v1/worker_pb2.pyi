@@ -98,7 +98,7 @@ class MemoryInfo(_message.Message):
     def __init__(self, available_kv_bytes: _Optional[int] = ..., bytes_per_block: _Optional[int] = ..., weight_bytes: _Optional[int] = ...) -> None: ...
 
 class CacheConfig(_message.Message):
-    __slots__ = ("protocol_version", "num_blocks", "block_size", "num_layers", "max_num_seqs", "max_num_batched_tokens", "max_model_len")
+    __slots__ = ("protocol_version", "num_blocks", "block_size", "num_layers", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "sampling_seed")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -106,6 +106,7 @@ class CacheConfig(_message.Message):
     MAX_NUM_SEQS_FIELD_NUMBER: _ClassVar[int]
     MAX_NUM_BATCHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_SEED_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     num_blocks: int
     block_size: int
@@ -113,7 +114,8 @@ class CacheConfig(_message.Message):
     max_num_seqs: int
     max_num_batched_tokens: int
     max_model_len: int
-    def __init__(self, protocol_version: _Optional[int] = ..., num_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., max_num_batched_tokens: _Optional[int] = ..., max_model_len: _Optional[int] = ...) -> None: ...
+    sampling_seed: int
+    def __init__(self, protocol_version: _Optional[int] = ..., num_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., max_num_batched_tokens: _Optional[int] = ..., max_model_len: _Optional[int] = ..., sampling_seed: _Optional[int] = ...) -> None: ...
 
 class CacheInfo(_message.Message):
     __slots__ = ("allocated_bytes", "next_step_id")
