@@ -21,24 +21,9 @@ import urllib.request
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 from conftest import (DEFAULT_MODEL, PROMPTS, Server, cmdline, descendants, free_port,  # noqa: E402
-                      hf_greedy)
+                      hf_greedy, metric, rss_mib)
 
 MAX_NEW = 32          # the greedy references are as long as test_server.py proves batching-invariant
-
-
-def rss_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
-
-
-def metric(url: str, name: str) -> float:
-    with urllib.request.urlopen(url, timeout=10) as r:
-        text = r.read().decode()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith(name) and not line.startswith("#"))
 
 
 def slope_mib_per_min(samples: list[tuple[float, float]]) -> float:

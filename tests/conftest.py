@@ -90,6 +90,28 @@ def cmdline(pid: int) -> str:
         return ""
 
 
+def rss_mib(pid: int) -> float:
+    """A process's resident set size in MiB (0 when it is gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def metric(url: str, name: str) -> float:
+    """The sum of a Prometheus metric's samples (all label sets) at `url` (a /metrics address)."""
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=10) as r:
+        text = r.read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name) and not line.startswith("#"))
+
+
 class Server:
     """`vllm serve ... --distributed-executor-backend ms_rpc` as a subprocess, on a loopback port."""
 

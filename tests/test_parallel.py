@@ -8,7 +8,7 @@ import json
 import threading
 import urllib.request
 
-from conftest import PROMPTS, Server, cmdline, descendants, free_port, hf_greedy, start_worker
+from conftest import PROMPTS, Server, cmdline, descendants, free_port, hf_greedy, metric, start_worker
 
 MAX_NEW = 16
 
@@ -48,13 +48,6 @@ def _prompt_ids(model) -> list[list[int]]:
     return [tok(p)["input_ids"] for p in PROMPTS[:6]]
 
 
-def _metric(url: str, name: str) -> float:
-    with urllib.request.urlopen(url, timeout=10) as r:
-        text = r.read().decode()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith(name) and not line.startswith("#"))
-
-
 def test_tp3_embedded_matches_hf(default_model, tmp_path):
     prompt_ids = _prompt_ids(default_model)
     expected = hf_greedy(default_model, prompt_ids, MAX_NEW)
@@ -88,7 +81,7 @@ def test_dp2_two_worker_groups_both_serve(default_model, tmp_path):
         try:
             server.wait_healthy()
             assert _concurrent_greedy(server, default_model, prompt_ids) == expected
-            served = [_metric(m, "ms_worker_scheduled_tokens_total") for m in metrics]
+            served = [metric(m, "ms_worker_scheduled_tokens_total") for m in metrics]
             assert all(n > 0 for n in served), served          # both DP ranks' workers computed tokens
         finally:
             server.stop()

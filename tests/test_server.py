@@ -16,7 +16,7 @@ import urllib.request
 
 import pytest
 
-from conftest import PROMPTS, Server, cmdline, descendants, hf_greedy
+from conftest import PROMPTS, Server, cmdline, descendants, hf_greedy, metric
 
 MAX_NEW = 32
 CHUNK = 64
@@ -56,13 +56,6 @@ def post(server, path: str, body: dict, timeout: float = 300) -> dict:
         return json.loads(r.read())
 
 
-def metric(server, name: str) -> float:
-    with urllib.request.urlopen(server.url + "/metrics", timeout=10) as r:
-        text = r.read().decode()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith(name) and not line.startswith("#"))
-
-
 def test_chat_answers_paris(server, default_model):
     body = {"model": str(default_model), "temperature": 0, "max_tokens": 24,
             "messages": [{"role": "user", "content": "What is the capital of France?"}]}
@@ -98,7 +91,7 @@ def test_concurrent_greedy_matches_hf_with_chunking_and_preemption(server, defau
     prompt_ids = [tokenizer(p)["input_ids"] for p in PROMPTS]
     assert max(len(p) for p in prompt_ids) > CHUNK          # one prompt needs chunked prefill
     expected = hf_greedy(default_model, prompt_ids, MAX_NEW)
-    preempt_before = metric(server, "vllm:num_preemptions")
+    preempt_before = metric(server.url + "/metrics", "vllm:num_preemptions")
 
     got: dict[int, list[int]] = {}
     errors: list[BaseException] = []
@@ -120,7 +113,7 @@ def test_concurrent_greedy_matches_hf_with_chunking_and_preemption(server, defau
     assert not errors, errors
     for i in range(len(PROMPTS)):
         assert got[i] == expected[i], f"prompt {i} ({PROMPTS[i][:30]!r}): {got[i]} != {expected[i]}"
-    assert metric(server, "vllm:num_preemptions") > preempt_before, "the small KV cache should force preemption"
+    assert metric(server.url + "/metrics", "vllm:num_preemptions") > preempt_before, "the small KV cache should force preemption"
 
 
 SCHEMAS = [

@@ -13,9 +13,10 @@ from conftest import ROOT
 sys.path.insert(0, str(ROOT / "scripts"))
 import soak  # noqa: E402
 
-# The worker's memory after warm-up may still grow while the first uses of new batch shapes compile; a leak
-# per request or per step would grow far faster than this over thousands of requests.
-MAX_SLOPE_MIB_PER_MIN = float(os.environ.get("SOAK_MAX_SLOPE_MIB_PER_MIN", "30"))
+# After the warm-up round the worker's RSS may still move while rarer batch shapes compile or leave the graph
+# cache (a 90 s run measured +23 MiB/min); a leak per request or per step grows far faster (the unbounded graph
+# memory this cache replaced grew about 1,000 MiB/min in the same test).
+MAX_SLOPE_MIB_PER_MIN = float(os.environ.get("SOAK_MAX_SLOPE_MIB_PER_MIN", "60"))
 
 
 def test_soak_streams_with_cancellations(default_model, tmp_path):

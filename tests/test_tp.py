@@ -14,7 +14,6 @@ with the ms_rpc.v1 messages, every step sent to all ranks at once, as the front 
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import subprocess
@@ -26,7 +25,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from conftest import WORKER_PY, free_port, hf_greedy, start_worker
+from conftest import WORKER_PY, free_port, hf_greedy, rss_mib, start_worker
 from ms_rpc.v1 import worker_pb2 as pb
 from ms_rpc.v1 import worker_pb2_grpc as pb_grpc
 
@@ -81,14 +80,6 @@ def alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
-
-
-def rss_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
 
 
 class Group:
