@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import logging
 import os
 import time
 from collections import OrderedDict
@@ -12,9 +13,12 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor, nn
 
+from . import runtime
 from .config import ModelConfig
 
 __all__ = ["CausalLM", "next_bucket", "DEFAULT_GRAPH_MEMORY"]
+
+log = logging.getLogger("ms_models")
 
 # Host memory for compiled bucket graphs (see _GraphCache). Measured on SmolLM2-135M: a decode graph costs
 # about 46 MiB, a prefill graph 50-250 MiB (growing with its tokens); the worker target is RSS <= weights +
@@ -120,8 +124,9 @@ class _GraphCache:
         """Records a new graph, then drops the least recently used others while over ``budget``."""
         self._graphs[key] = (phases, max(int(cost), 0))
         while self.bytes > budget and len(self._graphs) > 1:
-            _, (old, _) = self._graphs.popitem(last=False)
+            old_key, (old, _) = self._graphs.popitem(last=False)
             _drop_graphs(old)
+            log.info("dropped the graph of bucket %s (graph memory budget %.0f MiB)", old_key, budget / 2**20)
 
     def clear(self) -> None:
         for phases, _ in self._graphs.values():
@@ -276,9 +281,10 @@ class CausalLM:
         """``shape``, or, while it has no graph and has been asked for fewer than COMPILE_AFTER times, the
         smallest compiled bucket that covers it: a batch size or context bucket that lasts a few steps (requests
         arriving or finishing one by one) then costs some padding instead of a 2-3 s compilation and the
-        eviction of a graph in use."""
+        eviction of a graph in use. Not under tensor parallelism: which graphs a rank keeps depends on its own
+        measured costs, and ranks must run the same shapes (their graphs all-reduce)."""
         key = (*shape, all_positions)
-        if not self.use_jit or key in self.graphs:
+        if not self.use_jit or key in self.graphs or runtime.current_tp()[1] > 1:
             return shape
         asked = self._asked[key] = self._asked.get(key, 0) + 1
         cover = self.graphs.cover(key) if asked < COMPILE_AFTER else None
@@ -315,10 +321,13 @@ class CausalLM:
         ``graphs``, which may drop others)."""
         if not self.use_jit or self.graphs.touch(key):
             return self._fn(*inputs)
-        before, heap = _compiled_phases(), _heap_bytes()
+        before, heap, t0 = _compiled_phases(), _heap_bytes(), time.perf_counter()
         out = self._fn(*inputs)  # blocking mode: the graph has run when this returns
-        self.graphs.add(key, _compiled_phases() - before, _heap_bytes() - heap, self.graph_memory)
+        cost = _heap_bytes() - heap
+        self.graphs.add(key, _compiled_phases() - before, cost, self.graph_memory)
         self._asked.pop(key, None)
+        log.info("compiled bucket %s in %.1f s (%.0f MiB); %d graphs kept, %.0f MiB", key, time.perf_counter() - t0,
+                 cost / 2**20, len(self.graphs), self.graphs.bytes / 2**20)
         return out
 
     def warmup(self, shapes: Iterable) -> dict:
