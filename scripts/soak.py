@@ -103,7 +103,8 @@ def warm_up(server, prompts: list[list[int]], clients: int) -> None:
             t.join(600)
 
 
-def run(duration: float, clients: int, cancel: float, log_path: str, seed: int = 0) -> dict:
+def run(duration: float, clients: int, cancel: float, log_path: str, seed: int = 0,
+        graph_memory_mb: int = 0) -> dict:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(DEFAULT_MODEL))
@@ -111,7 +112,8 @@ def run(duration: float, clients: int, cancel: float, log_path: str, seed: int =
     refs = hf_greedy(DEFAULT_MODEL, prompts, MAX_NEW)
     wport = free_port()
     extra = ["--max-model-len", "512", "--max-num-seqs", str(clients), "--gpu-memory-utilization", "0.05",
-             "--additional-config", json.dumps({"ms_rpc": {"worker_args": ["--metrics-port", str(wport)]}})]
+             "--additional-config", json.dumps({"ms_rpc": {"worker_args": ["--metrics-port", str(wport),
+                                                                        "--graph-memory-mb", str(graph_memory_mb)]}})]
     server = Server(DEFAULT_MODEL, extra, log_path=log_path)
     stats: dict = {}
     try:
@@ -166,9 +168,10 @@ def main() -> int:
     ap.add_argument("--duration", type=float, default=600)
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--cancel", type=float, default=0.25, help="share of streams closed early (default 0.25)")
+    ap.add_argument("--graph-memory-mb", type=int, default=0, help="the worker's graph cache (0 = its default)")
     ap.add_argument("--log", default="/tmp/soak.log")
     a = ap.parse_args()
-    f = run(a.duration, a.clients, a.cancel, a.log)
+    f = run(a.duration, a.clients, a.cancel, a.log, graph_memory_mb=a.graph_memory_mb)
     ok = (f["mismatches"] == f["errors"] == f["exceptions"] == f["hung_clients"] == 0
           and f["vllm_kv_usage_end"] == 0 and f["worker_requests_active_end"] == 0
           and f["worker_kv_blocks_used_end"] == 0)

@@ -13,17 +13,20 @@ from conftest import ROOT
 sys.path.insert(0, str(ROOT / "scripts"))
 import soak  # noqa: E402
 
-# After the warm-up round the worker's RSS may still move while rarer batch shapes compile or leave the graph
-# cache (a 90 s run measured +23 MiB/min); a leak per request or per step grows far faster (the unbounded graph
-# memory this cache replaced grew about 1,000 MiB/min in the same test).
-MAX_SLOPE_MIB_PER_MIN = float(os.environ.get("SOAK_MAX_SLOPE_MIB_PER_MIN", "60"))
+# Worker memory after the warm-up round: the graph cache bounds what compiled batch shapes may add
+# (`--graph-memory-mb`), and rarer shapes still compile during a 90 s run (about 48 MiB each), so
+# the RSS slope over so short a run is reported, not asserted; the growth is asserted to stay within the cache's
+# budget plus a margin. Before the cache, the same test grew 1,660 MiB in 90 s.
+GRAPH_MEMORY_MIB = 160      # the worker's --graph-memory-mb here (its default)
+GROWTH_MARGIN_MIB = 128
 
 
 def test_soak_streams_with_cancellations(default_model, tmp_path):
     f = soak.run(float(os.environ.get("SOAK_S", "90")), clients=32, cancel=0.25,
-                 log_path=str(tmp_path / "serve.log"))
+                 log_path=str(tmp_path / "serve.log"), graph_memory_mb=GRAPH_MEMORY_MIB)
     assert f["completed"] > 32 and f["cancelled"] > 0, f
     assert f["mismatches"] == 0 and f["errors"] == 0 and f["exceptions"] == 0 and f["hung_clients"] == 0, f
     assert f["vllm_requests_running_end"] == 0 and f["vllm_kv_usage_end"] == 0, f
     assert f["worker_requests_active_end"] == 0 and f["worker_kv_blocks_used_end"] == 0, f
-    assert f["worker_rss_slope_mib_per_min"] <= MAX_SLOPE_MIB_PER_MIN, f
+    growth = f["worker_rss_end_mib"] - f["worker_rss_start_mib"]
+    assert growth <= GRAPH_MEMORY_MIB + GROWTH_MARGIN_MIB, f

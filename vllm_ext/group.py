@@ -45,6 +45,19 @@ def group_addresses(workers: list[str], tp_size: int, dp_index: int) -> list[str
     return workers[dp_index * tp_size:(dp_index + 1) * tp_size]
 
 
+def _without_options(args: list[str], names: tuple[str, ...]) -> list[str]:
+    """`args` less the options `names` (as `--name value` or `--name=value`)."""
+    out, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+        elif a in names:
+            skip = True
+        elif not a.startswith(tuple(n + "=" for n in names)):
+            out.append(a)
+    return out
+
+
 def connect_worker(settings: dict, address: str, timeout: float | None = None) -> WorkerClient:
     """A client for the worker at `address` with the configured TLS/token, once its health says SERVING."""
     try:
@@ -105,6 +118,8 @@ class WorkerGroup:
         try:
             for rank in range(self.size):
                 extra = list(self.settings["worker_args"])
+                if rank > 0:  # one port each: the metrics and health ports of worker_args go to rank 0 only
+                    extra = _without_options(extra, ("--metrics-port", "--health-port"))
                 if dist:
                     extra += ["--rank", str(rank), "--world-size", str(self.size), "--dist-addr", dist]
                 self.local.append(LocalWorker(self.settings["worker_python"], os.path.abspath(self.model), extra,
