@@ -35,7 +35,7 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 
 _SECURITY_KEYS = ("tls", "tls_ca", "tls_cert", "tls_key", "tls_server_name", "token", "token_file")
 
-# name: (default, type). Each from --additional-config '{"ms_rpc": {name: ...}}', else MS_RPC_<NAME>.
+# name: default (its type is the setting's). Each from --additional-config '{"ms_rpc": {name: ...}}', else MS_RPC_<NAME>.
 _NUMBERS = {
     "connect_timeout_s": 30.0,        # wait for a worker's health SERVING at start-up
     "step_timeout_s": 600.0,          # the longest any step may take (the cap of the step deadline)
@@ -224,9 +224,7 @@ class MsRpcExecutor(Executor):
         self._step = 0
 
     def compile_or_warm_up_model(self) -> None:
-        reply = self.group.call_all(lambda c: c.warmup())
-        self.vllm_config.compilation_config.compilation_time = reply.seconds
-        log.info("ms_rpc: worker warm-up compiled %d shapes in %.1f s", reply.compiled_shapes, reply.seconds)
+        self.vllm_config.compilation_config.compilation_time = self.group.warmup()
 
     @cached_property
     def supported_tasks(self):

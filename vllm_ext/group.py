@@ -187,8 +187,10 @@ class WorkerGroup:
             return c.initialize_cache(cfg)
 
         self.call_all(init)
-        if not warmup:
-            return 0.0
+        return self.warmup() if warmup else 0.0
+
+    def warmup(self) -> float:
+        """Warmup on every rank at once (their forwards hold collectives); returns rank 0's seconds."""
         reply = self.call_all(lambda c: c.warmup())
         log.info("ms_rpc: worker warm-up compiled %d shapes in %.1f s", reply.compiled_shapes, reply.seconds)
         return reply.seconds
