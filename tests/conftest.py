@@ -112,6 +112,38 @@ def metric(url: str, name: str) -> float:
                if line.startswith(name) and not line.startswith("#"))
 
 
+def concurrent_greedy(url: str, model, prompt_ids: list[list[int]], max_new: int, stagger_s: float = 0.0,
+                      timeout: float = 900) -> list[list[int]]:
+    """One greedy /v1/completions request per prompt, all in flight together (request i starts after
+    i * stagger_s seconds); returns each request's token ids. Any request's failure fails the caller."""
+    import json
+    import threading
+    import urllib.request
+
+    got: dict[int, list[int]] = {}
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        try:
+            time.sleep(stagger_s * i)
+            body = {"model": str(model), "prompt": prompt_ids[i], "max_tokens": max_new, "temperature": 0,
+                    "ignore_eos": True, "return_token_ids": True}
+            req = urllib.request.Request(url + "/v1/completions", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                got[i] = json.loads(r.read())["choices"][0]["token_ids"]
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompt_ids))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    assert not errors, errors
+    return [got[i] for i in range(len(prompt_ids))]
+
+
 class Server:
     """`vllm serve ... --distributed-executor-backend ms_rpc` as a subprocess, on a loopback port."""
 

@@ -5,40 +5,11 @@ DP rank. Greedy tokens are checked against HF transformers; worker-level TP chec
 from __future__ import annotations
 
 import json
-import threading
-import urllib.request
 
-from conftest import PROMPTS, Server, cmdline, descendants, free_port, hf_greedy, metric, start_worker
+from conftest import (PROMPTS, Server, cmdline, concurrent_greedy, descendants, free_port, hf_greedy, metric,
+                      start_worker)
 
 MAX_NEW = 16
-
-
-def _post(server, body: dict) -> dict:
-    req = urllib.request.Request(server.url + "/v1/completions", data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=600) as r:
-        return json.loads(r.read())
-
-
-def _concurrent_greedy(server, model, prompt_ids: list[list[int]]) -> list[list[int]]:
-    got: dict[int, list[int]] = {}
-    errors: list[BaseException] = []
-
-    def run(i: int) -> None:
-        try:
-            body = {"model": str(model), "prompt": prompt_ids[i], "max_tokens": MAX_NEW, "temperature": 0,
-                    "ignore_eos": True, "return_token_ids": True}
-            got[i] = _post(server, body)["choices"][0]["token_ids"]
-        except BaseException as e:  # noqa: BLE001 - reported below
-            errors.append(e)
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompt_ids))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(900)
-    assert not errors, errors
-    return [got[i] for i in range(len(prompt_ids))]
 
 
 def _prompt_ids(model) -> list[list[int]]:
@@ -57,7 +28,7 @@ def test_tp3_embedded_matches_hf(default_model, tmp_path):
         server.wait_healthy()
         ranks = [cmdline(p) for p in descendants(server.proc.pid) if "ms_worker serve" in cmdline(p)]
         assert len(ranks) == 3, ranks
-        assert _concurrent_greedy(server, default_model, prompt_ids) == expected
+        assert concurrent_greedy(server.url, default_model, prompt_ids, MAX_NEW) == expected
     finally:
         server.stop()
 
@@ -80,7 +51,7 @@ def test_dp2_two_worker_groups_both_serve(default_model, tmp_path):
                         log_path=tmp_path / "serve.log")
         try:
             server.wait_healthy()
-            assert _concurrent_greedy(server, default_model, prompt_ids) == expected
+            assert concurrent_greedy(server.url, default_model, prompt_ids, MAX_NEW) == expected
             served = [metric(m, "ms_worker_scheduled_tokens_total") for m in metrics]
             assert all(n > 0 for n in served), served          # both DP ranks' workers computed tokens
         finally:

@@ -10,13 +10,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import threading
 import time
 import urllib.request
 
 import pytest
 
-from conftest import PROMPTS, Server, cmdline, descendants, hf_greedy, metric
+from conftest import PROMPTS, Server, cmdline, concurrent_greedy, descendants, hf_greedy, metric
 
 MAX_NEW = 32
 CHUNK = 64
@@ -93,24 +92,8 @@ def test_concurrent_greedy_matches_hf_with_chunking_and_preemption(server, defau
     expected = hf_greedy(default_model, prompt_ids, MAX_NEW)
     preempt_before = metric(server.url + "/metrics", "vllm:num_preemptions")
 
-    got: dict[int, list[int]] = {}
-    errors: list[BaseException] = []
-
-    def run(i: int) -> None:
-        try:
-            time.sleep(0.4 * i)                                  # arrive while earlier requests decode
-            body = {"model": str(default_model), "prompt": prompt_ids[i], "max_tokens": MAX_NEW, "temperature": 0,
-                    "ignore_eos": True, "return_token_ids": True}
-            got[i] = post(server, "/v1/completions", body)["choices"][0]["token_ids"]
-        except BaseException as e:  # noqa: BLE001 - reported below
-            errors.append(e)
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(PROMPTS))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(600)
-    assert not errors, errors
+    # requests arrive 0.4 s apart, while earlier ones decode
+    got = concurrent_greedy(server.url, default_model, prompt_ids, MAX_NEW, stagger_s=0.4, timeout=600)
     for i in range(len(PROMPTS)):
         assert got[i] == expected[i], f"prompt {i} ({PROMPTS[i][:30]!r}): {got[i]} != {expected[i]}"
     assert metric(server.url + "/metrics", "vllm:num_preemptions") > preempt_before, "the small KV cache should force preemption"
