@@ -63,6 +63,20 @@ def hf_greedy(model_dir, prompt_ids: list[list[int]], max_new: int) -> list[list
     return out
 
 
+def perturb_norms_and_biases(model):
+    """HF initialises RMSNorm gammas to 1 and biases to 0, which would hide a wrong gamma or bias: randomise them
+    (in place; returns the model)."""
+    import torch
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.add_(torch.randn_like(p) * 0.2)
+            elif name.endswith(".bias"):
+                p.normal_(0.0, 0.1)
+    return model
+
+
 def descendants(pid: int) -> list[int]:
     """All descendant pids of `pid` (from /proc)."""
     children: dict[int, list[int]] = {}

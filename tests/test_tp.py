@@ -25,7 +25,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from conftest import WORKER_PY, free_port, hf_greedy, rss_mib, start_worker
+from conftest import WORKER_PY, free_port, hf_greedy, perturb_norms_and_biases, rss_mib, start_worker
 from ms_rpc.v1 import worker_pb2 as pb
 from ms_rpc.v1 import worker_pb2_grpc as pb_grpc
 
@@ -175,13 +175,7 @@ def make_tiny(arch: str, path: Path) -> Path:
     else:
         model = T.Qwen2ForCausalLM(T.Qwen2Config(vocab_size=150, intermediate_size=96, tie_word_embeddings=True,
                                                  **common))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.add_(torch.randn_like(p) * 0.2)
-            elif name.endswith(".bias"):
-                p.normal_(0.0, 0.1)
-    model.to(torch.float32).save_pretrained(path)
+    perturb_norms_and_biases(model).to(torch.float32).save_pretrained(path)
     return path
 
 
