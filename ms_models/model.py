@@ -81,13 +81,14 @@ class _GraphCache:
     """The bucket graphs compiled with the current KV cache, least recently used first.
 
     MindSpore keeps every compiled graph until told to drop it, and each costs host memory: about 30 KB per
-    kernel (a 30-layer decoder is ~1,600 kernels, ~46 MiB) plus buffers some CPU kernels keep per graph. One
-    graph per (B, Q, M) bucket made the worker's RSS grow with every new batch size and context length. Each
-    graph's cost is the heap its compilation and first run leave allocated; once the total passes the budget,
-    the least recently used graphs are dropped (and recompile, 2-3 s, if their shape comes back). Dropping is
-    not quite free: MindSpore 2.10 never frees about an eighth of each compilation (~6 MiB per SmolLM2 graph,
-    in its frontend), so a dropped shape that keeps coming back leaks; the budget should hold a workload's
-    usual shapes.
+    kernel (a 30-layer decoder is ~1,600 kernels, ~46 MiB whatever the shape) plus buffers some CPU kernels keep
+    per graph. One graph per (B, Q, M) bucket made the worker's RSS grow with every new batch size and context
+    length. Each graph's cost is the heap its compilation and first run leave allocated; the total stays within a
+    budget. Dropping a graph is not free: MindSpore 2.10 never frees about an eighth of each compilation (~6 MiB
+    per SmolLM2 graph, in its frontend), so a cache that drops and recompiles the same shapes leaks. Hence the
+    policy (CausalLM._bucket_to_run): a batch without its own graph runs padded in a compiled bigger one (a
+    cover); a new graph compiles only when it fits beside the others, or when nothing covers the batch, and then
+    the graphs it covers go first. Every shape once covered stays covered, so compiling stops.
     """
 
     def __init__(self):
@@ -113,6 +114,21 @@ class _GraphCache:
         fits = [k for k in self._graphs if k[3] == key[3] and all(a >= b for a, b in zip(k[:3], key[:3]))]
         return min(fits, key=lambda k: (k[0] * k[1], k[2]), default=None)
 
+    def join(self, key):
+        """The bucket to compile for ``key``, which no graph covers, when the cache is full: the smallest
+        elementwise maximum of ``key`` and a kept graph's bucket (it covers both, and the kept graph is then
+        dropped: every shape covered before stays covered) whose padded work B x Q x M is at most twice the
+        larger of the two; else ``key`` itself (then the least recently used graph goes)."""
+        def work(k):
+            return k[0] * k[1] * k[2]
+
+        joins = []
+        for k in self._graphs:
+            j = tuple(max(a, b) for a, b in zip(key[:3], k[:3])) + (key[3],)
+            if k[3] == key[3] and work(j) <= 2 * max(work(key), work(k)):
+                joins.append((work(j), j))
+        return min(joins)[1] if joins else key
+
     def touch(self, key) -> bool:
         """Marks ``key`` used now; False if it has no graph yet."""
         if key not in self._graphs:
@@ -120,13 +136,22 @@ class _GraphCache:
         self._graphs.move_to_end(key)
         return True
 
+    def fits_another(self, budget: int) -> bool:
+        """Whether one more graph (as costly as the costliest so far) fits in ``budget`` beside the others."""
+        return self.bytes + self.largest <= budget
+
     def add(self, key, phases: set, cost: int, budget: int) -> None:
-        """Records a new graph, then drops the least recently used others while over ``budget``."""
+        """Records a new graph, then, while over ``budget``, drops the least recently used graphs that ``key``
+        covers (their batches can run in it), then the least recently used others."""
         self._graphs[key] = (phases, max(int(cost), 0))
         while self.bytes > budget and len(self._graphs) > 1:
-            old_key, (old, _) = self._graphs.popitem(last=False)
+            covered = [k for k in self._graphs if k != key and k[3] == key[3]
+                       and all(a >= b for a, b in zip(key[:3], k[:3]))]
+            old_key = covered[0] if covered else next(iter(self._graphs))
+            old, _ = self._graphs.pop(old_key)
             _drop_graphs(old)
-            log.info("dropped the graph of bucket %s (graph memory budget %.0f MiB)", old_key, budget / 2**20)
+            log.info("dropped the graph of bucket %s (graph memory budget %.0f MiB%s)", old_key, budget / 2**20,
+                     f"; {key} covers it" if covered else "")
 
     def clear(self) -> None:
         for phases, _ in self._graphs.values():
@@ -278,17 +303,24 @@ class CausalLM:
     __call__ = forward
 
     def _bucket_to_run(self, shape: tuple, all_positions: bool) -> tuple:
-        """``shape``, or, while it has no graph and has been asked for fewer than COMPILE_AFTER times, the
-        smallest compiled bucket that covers it: a batch size or context bucket that lasts a few steps (requests
-        arriving or finishing one by one) then costs some padding instead of a 2-3 s compilation and the
-        eviction of a graph in use. Not under tensor parallelism: which graphs a rank keeps depends on its own
-        measured costs, and ranks must run the same shapes (their graphs all-reduce)."""
+        """The bucket to run a batch of bucket ``shape`` in: its own graph if compiled; else the compiled bucket
+        with the fewest padded tokens that covers it (no smaller in B, Q or M), unless the shape has been asked
+        for COMPILE_AFTER times and its graph fits in the budget beside the others; ``shape`` itself (to compile)
+        when nothing covers it. Batch sizes and context lengths that last a few steps (requests arriving or
+        finishing one by one) then cost some padding, not a 2-3 s compilation, and a full cache never drops a
+        graph to make room for a shape it can already run (see _GraphCache). Not under tensor parallelism:
+        which graphs a rank keeps depends on its own measured costs, and ranks must run the same shapes (their
+        graphs all-reduce)."""
         key = (*shape, all_positions)
         if not self.use_jit or key in self.graphs or runtime.current_tp()[1] > 1:
             return shape
+        cover = self.graphs.cover(key)
+        if cover is None:
+            return shape if self.graphs.fits_another(self.graph_memory) else self.graphs.join(key)[:3]
         asked = self._asked[key] = self._asked.get(key, 0) + 1
-        cover = self.graphs.cover(key) if asked < COMPILE_AFTER else None
-        return shape if cover is None else cover[:3]
+        if asked >= COMPILE_AFTER and self.graphs.fits_another(self.graph_memory):
+            return shape
+        return cover[:3]
 
     def _forward(self, ids, pos, slots, bt, li, shape: tuple, all_positions: bool) -> np.ndarray:
         """forward() of valid inputs, padded to bucket ``shape``."""
@@ -340,7 +372,7 @@ class CausalLM:
             shape = self.bucket_shape(B, Q, M)
             if shape in times:
                 continue
-            if self.use_jit and self.graphs.bytes + self.graphs.largest > self.graph_memory:
+            if self.use_jit and not self.graphs.fits_another(self.graph_memory):
                 break
             Bp, Qp, Mp = shape
             t0 = time.perf_counter()

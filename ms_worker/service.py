@@ -26,13 +26,21 @@ log = logging.getLogger("ms_worker")
 PROTOCOL_VERSION = pb.PROTOCOL_VERSION_CURRENT
 
 
-def warmup_shapes(max_num_seqs: int, max_num_batched_tokens: int) -> list[tuple[int, int, int]]:
-    """(B, Q, M) shapes compiled before serving: decode batches up to 8 sequences and a short and a full prefill
-    chunk, each over one block table entry; other shapes compile on first use."""
-    shapes = [(b, 1, 1) for b in (1, 2, 4, 8) if b <= max(max_num_seqs, 1)]
-    full = min(max_num_batched_tokens, 512)
-    shapes += [(1, q, 1) for q in sorted({min(16, full), full})]
-    return shapes
+def warmup_shapes(max_num_seqs: int, max_num_batched_tokens: int, block_size: int,
+                  max_model_len: int) -> list[tuple[int, int, int]]:
+    """(B, Q, M) shapes to compile before serving, most needed first (the model stops where its graph budget is
+    full): one stream's decode; one request's prefill of up to 128 tokens; a decode of up to 32 sequences, which
+    covers every smaller decode batch until their own graphs compile (see CausalLM._bucket_to_run); smaller
+    decode batches; the full prefill chunk. Decodes get blocks for 128 tokens of context."""
+    def blocks(tokens: int) -> int:
+        return -(-min(tokens, max_model_len) // block_size)
+
+    chunk = max(1, min(max_num_batched_tokens, 512, max_model_len))
+    short = min(128, chunk)
+    seqs = min(max(max_num_seqs, 1), 32)
+    m = blocks(128)
+    return ([(1, 1, m), (1, short, blocks(short)), (seqs, 1, m)]
+            + [(b, 1, m) for b in (8, 4, 2, 16) if b < seqs] + [(1, chunk, blocks(chunk))])
 
 
 def decode_bitmask(request, vocab_size: int, scheduled: set[str]) -> dict[str, np.ndarray]:
@@ -131,7 +139,8 @@ class WorkerService(pb_grpc.ModelWorkerServicer):
             self.runner = ModelRunner(self.model, request.block_size, Sampler(request.sampling_seed))
             self.next_step = 1
             self.pending = None
-            self.warmup_shapes = warmup_shapes(request.max_num_seqs or 8, request.max_num_batched_tokens or 256)
+            self.warmup_shapes = warmup_shapes(request.max_num_seqs or 8, request.max_num_batched_tokens or 256,
+                                               request.block_size, max_len)
             log.info("KV cache: %d blocks of %d tokens (%.1f MiB) in %.2f s", request.num_blocks,
                      request.block_size, need / 2**20, time.perf_counter() - t0)
         return pb.CacheInfo(allocated_bytes=need, next_step_id=1)

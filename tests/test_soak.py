@@ -1,7 +1,7 @@
 """Soak, bounded: 32 concurrent streaming clients with random lengths and random cancellations against the
 real server (scripts/soak.py; SOAK_S seconds, 90 by default here, 600 for the full run). Every token is
 checked against the greedy reference; nothing may be lost, duplicated, reordered, left running or left
-holding KV blocks, and the worker's RSS must not keep growing after warm-up."""
+holding KV blocks, and the worker's RSS must stay flat after warm-up (the slope is printed)."""
 
 from __future__ import annotations
 
@@ -13,12 +13,12 @@ from conftest import ROOT
 sys.path.insert(0, str(ROOT / "scripts"))
 import soak  # noqa: E402
 
-# Worker memory after the warm-up round: the graph cache bounds what compiled batch shapes may add
-# (`--graph-memory-mb`), and rarer shapes still compile during a 90 s run (about 48 MiB each), so
-# the RSS slope over so short a run is reported, not asserted; the growth is asserted to stay within the cache's
-# budget plus a margin. Before the cache, the same test grew 1,660 MiB in 90 s.
+# Worker memory after the warm-up round: the worker's graph cache (ms_models.model) compiles the batch shapes the
+# soak uses during warm-up and then only pads batches into the graphs it has, so RSS stays flat. Before that
+# policy the cache dropped and recompiled graphs all run long (MindSpore keeps ~6 MiB of each dropped graph):
+# +103 MiB in 90 s (115 MiB/min); before the cache existed, +1,660 MiB.
 GRAPH_MEMORY_MIB = 160      # the worker's --graph-memory-mb here (its default)
-GROWTH_MARGIN_MIB = 128
+GROWTH_LIMIT_MIB = 40       # less than one compiled graph (~46 MiB) or seven dropped ones
 
 
 def test_soak_streams_with_cancellations(default_model, tmp_path):
@@ -29,4 +29,4 @@ def test_soak_streams_with_cancellations(default_model, tmp_path):
     assert f["vllm_requests_running_end"] == 0 and f["vllm_kv_usage_end"] == 0, f
     assert f["worker_requests_active_end"] == 0 and f["worker_kv_blocks_used_end"] == 0, f
     growth = f["worker_rss_end_mib"] - f["worker_rss_start_mib"]
-    assert growth <= GRAPH_MEMORY_MIB + GROWTH_MARGIN_MIB, f
+    assert growth <= GROWTH_LIMIT_MIB, f
