@@ -93,6 +93,7 @@ class _GraphCache:
 
     def __init__(self):
         self._graphs: OrderedDict = OrderedDict()  # key -> (phases, bytes)
+        self.compiled = self.dropped = 0           # graphs compiled and dropped, for ever (metrics)
 
     def __contains__(self, key) -> bool:
         return key in self._graphs
@@ -144,12 +145,14 @@ class _GraphCache:
         """Records a new graph, then, while over ``budget``, drops the least recently used graphs that ``key``
         covers (their batches can run in it), then the least recently used others."""
         self._graphs[key] = (phases, max(int(cost), 0))
+        self.compiled += 1
         while self.bytes > budget and len(self._graphs) > 1:
             covered = [k for k in self._graphs if k != key and k[3] == key[3]
                        and all(a >= b for a, b in zip(key[:3], k[:3]))]
             old_key = covered[0] if covered else next(iter(self._graphs))
             old, _ = self._graphs.pop(old_key)
             _drop_graphs(old)
+            self.dropped += 1
             log.info("dropped the graph of bucket %s (graph memory budget %.0f MiB%s)", old_key, budget / 2**20,
                      f"; {key} covers it" if covered else "")
 

@@ -122,7 +122,7 @@ class Metrics:
         return []
 
     def collect(self):
-        from prometheus_client.core import GaugeMetricFamily
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
         svc = self._get_service()
         total, used, active = self._last
@@ -141,6 +141,19 @@ class Metrics:
         yield GaugeMetricFamily("ms_worker_kv_blocks_free", "KV cache blocks not in any held block table",
                                 value=max(total - used, 0))
         yield GaugeMetricFamily("ms_worker_requests_active", "requests whose state the worker holds", value=active)
+        model = getattr(svc, "model", None)
+        if model is not None:
+            graphs = model.graphs
+            yield GaugeMetricFamily("ms_worker_weight_bytes", "bytes of the model's weights on this worker",
+                                    value=model.weight_bytes())
+            kv = (model.num_blocks or 0) * model.kv_cache_bytes_per_block(model.block_size or 0)
+            yield GaugeMetricFamily("ms_worker_kv_cache_bytes", "bytes of the KV cache allocated", value=kv)
+            yield GaugeMetricFamily("ms_worker_graphs", "compiled bucket graphs kept", value=len(graphs))
+            yield GaugeMetricFamily("ms_worker_graph_bytes", "host memory of the compiled graphs kept "
+                                    "(budget: --graph-memory-mb)", value=graphs.bytes)
+            yield CounterMetricFamily("ms_worker_graphs_compiled", "bucket graphs compiled", value=graphs.compiled)
+            yield CounterMetricFamily("ms_worker_graphs_dropped", "bucket graphs dropped to stay within the budget "
+                                      "(MindSpore keeps ~6 MiB of each)", value=graphs.dropped)
 
     def serve(self, host: str, port: int):
         from prometheus_client import start_http_server

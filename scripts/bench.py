@@ -1,14 +1,16 @@
 """Benchmark: native vLLM CPU (fp32) against ms_rpc on the same checkpoint, one after the other.
 
 usage (front environment):
-    .venv/bin/python scripts/bench.py [--model DIR] [--concurrency 1,8,32] [--num-prompts N]
+    .venv/bin/python scripts/bench.py [--model DIR] [--concurrency 1,8,32] [--num-prompts N] [--repeat 3]
                                       [--input-len L] [--output-len L] [--backends native,ms_rpc] [--offline]
 
 Online (default): each backend runs as its own `vllm serve` subprocess on a free loopback port (never both at
 once), and is driven through the OpenAI completions API with the same workload: fixed random token-id prompts of
 `--input-len` tokens, `max_tokens=--output-len`, `ignore_eos`, greedy, streamed (for TTFT and inter-token
 latency). For each concurrency level, one warm-up round (`concurrency` requests, other prompts) runs first, then
-`--num-prompts` requests (default 2 x concurrency, at most 64) with at most `concurrency` in flight.
+`--repeat` (3) timed runs of `--num-prompts` requests each (default 2 x concurrency, at most 64; new prompts each
+run) with at most `concurrency` in flight; the table shows each figure's median over the runs, and the spread of
+tok/s.
 
 Printed per backend and concurrency: output tok/s, TTFT p50/p99, ITL p50/p99 (gap between streamed tokens),
 peak RSS (polled) of the model process(es) -- native: the engine-core process tree; ms_rpc: the `ms_worker serve`
@@ -338,23 +340,25 @@ def bench_online(backend: str, a, logdir: Path, out: dict) -> dict:
             if a.warmup:
                 asyncio.run(run_level(srv.url, a.model, make_prompts(c, a.input_len, vocab, seed=10_000 + c),
                                       a.output_len, c))
-            prompts = make_prompts(n, a.input_len, vocab, seed=c)
-            srv.rss.reset()
             m0 = srv.worker_metrics()
             log_at = srv.log_path.stat().st_size
-            res = asyncio.run(run_level(srv.url, a.model, prompts, a.output_len, c))
+            runs = out["levels"][c] = []
+            for r in range(a.repeat):
+                srv.rss.reset()
+                res = asyncio.run(run_level(srv.url, a.model, make_prompts(n, a.input_len, vocab, seed=c + 1000 * r),
+                                            a.output_len, c))
+                res["rss_model"], res["rss_tree"] = srv.rss.peaks_mib()
+                res["n"] = n
+                runs.append(res)
+                print(f"[{backend}] c={c} run {r + 1}/{a.repeat}: {res['tokens'] / res['wall']:.1f} tok/s, "
+                      f"{res['ok']}/{n} ok" + (f", errors: {res['errors'][:2]}" if res["errors"] else ""), flush=True)
             m1 = srv.worker_metrics()
             time.sleep(5.5)              # the executor logs its breakdown every 5 s (at a step)
             with open(srv.log_path, errors="replace") as f:
                 f.seek(log_at)
                 out["breakdown"][c] = step_breakdown(f.read())
-            res["rss_model"], res["rss_tree"] = srv.rss.peaks_mib()
-            res["n"] = n
-            out["levels"][c] = res
             if m1:
                 out["steps"][c] = step_delta(m0, m1)
-            print(f"[{backend}] c={c}: {res['tokens'] / res['wall']:.1f} tok/s, {res['ok']}/{n} ok"
-                  + (f", errors: {res['errors'][:2]}" if res["errors"] else ""), flush=True)
         out["hwm_model"] = srv.rss.hwm_mib()
         out["model_pids"] = sorted({cmdline(p).split(" --")[0].strip()[:60] for p in srv.rss.model_pids} - {""})
     finally:
@@ -417,21 +421,27 @@ def print_online(results: dict, a):
     hdr = (f"{'backend':10} {'conc':>4} {'n':>3} {'out tok/s':>9} {'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8} "
            f"{'ITL p99':>8} {'model RSS':>9} {'tree RSS':>9} {'err':>3}")
     print(f"\nOnline: input {a.input_len} tokens, output {a.output_len} tokens (ignore_eos, greedy, streamed); "
-          f"times in ms, RSS = peak polled RSS in MiB during the level")
+          f"times in ms, RSS = peak polled RSS in MiB during the level; each figure the median of "
+          f"{a.repeat} run(s) of the level")
     print("model RSS: native = engine-core process tree; ms_rpc = `ms_worker serve` process. "
           "tree RSS: all children of `vllm serve` (excl. the API server itself)")
     print(hdr)
     print("-" * len(hdr))
     rows = {}
     for b, r in results.items():
-        for c, lv in r["levels"].items():
-            row = dict(tps=lv["tokens"] / lv["wall"], t50=1000 * pct(lv["ttft"], 50), t99=1000 * pct(lv["ttft"], 99),
-                       i50=1000 * pct(lv["itl"], 50), i99=1000 * pct(lv["itl"], 99), rm=lv["rss_model"],
-                       rt=lv["rss_tree"])
+        for c, runs in r["levels"].items():
+            per_run = [dict(tps=lv["tokens"] / lv["wall"], t50=1000 * pct(lv["ttft"], 50),
+                            t99=1000 * pct(lv["ttft"], 99), i50=1000 * pct(lv["itl"], 50),
+                            i99=1000 * pct(lv["itl"], 99), rm=lv["rss_model"], rt=lv["rss_tree"]) for lv in runs]
+            if not per_run:
+                continue
+            row = {k: pct([x[k] for x in per_run], 50) for k in per_run[0]}
             rows[(b, c)] = row
-            print(f"{b:10} {c:>4} {lv['n']:>3} {row['tps']:>9.1f} {row['t50']:>9.1f} {row['t99']:>9.1f} "
+            tps = sorted(x["tps"] for x in per_run)
+            spread = f"   (tok/s of {len(tps)} runs: {tps[0]:.1f}..{tps[-1]:.1f})" if len(tps) > 1 else ""
+            print(f"{b:10} {c:>4} {runs[0]['n']:>3} {row['tps']:>9.1f} {row['t50']:>9.1f} {row['t99']:>9.1f} "
                   f"{row['i50']:>8.1f} {row['i99']:>8.1f} {row['rm']:>9.0f} {row['rt']:>9.0f} "
-                  f"{len(lv['errors']) + lv['short']:>3}")
+                  f"{sum(len(lv['errors']) + lv['short'] for lv in runs):>3}{spread}")
     for b in [b for b in results if b.startswith("ms_rpc")] if "native" in results else []:
         for c in a.concurrency:
             n, m = rows.get(("native", c)), rows.get((b, c))
@@ -468,6 +478,7 @@ def main():
     ap.add_argument("--output-len", type=int, default=64)
     ap.add_argument("--backends", default="native,ms_rpc")
     ap.add_argument("--kv-cache-mib", type=int, default=512, help="KV cache size, both backends (MiB)")
+    ap.add_argument("--repeat", type=int, default=3, help="timed runs per level (figures: their median)")
     ap.add_argument("--no-warmup", dest="warmup", action="store_false",
                     help="skip the warm-up round before each concurrency level")
     ap.add_argument("--serve-arg", action="append", default=[],

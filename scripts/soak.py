@@ -2,8 +2,9 @@
 
 Every streamed token is checked against the greedy reference (HF transformers, fp32) of its prompt: a lost,
 duplicated or out-of-order token is a mismatch. Worker RSS is sampled throughout; its slope after warm-up is
-reported, with the graphs the worker compiled and dropped after warm-up (from its log). At the end no request may be left: vLLM's KV usage and the worker's held requests and used KV blocks
-must all be zero. Prints one figure per line; exit code 1 when a check fails.
+reported, with the graphs the worker compiled and dropped after warm-up (its metrics). At the end no request may
+be left: vLLM's KV usage and the worker's held requests and used KV blocks must all be zero. Prints one figure
+per line; exit code 1 when a check fails.
 
 Usage: .venv/bin/python scripts/soak.py [--duration 600] [--clients 32] [--cancel 0.25]   (after `make envs model`)
 """
@@ -121,7 +122,8 @@ def run(duration: float, clients: int, cancel: float, log_path: str, seed: int =
         worker = [p for p in descendants(server.proc.pid) if "ms_worker serve" in cmdline(p)][0]
         lock = threading.Lock()
         warm_up(server, prompts, clients)           # the batch shapes compile here, not inside the RSS slope
-        log_at = os.path.getsize(log_path)
+        wurl = f"http://127.0.0.1:{wport}/metrics"
+        graphs = {k: metric(wurl, f"ms_worker_graphs_{k}_total") for k in ("compiled", "dropped")}
         t0 = time.monotonic()
         threads = [Client(server, refs, prompts, t0 + duration, cancel, seed + k, stats, lock)
                    for k in range(clients)]
@@ -140,10 +142,6 @@ def run(duration: float, clients: int, cancel: float, log_path: str, seed: int =
             if left == 0:
                 break
             time.sleep(1)
-        wurl = f"http://127.0.0.1:{wport}/metrics"
-        with open(log_path, errors="replace") as f:
-            f.seek(log_at)
-            after = f.read()
         figures = {
             "duration_s": round(time.monotonic() - t0, 1), "clients": clients,
             "completed": stats.get("completed", 0), "cancelled": stats.get("cancelled", 0),
@@ -153,8 +151,9 @@ def run(duration: float, clients: int, cancel: float, log_path: str, seed: int =
             "worker_rss_end_mib": round(samples[-1][1] if samples else 0, 1),
             "worker_rss_peak_mib": round(max((r for _, r in samples), default=0), 1),
             "worker_rss_slope_mib_per_min": round(slope_mib_per_min(warm), 2),
-            "graphs_compiled_after_warmup": after.count("compiled bucket"),
-            "graphs_dropped_after_warmup": after.count("dropped the graph"),
+            "graphs_compiled_after_warmup": metric(wurl, "ms_worker_graphs_compiled_total") - graphs["compiled"],
+            "graphs_dropped_after_warmup": metric(wurl, "ms_worker_graphs_dropped_total") - graphs["dropped"],
+            "worker_graphs_kept_mib": round(metric(wurl, "ms_worker_graph_bytes") / 2**20, 1),
             "vllm_requests_running_end": metric(server.url + "/metrics", "vllm:num_requests_running"),
             "vllm_kv_usage_end": metric(server.url + "/metrics", "vllm:kv_cache_usage_perc"),
             "worker_requests_active_end": metric(wurl, "ms_worker_requests_active"),
