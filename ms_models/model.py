@@ -116,10 +116,11 @@ class _GraphCache:
         return min(fits, key=lambda k: (k[0] * k[1], k[2]), default=None)
 
     def join(self, key):
-        """The bucket to compile for ``key``, which no graph covers, when the cache is full: the smallest
-        elementwise maximum of ``key`` and a kept graph's bucket (it covers both, and the kept graph is then
-        dropped: every shape covered before stays covered) whose padded work B x Q x M is at most twice the
-        larger of the two; else ``key`` itself (then the least recently used graph goes)."""
+        """The bucket to compile for ``key``, which no graph covers, when the cache is full: the elementwise
+        maximum of ``key`` and a kept graph's bucket (it covers both, and the kept graph is then dropped: every
+        shape covered before stays covered) whose padded work B x Q x M is at most twice the larger of the two,
+        the smallest such, a decode's (Q = 1) with a decode graph and a prefill's with a prefill graph if there
+        is one; else ``key`` itself (then the least recently used graph goes)."""
         def work(k):
             return k[0] * k[1] * k[2]
 
@@ -127,8 +128,8 @@ class _GraphCache:
         for k in self._graphs:
             j = tuple(max(a, b) for a, b in zip(key[:3], k[:3])) + (key[3],)
             if k[3] == key[3] and work(j) <= 2 * max(work(key), work(k)):
-                joins.append((work(j), j))
-        return min(joins)[1] if joins else key
+                joins.append(((k[1] == 1) != (key[1] == 1), work(j), j))   # a decode with a decode first
+        return min(joins)[2] if joins else key
 
     def touch(self, key) -> bool:
         """Marks ``key`` used now; False if it has no graph yet."""

@@ -29,9 +29,10 @@ PROTOCOL_VERSION = pb.PROTOCOL_VERSION_CURRENT
 def warmup_shapes(max_num_seqs: int, max_num_batched_tokens: int, block_size: int,
                   max_model_len: int) -> list[tuple[int, int, int]]:
     """(B, Q, M) shapes to compile before serving, most needed first (the model stops where its graph budget is
-    full): one stream's decode; one request's prefill of up to 128 tokens; a decode of up to 32 sequences, which
-    covers every smaller decode batch until their own graphs compile (see CausalLM._bucket_to_run); smaller
-    decode batches; the full prefill chunk. Decodes get blocks for 128 tokens of context."""
+    full): one stream's decode up to 256 tokens of context (more blocks cost a single sequence little); one
+    request's prefill of up to 128 tokens; a decode of up to 32 sequences up to 128 tokens of context, which covers
+    every smaller such batch until their own graphs compile (see CausalLM._bucket_to_run); smaller decode batches;
+    the full prefill chunk."""
     def blocks(tokens: int) -> int:
         return -(-min(tokens, max_model_len) // block_size)
 
@@ -39,7 +40,7 @@ def warmup_shapes(max_num_seqs: int, max_num_batched_tokens: int, block_size: in
     short = min(128, chunk)
     seqs = min(max(max_num_seqs, 1), 32)
     m = blocks(128)
-    return ([(1, 1, m), (1, short, blocks(short)), (seqs, 1, m)]
+    return ([(1, 1, blocks(256)), (1, short, blocks(short)), (seqs, 1, m)]
             + [(b, 1, m) for b in (8, 4, 2, 16) if b < seqs] + [(1, chunk, blocks(chunk))])
 
 

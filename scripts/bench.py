@@ -333,6 +333,9 @@ def bench_online(backend: str, a, logdir: Path, out: dict) -> dict:
         asyncio.run(run_level(srv.url, a.model, warm, a.output_len, 1))
         out["t_first"] = time.monotonic() - srv.t_start
         out["rss_idle"] = srv.rss.peaks_mib()
+        wm = srv.worker_metrics()
+        if wm:       # the worker's weights and KV cache (rank 0's; with TP, every rank holds as much)
+            out["weights_kv_mib"] = (wm.get("ms_worker_weight_bytes", 0) + wm.get("ms_worker_kv_cache_bytes", 0)) / 2**20
         print(f"[{backend}] healthy after {out['t_health']:.1f} s, first request served after "
               f"{out['t_first']:.1f} s", flush=True)
         for c in a.concurrency:
@@ -456,6 +459,12 @@ def print_online(results: dict, a):
     for b, r in results.items():
         print(f"  {b:10} health {r['t_health']:6.1f}   first request {r['t_first']:6.1f}   "
               f"VmHWM {r.get('hwm_model', float('nan')):7.0f} MiB   model procs: {r.get('model_pids', [])}")
+    for b, r in results.items():
+        if r.get("weights_kv_mib"):
+            peak = max((rows[(b, c)]["rm"] for c in r["levels"] if (b, c) in rows), default=float("nan"))
+            print(f"  {b:10} worker weights + KV cache {r['weights_kv_mib']:.0f} MiB; RSS target (+700 MiB) "
+                  f"{r['weights_kv_mib'] + 700:.0f} MiB per rank; highest median peak model RSS {peak:.0f} MiB "
+                  f"(all ranks)")
     for b, r in results.items():
         if r.get("steps"):
             print(f"\n{b} worker step metrics (rank 0's ms_worker_step_seconds / batch_size, per level):")

@@ -90,13 +90,15 @@ def test_concurrent_greedy_matches_hf_with_chunking_and_preemption(server, defau
     prompt_ids = [tokenizer(p)["input_ids"] for p in PROMPTS]
     assert max(len(p) for p in prompt_ids) > CHUNK          # one prompt needs chunked prefill
     expected = hf_greedy(default_model, prompt_ids, MAX_NEW)
-    preempt_before = metric(server.url + "/metrics", "vllm:num_preemptions")
+    preempt_before = metric(server.url + "/metrics", "vllm:num_preemptions_total")
 
-    # requests arrive 0.4 s apart, while earlier ones decode
-    got = concurrent_greedy(server.url, default_model, prompt_ids, MAX_NEW, stagger_s=0.4, timeout=600)
+    # requests arrive 0.15 s apart, while earlier ones decode (one or two steps each): all eight overlap, and
+    # together they need more KV blocks than the cache has
+    got = concurrent_greedy(server.url, default_model, prompt_ids, MAX_NEW, stagger_s=0.15, timeout=600)
     for i in range(len(PROMPTS)):
         assert got[i] == expected[i], f"prompt {i} ({PROMPTS[i][:30]!r}): {got[i]} != {expected[i]}"
-    assert metric(server.url + "/metrics", "vllm:num_preemptions") > preempt_before, "the small KV cache should force preemption"
+    assert metric(server.url + "/metrics", "vllm:num_preemptions_total") > preempt_before, \
+        "the small KV cache should force preemption"
 
 
 SCHEMAS = [
