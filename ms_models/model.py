@@ -142,20 +142,30 @@ class _GraphCache:
         """Whether one more graph (as costly as the costliest so far) fits in ``budget`` beside the others."""
         return self.bytes + self.largest <= budget
 
+    def make_room(self, key, budget: int) -> None:
+        """Before compiling ``key``: drops graphs while another would not fit in ``budget`` (see _drop_one), so
+        that the compilation's own peak does not come on top of them."""
+        while self._graphs and not self.fits_another(budget):
+            self._drop_one(key, budget)
+
     def add(self, key, phases: set, cost: int, budget: int) -> None:
-        """Records a new graph, then, while over ``budget``, drops the least recently used graphs that ``key``
-        covers (their batches can run in it), then the least recently used others."""
+        """Records a new graph, then drops others while over ``budget`` (its cost was more than expected)."""
         self._graphs[key] = (phases, max(int(cost), 0))
         self.compiled += 1
         while self.bytes > budget and len(self._graphs) > 1:
-            covered = [k for k in self._graphs if k != key and k[3] == key[3]
-                       and all(a >= b for a, b in zip(key[:3], k[:3]))]
-            old_key = covered[0] if covered else next(iter(self._graphs))
-            old, _ = self._graphs.pop(old_key)
-            _drop_graphs(old)
-            self.dropped += 1
-            log.info("dropped the graph of bucket %s (graph memory budget %.0f MiB%s)", old_key, budget / 2**20,
-                     f"; {key} covers it" if covered else "")
+            self._drop_one(key, budget)
+
+    def _drop_one(self, key, budget: int) -> None:
+        """Drops the least recently used graph that ``key`` covers (its batches can run in ``key``'s), else the
+        least recently used other one."""
+        others = [k for k in self._graphs if k != key]
+        covered = [k for k in others if k[3] == key[3] and all(a >= b for a, b in zip(key[:3], k[:3]))]
+        old_key = (covered or others)[0]
+        old, _ = self._graphs.pop(old_key)
+        _drop_graphs(old)
+        self.dropped += 1
+        log.info("dropped the graph of bucket %s (graph memory budget %.0f MiB%s)", old_key, budget / 2**20,
+                 f"; {key} covers it" if covered else "")
 
     def clear(self) -> None:
         for phases, _ in self._graphs.values():
@@ -353,10 +363,11 @@ class CausalLM:
         return out.asnumpy()[:B]
 
     def _run(self, key: tuple, inputs: list):
-        """Runs the graph of bucket ``key``, compiling it on first use (and recording its cost in
-        ``graphs``, which may drop others)."""
+        """Runs the graph of bucket ``key``, compiling it on first use (after dropping others if the cache is
+        full) and recording its cost in ``graphs``."""
         if not self.use_jit or self.graphs.touch(key):
             return self._fn(*inputs)
+        self.graphs.make_room(key, self.graph_memory)
         before, heap, t0 = _compiled_phases(), _heap_bytes(), time.perf_counter()
         out = self._fn(*inputs)  # blocking mode: the graph has run when this returns
         cost = _heap_bytes() - heap
