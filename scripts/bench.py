@@ -470,7 +470,7 @@ def print_online(results: dict, a):
             print(f"\n{b} worker step metrics (rank 0's ms_worker_step_seconds / batch_size, per level):")
             for c, s in r["steps"].items():
                 print(f"  c={c}: {s}")
-        if r.get("breakdown"):
+        if any((r.get("breakdown") or {}).values()):
             print(f"\n{b} step breakdown (executor: encode, transfer = RPC round trip less the worker's time, "
                   f"decode; worker: prepare, forward, sample), per level:")
             for c, s in r["breakdown"].items():

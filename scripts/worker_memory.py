@@ -29,9 +29,12 @@ step, no graph budget):
   serve        4050 (+2513)       2241 (+704)       8x128 prefill: 1717 -> 1099; decode B=32: 172 -> 164
   offline64   16069 (+14532)      2189 (+652)       64x128: 12239 -> 8890; 16x512: 13714 -> 10543
 
-Where "after" still goes: ~450 MiB is MindSpore and the process before any graph, up to 160 MiB the compiled
-graphs kept (CausalLM.graph_memory), and MindSpore 2.10 leaks ~6 MiB per graph compiled and later dropped (these
-sequences compile 16-30 shapes once each, the worst case for a graph cache). A/B in one process (HEAD's and this
+Where "after" still goes: ~450 MiB is MindSpore and the process before any graph (importing MindSpore and running
+one op is 405 MiB, 247 of it shared-library pages), up to 160 MiB the compiled graphs kept (CausalLM.graph_memory),
+and MindSpore 2.10 leaks ~6 MiB per graph compiled and later dropped. "after" predates the cache's cover policy
+(a batch runs padded in a compiled bigger graph rather than compiling its own once the cache is full), with which
+these sequences compile fewer shapes. In the worker, MindSpore runs on one thread (ms_worker.service): calling the
+same forwards from several threads in turn cost ~110 MiB more. A/B in one process (HEAD's and this
 tree's model, interleaved calls): decode step time equal within +-4%, prefill forwards 4-7% faster, logits equal.
 """
 from __future__ import annotations
