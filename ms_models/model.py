@@ -26,6 +26,9 @@ log = logging.getLogger("ms_models")
 DEFAULT_GRAPH_MEMORY = 160 << 20
 # A bucket without a graph runs in a compiled bigger one (see CausalLM._bucket_to_run) until asked this often.
 COMPILE_AFTER = 8
+# Under tensor parallelism each graph is booked at this cost, the same on every rank (measured costs differ a little
+# between ranks, and the ranks' cache decisions must not): a SmolLM2 graph measures 51-70 MiB per rank at TP=3.
+TP_GRAPH_COST = 64 << 20
 
 
 def next_bucket(n: int, minimum: int = 1) -> int:
@@ -322,11 +325,11 @@ class CausalLM:
         for COMPILE_AFTER times and its graph fits in the budget beside the others; ``shape`` itself (to compile)
         when nothing covers it. Batch sizes and context lengths that last a few steps (requests arriving or
         finishing one by one) then cost some padding, not a 2-3 s compilation, and a full cache never drops a
-        graph to make room for a shape it can already run (see _GraphCache). Not under tensor parallelism:
-        which graphs a rank keeps depends on its own measured costs, and ranks must run the same shapes (their
-        graphs all-reduce)."""
+        graph to make room for a shape it can already run (see _GraphCache). Under tensor parallelism every rank
+        makes the same choices (their graphs all-reduce, so they must run the same shapes): the decisions depend
+        only on the shapes asked for, and graphs are booked at TP_GRAPH_COST each, not their measured cost."""
         key = (*shape, all_positions)
-        if not self.use_jit or key in self.graphs or runtime.current_tp()[1] > 1:
+        if not self.use_jit or key in self.graphs:
             return shape
         cover = self.graphs.cover(key)
         if cover is None:
@@ -371,7 +374,8 @@ class CausalLM:
         before, heap, t0 = _compiled_phases(), _heap_bytes(), time.perf_counter()
         out = self._fn(*inputs)  # blocking mode: the graph has run when this returns
         cost = _heap_bytes() - heap
-        self.graphs.add(key, _compiled_phases() - before, cost, self.graph_memory)
+        booked = TP_GRAPH_COST if runtime.current_tp()[1] > 1 else cost
+        self.graphs.add(key, _compiled_phases() - before, booked, self.graph_memory)
         self._asked.pop(key, None)
         log.info("compiled bucket %s in %.1f s (%.0f MiB); %d graphs kept, %.0f MiB", key, time.perf_counter() - t0,
                  cost / 2**20, len(self.graphs), self.graphs.bytes / 2**20)
