@@ -63,9 +63,9 @@ def hf_greedy(model_dir, prompt_ids: list[list[int]], max_new: int) -> list[list
     return out
 
 
-def perturb_norms_and_biases(model):
+def perturb_norms_and_biases(model, bias_std: float = 0.1):
     """HF initialises RMSNorm gammas to 1 and biases to 0, which would hide a wrong gamma or bias: randomise them
-    (in place; returns the model)."""
+    (gammas 1 + N(0, 0.2), biases N(0, ``bias_std``); in place; returns the model)."""
     import torch
 
     with torch.no_grad():
@@ -73,7 +73,7 @@ def perturb_norms_and_biases(model):
             if name.endswith("norm.weight"):
                 p.add_(torch.randn_like(p) * 0.2)
             elif name.endswith(".bias"):
-                p.normal_(0.0, 0.1)
+                p.normal_(0.0, bias_std)
     return model
 
 

@@ -148,14 +148,10 @@ def _make_hf_model(tied, seed, **extra):
     cfg = LlamaConfig(vocab_size=131, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                       tie_word_embeddings=tied, **extra)
-    model = LlamaForCausalLM(cfg).to(torch.float32).eval()
-    with torch.no_grad():  # make the random norms non-trivial (1 + noise) so gamma folding is tested
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.add_(torch.randn_like(p) * 0.2)
-            elif name.endswith(".bias"):
-                p.normal_(0.0, 0.05)
-    return model
+    from conftest import perturb_norms_and_biases  # here: the MindSpore side runs this file without pytest
+
+    # non-trivial norms (1 + noise) so that gamma folding is tested
+    return perturb_norms_and_biases(LlamaForCausalLM(cfg).to(torch.float32).eval(), bias_std=0.05)
 
 
 def _hf_logits(model, tokens):
