@@ -197,8 +197,9 @@ class CausalLM:
     """A loaded model: weights + paged KV cache, one ``forward`` per scheduled batch.
 
     ``forward`` pads (B, Q, M) to power-of-two buckets (at least ``min_buckets``) and runs
-    the whole network as one ``ms.jit`` graph compiled once per bucket shape; at most
-    ``graph_memory`` bytes of compiled graphs are kept (the least recently used are dropped).
+    the whole network as one ``ms.jit`` graph per bucket shape; at most ``graph_memory`` bytes
+    of compiled graphs are kept, and a batch without its own graph runs padded in a bigger one
+    (see _bucket_to_run).
     """
 
     def __init__(self, config: ModelConfig, net: nn.Cell, device: str = "cpu", use_jit: bool = True,

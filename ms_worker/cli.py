@@ -60,8 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="KV cache size offered when the front does not ask for one; 0 = 30%% of free memory, "
                         "at most 1 GiB [MS_WORKER_KV_CACHE_GB]")
     g.add_argument("--graph-memory-mb", type=int, default=int(_env("GRAPH_MEMORY_MB", "0")),
-                   help="host memory for compiled batch-shape graphs, least recently used dropped beyond it; 0 = the "
-                        "default (ms_models.model.DEFAULT_GRAPH_MEMORY) [MS_WORKER_GRAPH_MEMORY_MB]")
+                   help="host memory for compiled batch-shape graphs (beyond it, batches run padded in a bigger compiled "
+                        "graph); 0 = the default (ms_models.model.DEFAULT_GRAPH_MEMORY) [MS_WORKER_GRAPH_MEMORY_MB]")
     g.add_argument("--no-jit", action="store_true", default=_env("NO_JIT", "") == "1",
                    help="run eagerly (PyNative) instead of compiling the model with ms.jit [MS_WORKER_NO_JIT=1]")
     _add_tp_arguments(s.add_argument_group(
