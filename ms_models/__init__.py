@@ -19,13 +19,12 @@ from .registry import SUPPORTED_ARCHITECTURES, UnsupportedModelError
 __all__ = ["load_model", "ModelConfig", "UnsupportedModelError", "SUPPORTED_ARCHITECTURES", "CausalLM"]
 
 
-def load_model(model_dir: str, device: str = "cpu", use_jit: bool = True, threads: int | None = None,
-               min_buckets: tuple = (1, 1, 1), tp_rank: int = 0, tp_size: int = 1):
-    """Loads a HF model directory (config.json + safetensors); see ms_models.loader.load_model."""
+def load_model(model_dir: str, device: str = "cpu", use_jit: bool = True, **options):
+    """Loads a HF model directory (config.json + safetensors); see ms_models.loader.load_model (its options:
+    threads, min_buckets, tp_rank, tp_size, dtype, kernels)."""
     from .loader import load_model as _load
 
-    return _load(model_dir, device=device, use_jit=use_jit, threads=threads, min_buckets=min_buckets,
-                 tp_rank=tp_rank, tp_size=tp_size)
+    return _load(model_dir, device=device, use_jit=use_jit, **options)
 
 
 def __getattr__(name):

@@ -14,11 +14,14 @@ import numpy as np
 from mindspore import nn, ops
 
 from .config import ModelConfig
-from .layers import (DeviceOps, RotaryEmbedding, apply_rotary, build_attention_metadata, embedding, gated_mlp,
+import mindspore as ms
+
+from .layers import (DeviceOps, RotaryEmbedding, apply_rotary, build_attention_metadata,
+                     build_fused_attention_metadata, embedding, fused_attention, fused_rotary, gated_mlp,
                      gather_logits, head_rms_norm, lm_head, linear, new_kv_cache, paged_attention, param_bytes,
                      rms_norm, to_param, vocab_parallel_embedding)
 
-__all__ = ["DecoderLayer", "DecoderModel", "build_decoder"]
+__all__ = ["DecoderLayer", "FusedDecoderLayer", "DecoderModel", "build_decoder"]
 
 
 class DecoderLayer(nn.Cell):
@@ -27,28 +30,43 @@ class DecoderLayer(nn.Cell):
     ``w``: numpy weights, linear ones [in, out]; ``ln1``/``ln2``/biases/``qn``/``kn`` may be
     None (folded gammas / no bias / no q-k norm). ``qn``/``kn``: the q/k RMSNorm gammas
     (``qn`` already times the attention scale), tiled to [heads*hd] (fused norm: [hd]).
+    ``dev.fused``: the fused kernels of ``dev.kernels`` in ``dev.dtype`` (see layers.DeviceOps).
     """
 
     def __init__(self, cfg: ModelConfig, w: dict, prefix: str, dev: DeviceOps):
         super().__init__(auto_prefix=False)
         self.prefix = prefix
+        self.kv_itemsize = dev.itemsize
+        self.fused_kv_layout = dev if dev.fused else None  # new_kv_cache's layout and dtype
         self.eps = float(cfg.rms_norm_eps)
-        self.fused_norm = dev.fused_rms_norm
         self.num_heads = cfg.num_heads
         self.num_kv_heads = cfg.num_kv_heads
         self.head_dim = cfg.head_dim
         a, m = prefix + ".self_attn.", prefix + ".mlp."
-        self.ln1 = to_param(w["ln1"], prefix + ".input_layernorm.weight")
-        self.ln2 = to_param(w["ln2"], prefix + ".post_attention_layernorm.weight")
-        self.wq, self.bq = to_param(w["wq"], a + "q_proj.weight"), to_param(w["bq"], a + "q_proj.bias")
-        self.wk, self.bk = to_param(w["wk"], a + "k_proj.weight"), to_param(w["bk"], a + "k_proj.bias")
-        self.wv, self.bv = to_param(w["wv"], a + "v_proj.weight"), to_param(w["bv"], a + "v_proj.bias")
-        self.wo, self.bo = to_param(w["wo"], a + "o_proj.weight"), to_param(w["bo"], a + "o_proj.bias")
-        self.qn, self.kn = to_param(w.get("qn"), a + "q_norm.weight"), to_param(w.get("kn"), a + "k_norm.weight")
-        self.wg, self.bg = to_param(w["wg"], m + "gate_proj.weight"), to_param(w["bg"], m + "gate_proj.bias")
-        self.wu, self.bu = to_param(w["wu"], m + "up_proj.weight"), to_param(w["bu"], m + "up_proj.bias")
-        self.wd, self.bd = to_param(w["wd"], m + "down_proj.weight"), to_param(w["bd"], m + "down_proj.bias")
-        self.rot = to_param(RotaryEmbedding.rotate_half_matrix(cfg.head_dim), a + "rotate_half")
+
+        def param(key, name):
+            return to_param(w.get(key), name, dev.dtype)
+
+        self.ln1 = param("ln1", prefix + ".input_layernorm.weight")
+        self.ln2 = param("ln2", prefix + ".post_attention_layernorm.weight")
+        self.wq, self.bq = param("wq", a + "q_proj.weight"), param("bq", a + "q_proj.bias")
+        self.wk, self.bk = param("wk", a + "k_proj.weight"), param("bk", a + "k_proj.bias")
+        self.wv, self.bv = param("wv", a + "v_proj.weight"), param("bv", a + "v_proj.bias")
+        self.wo, self.bo = param("wo", a + "o_proj.weight"), param("bo", a + "o_proj.bias")
+        self.qn, self.kn = param("qn", a + "q_norm.weight"), param("kn", a + "k_norm.weight")
+        self.wg, self.bg = param("wg", m + "gate_proj.weight"), param("bg", m + "gate_proj.bias")
+        self.wu, self.bu = param("wu", m + "up_proj.weight"), param("bu", m + "up_proj.bias")
+        self.wd, self.bd = param("wd", m + "down_proj.weight"), param("bd", m + "down_proj.bias")
+        if dev.fused:  # kernel instances (Primitives, or a test's stand-in Cells) are attributes of the graph
+            kern = dev.kernels
+            self.norm_op, self.rope_op = kern.rms_norm(self.eps), kern.rope()
+            self.write_op = kern.reshape_and_cache()
+            self.paged_op = kern.paged_attention(cfg.num_heads, cfg.num_kv_heads)
+            self.flash_op = kern.flash_attention(cfg.num_heads)
+            self.rot = None
+        else:
+            self.norm_op = self.rope_op = self.write_op = self.paged_op = self.flash_op = None
+            self.rot = to_param(RotaryEmbedding.rotate_half_matrix(cfg.head_dim), a + "rotate_half")
         # tensor parallel: o_proj and down_proj are row-parallel, their partial sums are all-reduced
         self.all_reduce = ops.AllReduce() if dev.tp.enabled else None
         self.k_cache = None
@@ -56,28 +74,59 @@ class DecoderLayer(nn.Cell):
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int, tag: str) -> None:
         self.k_cache, self.v_cache = new_kv_cache(self.num_kv_heads, num_blocks, block_size, self.head_dim,
-                                                  f"{self.prefix}.self_attn.{tag}")
+                                                  f"{self.prefix}.self_attn.{tag}", self.fused_kv_layout)
 
     def kv_cache_bytes_per_block(self, block_size: int) -> int:
-        return 2 * self.num_kv_heads * block_size * self.head_dim * 4
+        return 2 * self.num_kv_heads * block_size * self.head_dim * self.kv_itemsize
 
     def construct(self, x, cos_q, sin_q, cos_k, sin_k, write_rows, read_rows, attn_bias, q_perm, o_perm):
-        h = rms_norm(x, self.eps, self.ln1, self.fused_norm)
+        """The CPU path; inputs: DecoderModel's per-step inputs (layers.build_attention_metadata)."""
+        h = rms_norm(x, self.eps, self.ln1, self.norm_op)
         q = linear(h, self.wq, self.bq)
         k = linear(h, self.wk, self.bk)
         if self.qn is not None:  # Qwen3: RMSNorm per head, before RoPE
-            q = head_rms_norm(q, self.head_dim, self.eps, self.qn, self.fused_norm)
-            k = head_rms_norm(k, self.head_dim, self.eps, self.kn, self.fused_norm)
+            q = head_rms_norm(q, self.head_dim, self.eps, self.qn, self.norm_op)
+            k = head_rms_norm(k, self.head_dim, self.eps, self.kn, self.norm_op)
+        v = linear(h, self.wv, self.bv)
         q = apply_rotary(q, cos_q, sin_q, self.rot, self.head_dim)
         k = apply_rotary(k, cos_k, sin_k, self.rot, self.head_dim)
-        v = linear(h, self.wv, self.bv)
         o = paged_attention(q, k, v, self.k_cache, self.v_cache, write_rows, read_rows, attn_bias, q_perm, o_perm,
                             self.num_kv_heads, self.head_dim)
         y = linear(o, self.wo, self.bo)
         if self.all_reduce is not None:
             y = self.all_reduce(y)
         x = x + y
-        h = rms_norm(x, self.eps, self.ln2, self.fused_norm)
+        h = rms_norm(x, self.eps, self.ln2, self.norm_op)
+        y = gated_mlp(h, self.wg, self.wu, self.wd, self.bg, self.bu, self.bd)
+        if self.all_reduce is not None:
+            y = self.all_reduce(y)
+        return x + y
+
+
+class FusedDecoderLayer(DecoderLayer):
+    """The layer on the fused (Ascend) path: RoPE, cache write and attention by MindSpore's fused kernels.
+    Only the RoPE and attention lines differ from DecoderLayer's, but each construct takes its own explicit
+    inputs and is written out whole: on MindSpore CPU a layer taking the per-step inputs as ``*args`` made the
+    first compiled SmolLM2 graph ~20 MiB bigger, and helper methods shared by both ~6-12 MiB (measured)."""
+
+    def construct(self, x, cos, sin, slots, block_tables, context_lens, attn_mask):
+        """Inputs: DecoderModel's per-step inputs (layers.build_fused_attention_metadata)."""
+        h = rms_norm(x, self.eps, self.ln1, self.norm_op)
+        q = linear(h, self.wq, self.bq)
+        k = linear(h, self.wk, self.bk)
+        if self.qn is not None:
+            q = head_rms_norm(q, self.head_dim, self.eps, self.qn, self.norm_op)
+            k = head_rms_norm(k, self.head_dim, self.eps, self.kn, self.norm_op)
+        v = linear(h, self.wv, self.bv)
+        q = fused_rotary(q, cos, sin, self.rope_op, self.head_dim)
+        k = fused_rotary(k, cos, sin, self.rope_op, self.head_dim)
+        o = fused_attention(q, k, v, self.k_cache, self.v_cache, slots, block_tables, context_lens, attn_mask,
+                            self.write_op, self.paged_op, self.flash_op, self.num_kv_heads, self.head_dim)
+        y = linear(o, self.wo, self.bo)
+        if self.all_reduce is not None:
+            y = self.all_reduce(y)
+        x = x + y
+        h = rms_norm(x, self.eps, self.ln2, self.norm_op)
         y = gated_mlp(h, self.wg, self.wu, self.wd, self.bg, self.bu, self.bd)
         if self.all_reduce is not None:
             y = self.all_reduce(y)
@@ -87,10 +136,14 @@ class DecoderLayer(nn.Cell):
 class DecoderModel(nn.Cell):
     """Whole network: embedding -> decoder layers -> final norm (logit rows only) -> lm head.
 
-    construct inputs (padded shapes; T = B*Q): input_ids [T] int32, cos_q/sin_q [T, heads*hd],
-    cos_k/sin_k [T, kv_heads*hd], write_rows [T, kv_heads] int32, read_rows [B, kv_heads, L]
-    int32, attn_bias [B, kv_heads, Q*group, L] (L = M*block_size), q_perm / o_perm [T*kv_heads]
-    int32 (None when Q == 1), logits_idx [B] int32 (flat token index). Returns logits [B, vocab].
+    construct inputs (padded shapes; T = B*Q): input_ids [T] int32, logits_idx [B] int32 (flat token
+    index), then the per-step inputs every layer gets:
+    cpu: cos_q/sin_q [T, heads*hd], cos_k/sin_k [T, kv_heads*hd], write_rows [T, kv_heads] int32,
+    read_rows [B, kv_heads, L] int32, attn_bias [B, kv_heads, Q*group, L] (L = M*block_size),
+    q_perm / o_perm [T*kv_heads] int32 (None when Q == 1) (layers.build_attention_metadata);
+    fused (Ascend): cos/sin [T, hd], slots [T], block_tables [B, M], context_lens [B] or None, attn_mask
+    [B, 1, Q, L] uint8 or None (layers.build_fused_attention_metadata).
+    Returns logits [B, vocab] float32.
     """
 
     def __init__(self, cfg: ModelConfig, embed, layers: list, norm: np.ndarray, lm_head_w, dev: DeviceOps):
@@ -98,12 +151,14 @@ class DecoderModel(nn.Cell):
         super().__init__(auto_prefix=False)
         self.config = cfg
         self.eps = float(cfg.rms_norm_eps)
-        self.fused_norm = dev.fused_rms_norm
-        self.embed = to_param(embed, "model.embed_tokens.weight")
+        self.fused = dev.fused
+        self.norm_op = dev.kernels.rms_norm(self.eps) if dev.fused else None
+        self.cast_logits = dev.dtype != ms.float32
+        self.embed = to_param(embed, "model.embed_tokens.weight", dev.dtype)
         self.layers = nn.CellList(layers)
-        self.norm = to_param(norm, "model.norm.weight")
+        self.norm = to_param(norm, "model.norm.weight", dev.dtype)
         # tied: the lm head multiplies by the embedding Parameter itself (no copy)
-        self.lm_head = self.embed if lm_head_w is None else to_param(lm_head_w, "lm_head.weight")
+        self.lm_head = self.embed if lm_head_w is None else to_param(lm_head_w, "lm_head.weight", dev.dtype)
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         # tensor parallel (ms_models.parallel): ``cfg`` holds this rank's heads; the embedding and the
         # lm head hold its vocabulary rows [vocab_start, vocab_start + Vp), zero-padded
@@ -128,30 +183,37 @@ class DecoderModel(nn.Cell):
 
     def prepare_inputs(self, input_ids, positions, slot_mapping, block_tables, logits_idx,
                        num_blocks: int, block_size: int) -> tuple:
-        """Host-side (numpy) construct inputs from padded per-request arrays."""
+        """Host-side (numpy) construct inputs from padded per-request arrays: (input_ids, logits_idx, *step),
+        ``step`` the RoPE and attention inputs every layer gets (see the class docstring)."""
         cfg = self.config
         B, Q = input_ids.shape
         cos, sin = self.rope.cos_sin(positions.reshape(B * Q))
+        head = (input_ids.reshape(B * Q).astype(np.int32), logits_idx.astype(np.int32))
+        if self.fused:
+            return (*head, cos, sin, *build_fused_attention_metadata(positions, slot_mapping, block_tables,
+                                                                     num_blocks, block_size, cfg.sliding_window))
         cos_q, sin_q = self.rope.full_shape(cos, sin, cfg.num_heads)
         cos_k, sin_k = self.rope.full_shape(cos, sin, cfg.num_kv_heads)
         attn = build_attention_metadata(positions, slot_mapping, block_tables, num_blocks, block_size,
                                         cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads,
                                         sliding_window=cfg.sliding_window)
-        return (input_ids.reshape(B * Q).astype(np.int32), cos_q, sin_q, cos_k, sin_k, *attn,
-                logits_idx.astype(np.int32))
+        return (*head, cos_q, sin_q, cos_k, sin_k, *attn)
 
-    def construct(self, input_ids, cos_q, sin_q, cos_k, sin_k, write_rows, read_rows, attn_bias, q_perm, o_perm,
-                  logits_idx):
+    def construct(self, input_ids, logits_idx, *step):
         if self.all_reduce is not None:
             x = vocab_parallel_embedding(input_ids, self.embed, self.vocab_start, self.all_reduce)
         else:
             x = embedding(input_ids, self.embed)
         for layer in self.layers:
-            x = layer(x, cos_q, sin_q, cos_k, sin_k, write_rows, read_rows, attn_bias, q_perm, o_perm)
-        x = rms_norm(ops.gather(x, logits_idx, 0), self.eps, self.norm, self.fused_norm)
+            x = layer(x, *step)
+        x = rms_norm(ops.gather(x, logits_idx, 0), self.eps, self.norm, self.norm_op)
         if self.all_gather is not None:
-            return gather_logits(lm_head(x, self.lm_head), self.all_gather, self.tp_size, self.vocab_size)
-        return lm_head(x, self.lm_head)
+            logits = gather_logits(lm_head(x, self.lm_head), self.all_gather, self.tp_size, self.vocab_size)
+        else:
+            logits = lm_head(x, self.lm_head)
+        if self.cast_logits:
+            logits = ops.cast(logits, ms.float32)
+        return logits
 
 
 def build_decoder(cfg: ModelConfig, weights, dev: DeviceOps) -> DecoderModel:
@@ -209,16 +271,16 @@ def build_decoder(cfg: ModelConfig, weights, dev: DeviceOps) -> DecoderModel:
         g = weights.get(name)
         if mul != 1.0:
             g *= np.float32(mul)
-        return g if dev.fused_rms_norm else np.tile(g, heads)  # fused kernel: per head [hd]
+        return g if dev.fused else np.tile(g, heads)  # fused kernel: per head [hd]
 
     # The embedding and lm head first, each turned into its Parameter at once: the transient numpy
     # copy of the largest tensors then comes before the layers' weights exist, so the peak stays
     # close to the final size (weights + one layer's numpy temporaries).
     vstart, vstop, vpad = tp.vocab_range(cfg.vocab_size)
     vspan = (vstart, vstop) if tp.enabled else None
-    embed = to_param(read("model.embed_tokens.weight", 0, vspan, vpad), "model.embed_tokens.weight")
+    embed = to_param(read("model.embed_tokens.weight", 0, vspan, vpad), "model.embed_tokens.weight", dev.dtype)
     lm_head_w = None if cfg.tie_word_embeddings else to_param(read("lm_head.weight", 0, vspan, vpad),
-                                                              "lm_head.weight")
+                                                              "lm_head.weight", dev.dtype)
     layers = []
     for i in range(cfg.num_layers):
         p = f"model.layers.{i}"
@@ -236,5 +298,5 @@ def build_decoder(cfg: ModelConfig, weights, dev: DeviceOps) -> DecoderModel:
         w["wg"], w["bg"] = lin(p + ".mlp.gate_proj", cfg.mlp_bias, g2, col=mlp_span)
         w["wu"], w["bu"] = lin(p + ".mlp.up_proj", cfg.mlp_bias, g2, col=mlp_span)
         w["wd"], w["bd"] = lin(p + ".mlp.down_proj", cfg.mlp_bias, row=mlp_span)
-        layers.append(DecoderLayer(lcfg, w, p, dev))  # numpy temporaries freed layer by layer
+        layers.append((FusedDecoderLayer if dev.fused else DecoderLayer)(lcfg, w, p, dev))  # numpy temporaries freed layer by layer
     return DecoderModel(lcfg, embed, layers, weights.get("model.norm.weight"), lm_head_w, dev)

@@ -32,12 +32,13 @@ import math
 
 import numpy as np
 import mindspore as ms
-from mindspore import Parameter, ops
+from mindspore import Parameter, Tensor, ops
 
 __all__ = [
     "MASK_VALUE", "DeviceOps", "to_param", "new_kv_cache", "param_bytes",
     "rms_norm", "head_rms_norm", "linear", "embedding", "lm_head", "vocab_parallel_embedding", "gather_logits",
-    "apply_rotary", "gated_mlp", "paged_attention",
+    "apply_rotary", "gated_mlp", "paged_attention", "FusedKernels", "fused_rotary", "fused_attention",
+    "build_fused_attention_metadata",
     "rope_inv_freq", "RotaryEmbedding", "build_attention_metadata",
 ]
 
@@ -51,50 +52,119 @@ _mm_tb = ops.MatMul(transpose_b=True)
 _scatter_update = ops.ScatterUpdate()
 
 
-class DeviceOps:
-    """The single place where the device chooses kernels.
+class FusedKernels:
+    """Factories of the MindSpore kernels the fused (Ascend) path calls, each returning a callable with the
+    documented contract of MindSpore 2.10's primitive (none has a CPU kernel: tests pass an object with the same
+    methods built from plain ops, tests/test_fused_path.py). The query is pre-scaled (1/sqrt(head_dim) folded
+    into q_proj), hence scale 1.0.
 
-    cpu (tested): plain-op RMSNorm whose gamma the model builder folds into the following
-    linear weights (``fold_norm``); KV written with ``ScatterUpdate``.
-    ascend (untested here): the fused ``ops.rms_norm`` kernel (gamma kept, not folded).
-    The KV write and attention stay the plain-op versions on every device: the fused
-    Ascend kernels (reshape_and_cache / paged_attention) need vLLM's
-    [blocks, block_size, heads, dim] cache layout and fp16/bf16.
+    * ``rms_norm(eps)``: RmsNorm; ``(x [..., D], gamma [D]) -> (y, rstd)``.
+    * ``rope()``: RotaryPositionEmbedding, mode 0 (rotate_half); ``(x [1, T, N, D], cos [1, T, 1, D], sin, 0)``
+      (layout BSND) ``-> x'``.
+    * ``reshape_and_cache()``: ReshapeAndCache; ``(key [T, N, D], value, key_cache [blocks, block_size, N, D],
+      value_cache, slot_mapping [T] int32)``: writes token t at slot ``slot_mapping[t]`` of both caches in place.
+    * ``paged_attention(heads, kv_heads)``: PagedAttention; ``(query [B, heads, D], key_cache, value_cache,
+      block_tables [B, M] int32, context_lens [B] int32) -> [B, heads, D]``: one query per sequence over keys
+      ``0..context_lens[b]-1`` read through its block table.
+    * ``flash_attention(heads)``: FlashAttentionScore, layout BSH; ``(q [B, S1, heads*D], k [B, S2, kv_heads*D],
+      v, None, None, None, attn_mask [B, 1, S1, S2] uint8: 1 = discard) -> (max, sum, _, out [B, S1, heads*D])``.
+    """
+
+    @staticmethod
+    def rms_norm(eps):
+        from mindspore.ops.auto_generate import gen_ops_prim as prim
+        return prim.RmsNorm(float(eps))
+
+    @staticmethod
+    def rope():
+        from mindspore.ops.auto_generate import gen_ops_prim as prim
+        return prim.RotaryPositionEmbedding()
+
+    @staticmethod
+    def reshape_and_cache():
+        from mindspore.ops.auto_generate import gen_ops_prim as prim
+        return prim.ReshapeAndCache()
+
+    @staticmethod
+    def paged_attention(num_heads, num_kv_heads):
+        from mindspore.ops.auto_generate import gen_ops_prim as prim
+        return prim.PagedAttention(int(num_heads), 1.0, int(num_kv_heads))
+
+    @staticmethod
+    def flash_attention(num_heads):
+        from mindspore.ops.auto_generate import gen_ops_prim as prim
+        return prim.FlashAttentionScore(int(num_heads), scale_value=1.0, input_layout="BSH")
+
+
+_DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
+
+
+class DeviceOps:
+    """The single place where the device chooses kernels, dtype and KV-cache layout.
+
+    cpu (what runs here): fp32; plain-op RMSNorm whose gamma the model builder folds into the following
+    linear weights (``fold_norm``), RoPE as a rotate_half matmul, the KV cache as kv-head-major rows written
+    with ``ScatterUpdate`` and attention as gathers + batched matmuls (paged_attention).
+    ascend (``fused``): MindSpore's fused kernels (``kernels``, FusedKernels) in fp16/bf16 (default bf16):
+    RmsNorm (gamma kept), RotaryPositionEmbedding, ReshapeAndCache into vLLM's [blocks, block_size,
+    kv_heads, head_dim] cache, PagedAttention for decodes, FlashAttentionScore over the block-table gathered
+    keys for prefills and sliding windows (fused_attention). No NPU exists here: tests run this path with
+    plain-op stand-ins of the kernels' contracts (``kernels=``; fp32 is allowed only with such stand-ins).
     ``tp``: this process's tensor-parallel rank and size (ms_models.parallel.TensorParallel;
     default: one process holds the whole model).
     """
 
-    def __init__(self, device: str = "cpu", tp=None):
+    def __init__(self, device: str = "cpu", tp=None, dtype: str | None = None, kernels=None):
         from .parallel import TensorParallel
 
         device = str(device).lower()
         if device not in ("cpu", "ascend"):
             raise ValueError(f"unsupported device {device!r} (expected 'cpu' or 'ascend')")
         self.device = device
-        self.fused_rms_norm = device == "ascend"
-        self.fold_norm = not self.fused_rms_norm
+        self.fused = device == "ascend"
+        dtype = str(dtype or ("bfloat16" if self.fused else "float32"))
+        if not self.fused:
+            allowed = ("float32",)
+        else:
+            allowed = ("float16", "bfloat16") + (("float32",) if kernels is not None else ())
+        if dtype not in allowed:
+            raise ValueError(f"dtype {dtype!r} is not supported on {device} (supported: {', '.join(allowed)})")
+        self.dtype_name = dtype
+        self.dtype = _DTYPES[dtype]
+        self.kernels = (kernels or FusedKernels()) if self.fused else None
+        self.fold_norm = not self.fused
         self.tp = tp if tp is not None else TensorParallel()
 
+    @property
+    def itemsize(self) -> int:
+        return 4 if self.dtype == ms.float32 else 2
 
-def to_param(arr, name: str):
-    """numpy array -> fp32 non-trainable Parameter (one copy; ``name`` must be unique in
+
+def to_param(arr, name: str, dtype=None):
+    """numpy array -> non-trainable Parameter, fp32 or ``dtype`` (one copy; ``name`` must be unique in
     the graph). ``None`` and Parameters pass through (optional weights such as biases)."""
     if arr is None or isinstance(arr, Parameter):
         return arr
     a = np.ascontiguousarray(arr, dtype=np.float32)
-    return Parameter(ms.from_numpy(a), name=name, requires_grad=False)
+    t = ms.from_numpy(a) if dtype in (None, ms.float32) else Tensor(a, dtype)
+    return Parameter(t, name=name, requires_grad=False)
 
 
-def new_kv_cache(num_kv_heads: int, num_blocks: int, block_size: int, head_dim: int, name: str):
-    """(k, v) zero cache Parameters, [kv_heads * (num_blocks + 1) * block_size, head_dim]
-    (= [kv_heads, num_blocks + 1, block_size, head_dim] in memory; the last block is scratch)."""
-    shape = (num_kv_heads * (num_blocks + 1) * block_size, head_dim)
-    return (to_param(np.zeros(shape, np.float32), name + ".k_cache"),
-            to_param(np.zeros(shape, np.float32), name + ".v_cache"))
+def new_kv_cache(num_kv_heads: int, num_blocks: int, block_size: int, head_dim: int, name: str, dev=None):
+    """(k, v) zero cache Parameters; the last block (``num_blocks``) is scratch for padding tokens.
+    cpu: [kv_heads * (num_blocks + 1) * block_size, head_dim] rows (= [kv_heads, num_blocks + 1,
+    block_size, head_dim] in memory); fused (``dev.fused``): [num_blocks + 1, block_size, kv_heads, head_dim]
+    in ``dev.dtype`` (the layout of ReshapeAndCache / PagedAttention)."""
+    if dev is not None and dev.fused:
+        shape, dtype = (num_blocks + 1, block_size, num_kv_heads, head_dim), dev.dtype
+    else:
+        shape, dtype = (num_kv_heads * (num_blocks + 1) * block_size, head_dim), None
+    return (to_param(np.zeros(shape, np.float32), name + ".k_cache", dtype),
+            to_param(np.zeros(shape, np.float32), name + ".v_cache", dtype))
 
 
 def param_bytes(p) -> int:
-    return int(np.prod(p.shape)) * 4 if p is not None else 0
+    return int(np.prod(p.shape)) * (4 if p.dtype == ms.float32 else 2) if p is not None else 0
 
 
 # ----------------------------------------------------------------------------- graph functions
@@ -109,22 +179,23 @@ def expand_to(t, shape):
     return ops.tile(t, tuple(s // d for s, d in zip(shape, t.shape)))
 
 
-def rms_norm(x, eps, weight=None, fused=False):
-    """x / sqrt(mean(x^2) + eps) [* weight]; ``weight=None``: gamma folded elsewhere."""
-    if fused:
-        return ops.rms_norm(x, weight, eps)[0]
+def rms_norm(x, eps, weight=None, fused=None):
+    """x / sqrt(mean(x^2) + eps) [* weight]; ``weight=None``: gamma folded elsewhere.
+    ``fused``: the RmsNorm kernel (FusedKernels.rms_norm(eps)), with ``weight``."""
+    if fused is not None:
+        return fused(x, weight)[0]
     y = x * expand_to(ops.rsqrt(ops.mean(x * x, -1, True) + eps), x.shape)
     if weight is not None:
         y = y * expand_to(weight.reshape((1,) * (x.ndim - 1) + weight.shape), x.shape)
     return y
 
 
-def head_rms_norm(x, head_dim, eps, weight, fused=False):
+def head_rms_norm(x, head_dim, eps, weight, fused=None):
     """RMSNorm over each head of x [T, n*hd] (Qwen3's q/k norm). ``weight``: the gamma tiled
-    to [n*hd] (plain ops), or [hd] for the fused kernel."""
+    to [n*hd] (plain ops), or [hd] for the fused kernel ``fused``."""
     T, D = x.shape
-    if fused:
-        return ops.rms_norm(x.reshape(T * (D // head_dim), head_dim), weight, eps)[0].reshape(T, D)
+    if fused is not None:
+        return fused(x.reshape(T * (D // head_dim), head_dim), weight)[0].reshape(T, D)
     x3 = x.reshape(T, D // head_dim, head_dim)
     y = x3 * expand_to(ops.rsqrt(ops.mean(x3 * x3, -1, True) + eps), x3.shape)
     return y.reshape(T, D) * expand_to(weight.reshape(1, D), (T, D))
@@ -216,6 +287,35 @@ def paged_attention(q, k, v, k_cache, v_cache, write_rows, read_rows, attn_bias,
     if Q == 1:
         return o.reshape(T, kvh * g * hd)
     return ops.gather(o.reshape(B * kvh * Q, g * hd), o_perm, 0).reshape(T, kvh * g * hd)
+
+
+def fused_rotary(x, cos, sin, rope, head_dim):
+    """Neox RoPE on x [T, n*hd] with the fused kernel ``rope`` (FusedKernels.rope), layout BSND:
+    x as [1, T, n, hd], cos/sin [T, hd] as [1, T, 1, hd] (no transpose, cos/sin not tiled per head)."""
+    T, D = x.shape
+    c = ops.cast(cos, x.dtype).reshape(1, T, 1, head_dim)
+    s = ops.cast(sin, x.dtype).reshape(1, T, 1, head_dim)
+    return rope(x.reshape(1, T, D // head_dim, head_dim), c, s, 0).reshape(T, D)
+
+
+def fused_attention(q, k, v, k_cache, v_cache, slots, block_tables, context_lens, attn_mask, write, paged, flash,
+                    num_kv_heads, head_dim):
+    """The fused path of paged_attention: ``write`` (ReshapeAndCache) puts this step's K/V at ``slots`` [T] of
+    the caches [blocks + 1, block_size, kv_heads, hd]; then a decode batch (``context_lens`` [B] given, Q == 1)
+    runs ``paged`` (PagedAttention) over its block tables [B, M]; otherwise (prefill, chunked prefill, sliding
+    window) the keys 0..M*block_size-1 of each sequence are gathered through its block table ([B, L,
+    kv_heads*hd]: whole blocks, a reshape and no transpose) and ``flash`` (FlashAttentionScore, BSH) runs with
+    ``attn_mask`` [B, 1, Q, L] (1 = discard). q [T, heads*hd] pre-scaled; returns [T, heads*hd]."""
+    T, D = q.shape
+    B, M = block_tables.shape
+    kvh, hd = num_kv_heads, head_dim
+    write(k.reshape(T, kvh, hd), v.reshape(T, kvh, hd), k_cache, v_cache, slots)
+    if context_lens is not None:
+        return paged(q.reshape(T, D // hd, hd), k_cache, v_cache, block_tables, context_lens).reshape(T, D)
+    L = M * k_cache.shape[1]
+    kk = ops.gather(k_cache, block_tables, 0).reshape(B, L, kvh * hd)
+    vv = ops.gather(v_cache, block_tables, 0).reshape(B, L, kvh * hd)
+    return flash(q.reshape(B, T // B, D), kk, vv, None, None, None, attn_mask)[3].reshape(T, D)
 
 
 # ----------------------------------------------------------------------------- host side (numpy)
@@ -316,3 +416,30 @@ def build_attention_metadata(positions: np.ndarray, slot_mapping: np.ndarray, bl
     q_perm = rows.reshape(B, Q, num_kv_heads).transpose(0, 2, 1).reshape(-1)
     o_perm = rows.reshape(B, num_kv_heads, Q).transpose(0, 2, 1).reshape(-1)
     return write_rows, read_rows, np.ascontiguousarray(bias), q_perm, o_perm
+
+
+def build_fused_attention_metadata(positions: np.ndarray, slot_mapping: np.ndarray, block_tables: np.ndarray,
+                                   num_blocks: int, block_size: int, sliding_window: int | None = None):
+    """Per-step inputs of fused_attention (numpy, padded shapes; arguments as build_attention_metadata's).
+    Returns
+      slots [B*Q] int32: each token's cache slot (block * block_size + offset); padding tokens -> the scratch
+        block ``num_blocks``;
+      block_tables [B, M] int32, padding entries -> the scratch block;
+      context_lens [B] int32 = position + 1 for a decode batch (Q == 1, no sliding window: PagedAttention),
+        else None;
+      attn_mask [B, 1, Q, M*block_size] uint8 (1 = key j hidden from query (b, q): j > positions[b, q], or out
+        of the sliding window) when context_lens is None, else None.
+    Padding tokens sit at position 0 and see key 0 (of their sequence, or the scratch block), so no row of the
+    softmax is all masked."""
+    B, Q = positions.shape
+    T, L = B * Q, block_tables.shape[1] * block_size
+    s = slot_mapping.reshape(T).astype(np.int64)
+    slots = np.where(s >= 0, s, num_blocks * block_size + np.arange(T) % block_size).astype(np.int32)
+    bt = np.where(block_tables >= 0, block_tables, num_blocks).astype(np.int32)
+    if Q == 1 and not sliding_window:
+        return slots, bt, (positions[:, 0].astype(np.int64) + 1).astype(np.int32), None
+    keys, pos = np.arange(L, dtype=np.int64)[None, None, :], positions.astype(np.int64)[:, :, None]
+    hidden = keys > pos
+    if sliding_window:
+        hidden |= keys <= pos - int(sliding_window)
+    return slots, bt, None, np.ascontiguousarray(hidden[:, None].astype(np.uint8))

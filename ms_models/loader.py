@@ -238,7 +238,8 @@ class _CheckedWeights:
 
 
 def load_model(model_dir: str, device: str = "cpu", use_jit: bool = True, threads: int | None = None,
-               min_buckets: tuple = (1, 1, 1), tp_rank: int = 0, tp_size: int = 1):
+               min_buckets: tuple = (1, 1, 1), tp_rank: int = 0, tp_size: int = 1, dtype: str = "auto",
+               kernels=None):
     """Loads a HF model directory (config.json + safetensors) as a :class:`CausalLM`.
 
     Raises FileNotFoundError / ValueError (naming the path) for a missing or invalid
@@ -248,12 +249,16 @@ def load_model(model_dir: str, device: str = "cpu", use_jit: bool = True, thread
     ``tp_rank``/``tp_size``: this process's shard of a tensor-parallel model (ms_models.parallel): only its
     1/tp_size of the weights is read; the process must have joined the MindSpore cluster first
     (``runtime.setup(..., tp_rank=, tp_size=, dist_addr=)``). ValueError if tp_size does not divide the heads.
+    ``dtype``: weights, activations and KV cache; "auto" = float32 on cpu (its only dtype), bfloat16 on ascend
+    (float16 also; layers.DeviceOps). ``kernels``: stand-ins for the fused kernels of the ascend path (tests).
     """
     from . import runtime
     from .parallel import TensorParallel, check_divisible
 
     dev_name = runtime.normalize_device(device)
-    cfg = ModelConfig.from_model_dir(model_dir)  # before importing MindSpore: cheap failures first
+    if dtype in (None, "auto"):
+        dtype = "bfloat16" if dev_name == "ascend" else "float32"
+    cfg = ModelConfig.from_model_dir(model_dir, dtype=dtype)  # before importing MindSpore: cheap failures first
     tp = TensorParallel(int(tp_rank), int(tp_size))
     problem = check_divisible(cfg.num_heads, cfg.num_kv_heads, tp.size)
     if problem:
@@ -265,11 +270,12 @@ def load_model(model_dir: str, device: str = "cpu", use_jit: bool = True, thread
                                f"MindSpore cluster as that rank first: runtime.setup(..., tp_rank=, tp_size=, "
                                f"dist_addr=); it is {runtime.current_tp()}")
         src.total_bytes = -(-src.total_bytes // tp.size)   # roughly what this rank reads (progress log)
-    runtime.setup(dev_name, threads)
+    runtime.setup(dev_name if kernels is None else "cpu", threads)  # stand-in kernels run on the CPU
     build = get_builder(cfg.architecture)
     from .layers import DeviceOps
     from .model import CausalLM
 
+    dev = DeviceOps(dev_name, tp, dtype, kernels)  # ValueError for a dtype the device lacks
     weights = _CheckedWeights(src, cfg)
     if not cfg.tie_word_embeddings and not src.has("lm_head.weight"):
         raise ValueError(f"{model_dir}: config has tie_word_embeddings=false but no lm_head.weight")
@@ -279,7 +285,7 @@ def load_model(model_dir: str, device: str = "cpu", use_jit: bool = True, thread
              len({e[0] for e in src._index.values()}),
              f", tensor-parallel rank {tp.rank} of {tp.size}: about 1/{tp.size} of it" if tp.enabled else "")
     try:
-        net = build(cfg, weights, DeviceOps(dev_name, tp))
+        net = build(cfg, weights, dev)
     finally:
         src.close()
     log.info("weights loaded: %.1f MiB read, %.1f MiB as %s, in %.1f s", src.bytes_read / 2**20,

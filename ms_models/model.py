@@ -187,10 +187,8 @@ class _Runner(nn.Cell):
         super().__init__(auto_prefix=False)
         self.net = net
 
-    def construct(self, input_ids, cos_q, sin_q, cos_k, sin_k, write_rows, read_rows, attn_bias, q_perm, o_perm,
-                  logits_idx):
-        return self.net(input_ids, cos_q, sin_q, cos_k, sin_k, write_rows, read_rows, attn_bias, q_perm, o_perm,
-                        logits_idx)
+    def construct(self, *inputs):
+        return self.net(*inputs)
 
 
 class CausalLM:

@@ -55,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default=_env("DEVICE", "cpu"),
                    help="cpu (default), or ascend:N for NPU N (sets DEVICE_ID=N) [MS_WORKER_DEVICE]")
     g.add_argument("--dtype", default=_env("DTYPE", "auto"), choices=["auto", "float32", "float16", "bfloat16"],
-                   help="compute and KV-cache dtype; auto (default) = the model's (float32 for now) [MS_WORKER_DTYPE]")
+                   help="weight, compute and KV-cache dtype; auto (default): float32 on cpu (its only dtype), bfloat16 on "
+                        "ascend (float16 also) [MS_WORKER_DTYPE]")
     g.add_argument("--kv-cache-gb", type=float, default=float(_env("KV_CACHE_GB", "0")),
                    help="KV cache size offered when the front does not ask for one; 0 = 30%% of free memory, "
                         "at most 1 GiB [MS_WORKER_KV_CACHE_GB]")
@@ -150,11 +151,12 @@ def _check_args(args) -> str | None:
     if not os.path.isdir(args.model):
         return f"model directory not found: {args.model}"
     try:
-        parse_device(args.device)
+        kind = parse_device(args.device)[0]
     except ValueError as e:
         return str(e)
-    if args.dtype not in ("auto", "float32"):
-        return f"--dtype {args.dtype} is not supported yet: the MindSpore models compute in float32"
+    allowed = ("float16", "bfloat16") if kind == "ascend" else ("float32",)
+    if args.dtype not in ("auto",) + allowed:
+        return f"--dtype {args.dtype} is not supported on {kind} (supported: {', '.join(allowed)})"
     if not 1 <= args.max_message_mb <= 2047:
         return f"--max-message-mb {args.max_message_mb} is not in 1..2047 (gRPC sizes are 32-bit)"
     if args.world_size < 1 or not 0 <= args.rank < args.world_size:
@@ -334,7 +336,7 @@ def serve(args) -> int:
         from ms_worker.service import WorkerService
 
         try:
-            model = load_model(args.model, device=kind, use_jit=not args.no_jit, **tp)
+            model = load_model(args.model, device=kind, use_jit=not args.no_jit, dtype=args.dtype, **tp)
         except (UnsupportedModelError, FileNotFoundError, ValueError) as e:
             log.error("cannot load model %s: %s", args.model, e)
             return stop_port(2)

@@ -74,7 +74,7 @@ def test_help_documents_every_flag_and_its_variable():
 
 
 def test_bad_arguments_are_refused_before_loading(tiny_llama):
-    for args, msg in [(["--device", "gpu"], "unsupported device"), (["--dtype", "float16"], "not supported yet"),
+    for args, msg in [(["--device", "gpu"], "unsupported device"), (["--dtype", "float16"], "not supported on cpu"),
                       (["--rank", "1"], "rank 1 is not in 0..0"), (["--tls-cert", "/nonexistent.crt"], "both"),
                       (["--tls-client-ca", "/x.pem"], "needs --tls-cert")]:
         out = subprocess.run([str(WORKER_PY), "-m", "ms_worker", "serve", "--model", str(tiny_llama), "--port", "0",
