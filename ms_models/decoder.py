@@ -298,5 +298,6 @@ def build_decoder(cfg: ModelConfig, weights, dev: DeviceOps) -> DecoderModel:
         w["wg"], w["bg"] = lin(p + ".mlp.gate_proj", cfg.mlp_bias, g2, col=mlp_span)
         w["wu"], w["bu"] = lin(p + ".mlp.up_proj", cfg.mlp_bias, g2, col=mlp_span)
         w["wd"], w["bd"] = lin(p + ".mlp.down_proj", cfg.mlp_bias, row=mlp_span)
-        layers.append((FusedDecoderLayer if dev.fused else DecoderLayer)(lcfg, w, p, dev))  # numpy temporaries freed layer by layer
+        # numpy temporaries freed layer by layer
+        layers.append((FusedDecoderLayer if dev.fused else DecoderLayer)(lcfg, w, p, dev))
     return DecoderModel(lcfg, embed, layers, weights.get("model.norm.weight"), lm_head_w, dev)

@@ -55,8 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default=_env("DEVICE", "cpu"),
                    help="cpu (default), or ascend:N for NPU N (sets DEVICE_ID=N) [MS_WORKER_DEVICE]")
     g.add_argument("--dtype", default=_env("DTYPE", "auto"), choices=["auto", "float32", "float16", "bfloat16"],
-                   help="weight, compute and KV-cache dtype; auto (default): float32 on cpu (its only dtype), bfloat16 on "
-                        "ascend (float16 also) [MS_WORKER_DTYPE]")
+                   help="weight, compute and KV-cache dtype; auto (default): float32 on cpu (its only dtype), "
+                        "bfloat16 on ascend (float16 also) [MS_WORKER_DTYPE]")
     g.add_argument("--kv-cache-gb", type=float, default=float(_env("KV_CACHE_GB", "0")),
                    help="KV cache size offered when the front does not ask for one; 0 = 30%% of free memory, "
                         "at most 1 GiB [MS_WORKER_KV_CACHE_GB]")
