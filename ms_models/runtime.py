@@ -10,7 +10,7 @@ import threading
 import time
 
 __all__ = ["setup", "current_device", "current_tp", "normalize_device", "parse_dist_addr", "resolve_dist_addr",
-           "cluster_env", "ClusterJoinError"]
+           "cluster_env", "ClusterJoinError", "DeviceUnavailableError"]
 
 _lock = threading.Lock()
 _state: dict = {"device": None, "threads": None, "tp": (0, 1)}
@@ -18,6 +18,10 @@ _state: dict = {"device": None, "threads": None, "tp": (0, 1)}
 
 class ClusterJoinError(RuntimeError):
     """This process could not join the MindSpore cluster of its tensor-parallel group in time."""
+
+
+class DeviceUnavailableError(RuntimeError):
+    """MindSpore cannot use the requested device here (e.g. ascend with a CPU-only MindSpore or without CANN)."""
 
 
 def parse_dist_addr(addr: str) -> tuple[str, int]:
@@ -111,7 +115,11 @@ def setup(device: str = "cpu", threads: int | None = None, tp_rank: int = 0, tp_
             os.environ.update(cluster_env("MS_WORKER", tp_size, ip, port, tp_rank, join_timeout_s))
         import mindspore as ms
 
-        ms.set_device(_DEVICES[dev])
+        try:
+            ms.set_device(_DEVICES[dev])
+        except RuntimeError as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise DeviceUnavailableError(f"MindSpore cannot use device {dev!r} in this process: {first}") from e
         if tp_size > 1:
             from mindspore import communication
 

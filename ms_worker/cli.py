@@ -287,7 +287,7 @@ def serve(args) -> int:
     log.info("loading %s (%.0f MiB of safetensors) on %s", args.model, _weights_mib(args.model), args.device)
     with serving.Heartbeat("still loading the model"):
         from ms_models import UnsupportedModelError, load_model
-        from ms_models.runtime import ClusterJoinError, setup
+        from ms_models.runtime import ClusterJoinError, DeviceUnavailableError, setup
 
         tp = dict(tp_rank=args.rank, tp_size=args.world_size)
         if args.world_size > 1:
@@ -320,6 +320,11 @@ def serve(args) -> int:
                      args.rank, args.world_size, args.dist_addr, args.dist_timeout_s)
             try:
                 setup(kind, dist_addr=args.dist_addr, join_timeout_s=args.dist_timeout_s, **tp)
+            except DeviceUnavailableError as e:
+                log.error("%s (--device %s)", e, args.device)
+                if sched is not None:
+                    sched.stop()
+                return stop_port(2)
             except ClusterJoinError as e:
                 log.error("%s", cluster.join_failure_message(args.rank, args.world_size, args.dist_addr,
                                                              args.dist_timeout_s, e, sched))
@@ -330,7 +335,11 @@ def serve(args) -> int:
                 sched.joining = False
             log.info("rank %d of %d joined the MindSpore cluster at %s", args.rank, args.world_size, args.dist_addr)
         else:
-            setup(kind)
+            try:
+                setup(kind)
+            except DeviceUnavailableError as e:
+                log.error("%s (--device %s)", e, args.device)
+                return stop_port(2)
         import mindspore as ms
 
         from ms_worker.service import WorkerService

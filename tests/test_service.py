@@ -76,7 +76,8 @@ def test_help_documents_every_flag_and_its_variable():
 def test_bad_arguments_are_refused_before_loading(tiny_llama):
     for args, msg in [(["--device", "gpu"], "unsupported device"), (["--dtype", "float16"], "not supported on cpu"),
                       (["--rank", "1"], "rank 1 is not in 0..0"), (["--tls-cert", "/nonexistent.crt"], "both"),
-                      (["--tls-client-ca", "/x.pem"], "needs --tls-cert")]:
+                      (["--tls-client-ca", "/x.pem"], "needs --tls-cert"),
+                      (["--device", "ascend"], "MindSpore cannot use device 'ascend'")]:   # a CPU-only MindSpore
         out = subprocess.run([str(WORKER_PY), "-m", "ms_worker", "serve", "--model", str(tiny_llama), "--port", "0",
                               *args], capture_output=True, text=True, timeout=60)
         assert out.returncode == 2 and msg in out.stderr, (args, out.stderr[-2000:])
