@@ -24,7 +24,10 @@ The blocks are plain functions of tensors (weights included), called from an
 architecture's layer Cell, which owns the Parameters. Functions, unlike nested Cells,
 inline into one graph cheaply: a 30-layer model compiles in about half the time and
 runs faster than the same model built from one Cell per linear/norm.
-The device switch lives in one place: :class:`DeviceOps`.
+The device switch lives in one place: :class:`DeviceOps`. On Ascend the same model runs
+MindSpore's fused kernels instead (:class:`FusedKernels`, :func:`fused_rotary`,
+:func:`fused_attention`, :func:`build_fused_attention_metadata`) in bf16/fp16, with vLLM's
+[blocks, block_size, kv_heads, head_dim] cache; everything above describes the CPU path.
 """
 from __future__ import annotations
 
