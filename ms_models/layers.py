@@ -312,7 +312,10 @@ def fused_attention(q, k, v, k_cache, v_cache, slots, block_tables, context_lens
     T, D = q.shape
     B, M = block_tables.shape
     kvh, hd = num_kv_heads, head_dim
-    write(k.reshape(T, kvh, hd), v.reshape(T, kvh, hd), k_cache, v_cache, slots)
+    # the attention must read the cache after this write: ops.depend orders it explicitly (the caches are
+    # Parameters, which MindSpore's side-effect tracking orders too; vLLM-MindSpore, whose caches are graph
+    # inputs, does the same)
+    q = ops.depend(q, write(k.reshape(T, kvh, hd), v.reshape(T, kvh, hd), k_cache, v_cache, slots))
     if context_lens is not None:
         return paged(q.reshape(T, D // hd, hd), k_cache, v_cache, block_tables, context_lens).reshape(T, D)
     L = M * k_cache.shape[1]
