@@ -11,11 +11,10 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+import mindspore as ms
 from mindspore import nn, ops
 
 from .config import ModelConfig
-import mindspore as ms
-
 from .layers import (DeviceOps, RotaryEmbedding, apply_rotary, build_attention_metadata,
                      build_fused_attention_metadata, embedding, fused_attention, fused_rotary, gated_mlp,
                      gather_logits, head_rms_norm, lm_head, linear, new_kv_cache, paged_attention, param_bytes,
@@ -36,8 +35,7 @@ class DecoderLayer(nn.Cell):
     def __init__(self, cfg: ModelConfig, w: dict, prefix: str, dev: DeviceOps):
         super().__init__(auto_prefix=False)
         self.prefix = prefix
-        self.kv_itemsize = dev.itemsize
-        self.fused_kv_layout = dev if dev.fused else None  # new_kv_cache's layout and dtype
+        self.dev = dev  # the KV cache's layout and dtype
         self.eps = float(cfg.rms_norm_eps)
         self.num_heads = cfg.num_heads
         self.num_kv_heads = cfg.num_kv_heads
@@ -74,10 +72,10 @@ class DecoderLayer(nn.Cell):
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int, tag: str) -> None:
         self.k_cache, self.v_cache = new_kv_cache(self.num_kv_heads, num_blocks, block_size, self.head_dim,
-                                                  f"{self.prefix}.self_attn.{tag}", self.fused_kv_layout)
+                                                  f"{self.prefix}.self_attn.{tag}", self.dev)
 
     def kv_cache_bytes_per_block(self, block_size: int) -> int:
-        return 2 * self.num_kv_heads * block_size * self.head_dim * self.kv_itemsize
+        return 2 * self.num_kv_heads * block_size * self.head_dim * self.dev.itemsize
 
     def construct(self, x, cos_q, sin_q, cos_k, sin_k, write_rows, read_rows, attn_bias, q_perm, o_perm):
         """The CPU path; inputs: DecoderModel's per-step inputs (layers.build_attention_metadata)."""

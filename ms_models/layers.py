@@ -99,7 +99,7 @@ class FusedKernels:
         return prim.FlashAttentionScore(int(num_heads), scale_value=1.0, input_layout="BSH")
 
 
-_DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
+_MS_DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
 
 
 class DeviceOps:
@@ -119,21 +119,15 @@ class DeviceOps:
 
     def __init__(self, device: str = "cpu", tp=None, dtype: str | None = None, kernels=None):
         from .parallel import TensorParallel
+        from .runtime import resolve_dtype
 
         device = str(device).lower()
         if device not in ("cpu", "ascend"):
             raise ValueError(f"unsupported device {device!r} (expected 'cpu' or 'ascend')")
         self.device = device
         self.fused = device == "ascend"
-        dtype = str(dtype or ("bfloat16" if self.fused else "float32"))
-        if not self.fused:
-            allowed = ("float32",)
-        else:
-            allowed = ("float16", "bfloat16") + (("float32",) if kernels is not None else ())
-        if dtype not in allowed:
-            raise ValueError(f"dtype {dtype!r} is not supported on {device} (supported: {', '.join(allowed)})")
-        self.dtype_name = dtype
-        self.dtype = _DTYPES[dtype]
+        self.dtype_name = resolve_dtype(device, dtype, stand_ins=kernels is not None)
+        self.dtype = _MS_DTYPES[self.dtype_name]
         self.kernels = (kernels or FusedKernels()) if self.fused else None
         self.fold_norm = not self.fused
         self.tp = tp if tp is not None else TensorParallel()

@@ -256,8 +256,7 @@ def load_model(model_dir: str, device: str = "cpu", use_jit: bool = True, thread
     from .parallel import TensorParallel, check_divisible
 
     dev_name = runtime.normalize_device(device)
-    if dtype in (None, "auto"):
-        dtype = "bfloat16" if dev_name == "ascend" else "float32"
+    dtype = runtime.resolve_dtype(dev_name, dtype, stand_ins=kernels is not None)
     cfg = ModelConfig.from_model_dir(model_dir, dtype=dtype)  # before importing MindSpore: cheap failures first
     tp = TensorParallel(int(tp_rank), int(tp_size))
     problem = check_divisible(cfg.num_heads, cfg.num_kv_heads, tp.size)
@@ -275,7 +274,7 @@ def load_model(model_dir: str, device: str = "cpu", use_jit: bool = True, thread
     from .layers import DeviceOps
     from .model import CausalLM
 
-    dev = DeviceOps(dev_name, tp, dtype, kernels)  # ValueError for a dtype the device lacks
+    dev = DeviceOps(dev_name, tp, dtype, kernels)
     weights = _CheckedWeights(src, cfg)
     if not cfg.tie_word_embeddings and not src.has("lm_head.weight"):
         raise ValueError(f"{model_dir}: config has tie_word_embeddings=false but no lm_head.weight")

@@ -10,7 +10,7 @@ import threading
 import time
 
 __all__ = ["setup", "current_device", "current_tp", "normalize_device", "parse_dist_addr", "resolve_dist_addr",
-           "cluster_env", "ClusterJoinError", "DeviceUnavailableError"]
+           "cluster_env", "ClusterJoinError", "DeviceUnavailableError", "resolve_dtype"]
 
 _lock = threading.Lock()
 _state: dict = {"device": None, "threads": None, "tp": (0, 1)}
@@ -41,6 +41,24 @@ def normalize_device(device: str) -> str:
     if d not in _DEVICES:
         raise ValueError(f"unsupported device {device!r} (expected one of: cpu, ascend)")
     return "ascend" if d == "npu" else d
+
+
+# Compute (weight, activation, KV-cache) dtypes per device, the default first: MindSpore's CPU kernels are fp32
+# only; the fused Ascend kernels take fp16/bf16 only.
+_DTYPES = {"cpu": ("float32",), "ascend": ("bfloat16", "float16")}
+
+
+def resolve_dtype(device: str, dtype: str | None = "auto", stand_ins: bool = False) -> str:
+    """The compute dtype for ``device``: ``dtype``, or the device's default for None/"auto"; ValueError for a dtype
+    the device lacks. ``stand_ins``: the ascend path run with plain-op stand-ins of its kernels (tests), which may
+    also be float32."""
+    dev = normalize_device(device)
+    allowed = _DTYPES[dev] + (("float32",) if stand_ins and dev == "ascend" else ())
+    if dtype in (None, "auto"):
+        return allowed[0]
+    if dtype not in allowed:
+        raise ValueError(f"dtype {dtype!r} is not supported on {dev} (supported: {', '.join(allowed)})")
+    return dtype
 
 
 def current_device():

@@ -150,13 +150,12 @@ def _check_args(args) -> str | None:
         return "no model given: pass --model DIR or set MS_WORKER_MODEL"
     if not os.path.isdir(args.model):
         return f"model directory not found: {args.model}"
+    from ms_models.runtime import resolve_dtype
+
     try:
-        kind = parse_device(args.device)[0]
+        resolve_dtype(parse_device(args.device)[0], args.dtype)
     except ValueError as e:
         return str(e)
-    allowed = ("float16", "bfloat16") if kind == "ascend" else ("float32",)
-    if args.dtype not in ("auto",) + allowed:
-        return f"--dtype {args.dtype} is not supported on {kind} (supported: {', '.join(allowed)})"
     if not 1 <= args.max_message_mb <= 2047:
         return f"--max-message-mb {args.max_message_mb} is not in 1..2047 (gRPC sizes are 32-bit)"
     if args.world_size < 1 or not 0 <= args.rank < args.world_size:

@@ -303,5 +303,4 @@ def test_ascend_path_with_contract_stand_ins_matches_cpu(tmp_path):
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, __file__.rsplit("/", 1)[0])
     ms_side(sys.argv[1])
