@@ -6,8 +6,8 @@ Qwen2ForCausalLM, Qwen3ForCausalLM: one module each over the shared decoder
 
     from ms_models import load_model, ModelConfig, UnsupportedModelError
     model = load_model(model_dir, device="cpu", use_jit=True)   # -> CausalLM
-    model.allocate_kv_cache(num_blocks, block_size)
-    logits = model.forward(input_ids, positions, slot_mapping, block_tables, logits_indices)
+    model.allocate_kv_cache(num_blocks, block_size, max_num_seqs, max_model_len, max_num_batched_tokens)
+    logits = model.forward(FlatBatch(...))   # ms_models.batch: one step's tokens, flat
 
 Importing this package does not import MindSpore (``ModelConfig``/``UnsupportedModelError``
 are pure Python, usable by the front); ``load_model`` imports it and calls
@@ -21,7 +21,7 @@ __all__ = ["load_model", "ModelConfig", "UnsupportedModelError", "SUPPORTED_ARCH
 
 def load_model(model_dir: str, device: str = "cpu", use_jit: bool = True, **options):
     """Loads a HF model directory (config.json + safetensors); see ms_models.loader.load_model (its options:
-    threads, min_buckets, tp_rank, tp_size, dtype, kernels)."""
+    threads, tp_rank, tp_size, dtype, kernels)."""
     from .loader import load_model as _load
 
     return _load(model_dir, device=device, use_jit=use_jit, **options)

@@ -15,10 +15,10 @@ import mindspore as ms
 from mindspore import nn, ops
 
 from .config import ModelConfig
-from .layers import (DeviceOps, RotaryEmbedding, apply_rotary, build_attention_metadata,
-                     build_fused_attention_metadata, embedding, fused_attention, fused_rotary, gated_mlp,
-                     gather_logits, head_rms_norm, lm_head, linear, new_kv_cache, paged_attention, param_bytes,
-                     rms_norm, to_param, vocab_parallel_embedding)
+from .batch import FlatBatch
+from .layers import (DeviceOps, RotaryEmbedding, build_fused_attention_metadata, embedding, fused_attention,
+                     fused_rotary, gated_mlp, gather_logits, head_rms_norm, lm_head, linear, new_kv_cache,
+                     param_bytes, rms_norm, to_param, vocab_parallel_embedding)
 
 __all__ = ["DecoderLayer", "FusedDecoderLayer", "DecoderModel", "build_decoder"]
 
@@ -61,10 +61,10 @@ class DecoderLayer(nn.Cell):
             self.write_op = kern.reshape_and_cache()
             self.paged_op = kern.paged_attention(cfg.num_heads, cfg.num_kv_heads)
             self.flash_op = kern.flash_attention(cfg.num_heads)
-            self.rot = None
+            self.attn_op = None
         else:
             self.norm_op = self.rope_op = self.write_op = self.paged_op = self.flash_op = None
-            self.rot = to_param(RotaryEmbedding.rotate_half_matrix(cfg.head_dim), a + "rotate_half")
+            self.attn_op = dev.attention_kernel()
         # tensor parallel: o_proj and down_proj are row-parallel, their partial sums are all-reduced
         self.all_reduce = ops.AllReduce() if dev.tp.enabled else None
         self.k_cache = None
@@ -77,8 +77,9 @@ class DecoderLayer(nn.Cell):
     def kv_cache_bytes_per_block(self, block_size: int) -> int:
         return 2 * self.num_kv_heads * block_size * self.head_dim * self.dev.itemsize
 
-    def construct(self, x, cos_q, sin_q, cos_k, sin_k, write_rows, read_rows, attn_bias, q_perm, o_perm):
-        """The CPU path; inputs: DecoderModel's per-step inputs (layers.build_attention_metadata)."""
+    def construct(self, x, cos_sin, slots, query_start_loc, seq_lens, block_tables, params):
+        """The CPU path; inputs: DecoderModel's per-step inputs (DecoderModel.prepare_inputs). The attention
+        kernel (ms_models.kernels) applies RoPE to q and k, writes k and v into the paged cache and attends."""
         h = rms_norm(x, self.eps, self.ln1, self.norm_op)
         q = linear(h, self.wq, self.bq)
         k = linear(h, self.wk, self.bk)
@@ -86,10 +87,8 @@ class DecoderLayer(nn.Cell):
             q = head_rms_norm(q, self.head_dim, self.eps, self.qn, self.norm_op)
             k = head_rms_norm(k, self.head_dim, self.eps, self.kn, self.norm_op)
         v = linear(h, self.wv, self.bv)
-        q = apply_rotary(q, cos_q, sin_q, self.rot, self.head_dim)
-        k = apply_rotary(k, cos_k, sin_k, self.rot, self.head_dim)
-        o = paged_attention(q, k, v, self.k_cache, self.v_cache, write_rows, read_rows, attn_bias, q_perm, o_perm,
-                            self.num_kv_heads, self.head_dim)
+        o = self.attn_op(q, k, v, self.k_cache, self.v_cache, cos_sin, slots, query_start_loc, seq_lens,
+                         block_tables, params)
         y = linear(o, self.wo, self.bo)
         if self.all_reduce is not None:
             y = self.all_reduce(y)
@@ -132,16 +131,15 @@ class FusedDecoderLayer(DecoderLayer):
 
 
 class DecoderModel(nn.Cell):
-    """Whole network: embedding -> decoder layers -> final norm (logit rows only) -> lm head.
+    """Whole network as two graphs (model.CausalLM): ``body`` (embedding -> decoder layers over the step's T
+    tokens, returning the residual stream [T, hidden]) and ``head`` (the final norm and lm head over the rows
+    whose logits are wanted, returning [S, vocab] float32).
 
-    construct inputs (padded shapes; T = B*Q): input_ids [T] int32, logits_idx [B] int32 (flat token
-    index), then the per-step inputs every layer gets:
-    cpu: cos_q/sin_q [T, heads*hd], cos_k/sin_k [T, kv_heads*hd], write_rows [T, kv_heads] int32,
-    read_rows [B, kv_heads, L] int32, attn_bias [B, kv_heads, Q*group, L] (L = M*block_size),
-    q_perm / o_perm [T*kv_heads] int32 (None when Q == 1) (layers.build_attention_metadata);
-    fused (Ascend): cos/sin [T, hd], slots [T], block_tables [B, M], context_lens [B] or None, attn_mask
-    [B, 1, Q, L] uint8 or None (layers.build_fused_attention_metadata).
-    Returns logits [B, vocab] float32.
+    body inputs: input_ids [T] int32, then the per-step inputs every layer gets (prepare_inputs):
+    cpu: cos_sin [T, hd] (cos and sin of each token's position, half width each), slots [T] int32 (-1 = padding),
+    query_start_loc [R + 1], seq_lens [R], block_tables [R, M] int32, params [2] int32 = (requests, sliding
+    window) (the ms_models.kernels contract);
+    fused (Ascend): layers.build_fused_attention_metadata's.
     """
 
     def __init__(self, cfg: ModelConfig, embed, layers: list, norm: np.ndarray, lm_head_w, dev: DeviceOps):
@@ -179,32 +177,28 @@ class DecoderModel(nn.Cell):
             total += param_bytes(p)
         return total
 
-    def prepare_inputs(self, input_ids, positions, slot_mapping, block_tables, logits_idx,
-                       num_blocks: int, block_size: int) -> tuple:
-        """Host-side (numpy) construct inputs from padded per-request arrays: (input_ids, logits_idx, *step),
-        ``step`` the RoPE and attention inputs every layer gets (see the class docstring)."""
+    def prepare_inputs(self, batch: FlatBatch, num_blocks: int, block_size: int, num_reqs: int) -> tuple:
+        """The body's inputs (numpy) for a padded batch whose first ``num_reqs`` requests are real."""
         cfg = self.config
-        B, Q = input_ids.shape
-        cos, sin = self.rope.cos_sin(positions.reshape(B * Q))
-        head = (input_ids.reshape(B * Q).astype(np.int32), logits_idx.astype(np.int32))
         if self.fused:
-            return (*head, cos, sin, *build_fused_attention_metadata(positions, slot_mapping, block_tables,
-                                                                     num_blocks, block_size, cfg.sliding_window))
-        cos_q, sin_q = self.rope.full_shape(cos, sin, cfg.num_heads)
-        cos_k, sin_k = self.rope.full_shape(cos, sin, cfg.num_kv_heads)
-        attn = build_attention_metadata(positions, slot_mapping, block_tables, num_blocks, block_size,
-                                        cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads,
-                                        sliding_window=cfg.sliding_window)
-        return (*head, cos_q, sin_q, cos_k, sin_k, *attn)
+            cos, sin = self.rope.cos_sin(batch.positions)
+            return (batch.input_ids, cos, sin, *build_fused_attention_metadata(batch, num_blocks, block_size,
+                                                                               num_reqs, cfg.sliding_window))
+        params = np.array([num_reqs, cfg.sliding_window or 0], np.int32)
+        return (batch.input_ids, self.rope.cos_sin_half(batch.positions), batch.slot_mapping,
+                batch.query_start_loc, batch.seq_lens, batch.block_tables, params)
 
-    def construct(self, input_ids, logits_idx, *step):
+    def body(self, input_ids, *step):
         if self.all_reduce is not None:
             x = vocab_parallel_embedding(input_ids, self.embed, self.vocab_start, self.all_reduce)
         else:
             x = embedding(input_ids, self.embed)
         for layer in self.layers:
             x = layer(x, *step)
-        x = rms_norm(ops.gather(x, logits_idx, 0), self.eps, self.norm, self.norm_op)
+        return x
+
+    def head(self, x, rows):
+        x = rms_norm(ops.gather(x, rows, 0), self.eps, self.norm, self.norm_op)
         if self.all_gather is not None:
             logits = gather_logits(lm_head(x, self.lm_head), self.all_gather, self.tp_size, self.vocab_size)
         else:

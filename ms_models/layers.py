@@ -40,19 +40,15 @@ from mindspore import Parameter, Tensor, ops
 __all__ = [
     "MASK_VALUE", "DeviceOps", "to_param", "new_kv_cache", "param_bytes",
     "rms_norm", "head_rms_norm", "linear", "embedding", "lm_head", "vocab_parallel_embedding", "gather_logits",
-    "apply_rotary", "gated_mlp", "paged_attention", "FusedKernels", "fused_rotary", "fused_attention",
-    "build_fused_attention_metadata",
-    "rope_inv_freq", "RotaryEmbedding", "build_attention_metadata",
+    "gated_mlp", "FusedKernels", "fused_rotary", "fused_attention", "build_fused_attention_metadata",
+    "rope_inv_freq", "RotaryEmbedding",
 ]
 
 # Additive attention-mask value: large but finite, so a row with every key masked
 # (padding) gives a uniform softmax instead of NaN.
 MASK_VALUE = -1e30
 
-_bmm = ops.BatchMatMul()
-_bmm_tb = ops.BatchMatMul(transpose_b=True)
 _mm_tb = ops.MatMul(transpose_b=True)
-_scatter_update = ops.ScatterUpdate()
 
 
 class FusedKernels:
@@ -129,12 +125,19 @@ class DeviceOps:
         self.dtype_name = resolve_dtype(device, dtype, stand_ins=kernels is not None)
         self.dtype = _MS_DTYPES[self.dtype_name]
         self.kernels = (kernels or FusedKernels()) if self.fused else None
+        self.attention_kernel = None if self.fused else _cpu_attention_kernel
         self.fold_norm = not self.fused
         self.tp = tp if tp is not None else TensorParallel()
 
     @property
     def itemsize(self) -> int:
         return 4 if self.dtype == ms.float32 else 2
+
+
+def _cpu_attention_kernel():
+    """The CPU attention kernel: RoPE, paged cache write and ragged attention in one op (ms_models.kernels)."""
+    from .kernels import paged_attention_op
+    return paged_attention_op()
 
 
 def to_param(arr, name: str, dtype=None):
@@ -148,14 +151,10 @@ def to_param(arr, name: str, dtype=None):
 
 
 def new_kv_cache(num_kv_heads: int, num_blocks: int, block_size: int, head_dim: int, name: str, dev=None):
-    """(k, v) zero cache Parameters; the last block (``num_blocks``) is scratch for padding tokens.
-    cpu: [kv_heads * (num_blocks + 1) * block_size, head_dim] rows (= [kv_heads, num_blocks + 1,
-    block_size, head_dim] in memory); fused (``dev.fused``): [num_blocks + 1, block_size, kv_heads, head_dim]
-    in ``dev.dtype`` (the layout of ReshapeAndCache / PagedAttention)."""
-    if dev is not None and dev.fused:
-        shape, dtype = (num_blocks + 1, block_size, num_kv_heads, head_dim), dev.dtype
-    else:
-        shape, dtype = (num_kv_heads * (num_blocks + 1) * block_size, head_dim), None
+    """(k, v) zero cache Parameters [num_blocks + 1, block_size, kv_heads, head_dim] (vLLM's layout) in the
+    device's dtype; the last block (``num_blocks``) is scratch for padding tokens."""
+    shape = (num_blocks + 1, block_size, num_kv_heads, head_dim)
+    dtype = dev.dtype if dev is not None else None
     return (to_param(np.zeros(shape, np.float32), name + ".k_cache", dtype),
             to_param(np.zeros(shape, np.float32), name + ".v_cache", dtype))
 
@@ -242,50 +241,6 @@ def gated_mlp(x, w_gate, w_up, w_down, b_gate=None, b_up=None, b_down=None):
     return linear(ops.silu(linear(x, w_gate, b_gate)) * linear(x, w_up, b_up), w_down, b_down)
 
 
-def apply_rotary(x, cos, sin, rot, head_dim):
-    """Neox RoPE on x [T, n*hd]: x*cos + rotate_half(x)*sin, with cos/sin given full shape
-    [T, n*hd] and rotate_half as a small [hd, hd] matmul (``rot``), since slice + cat are
-    slow strided copies on MindSpore CPU."""
-    xr = ops.matmul(x.reshape(-1, head_dim), rot).reshape(x.shape)
-    return x * cos + xr * sin
-
-
-def paged_attention(q, k, v, k_cache, v_cache, write_rows, read_rows, attn_bias, q_perm, o_perm, num_kv_heads,
-                    head_dim):
-    """Writes this step's K/V into the paged cache, then attends over the cache.
-
-    q [T, heads*hd] (RoPE'd and pre-scaled by 1/sqrt(hd)), k/v [T, kv_heads*hd], T = B*Q.
-    write_rows [T, kv_heads]: cache row of each new token's K/V per kv head;
-    read_rows [B, kv_heads, L]: cache rows of each request's key positions 0..L-1 (through
-    its block table); attn_bias [B, kv_heads, Q*group, L] additive mask; q_perm / o_perm: the
-    row orders that take q to kv-head-major and the output back (see
-    build_attention_metadata). GQA: query head h uses kv head h // group.
-    Returns [T, heads*hd].
-
-    With Q > 1 the two layout changes are row gathers, not transposes: MindSpore's CPU
-    Transpose keeps output-sized buffers for the life of each compiled graph (0.3 MiB per
-    token of a prefill bucket for SmolLM2) and is slower than gathering rows of g*hd floats.
-    """
-    kvh, hd = num_kv_heads, head_dim
-    T = q.shape[0]
-    B = read_rows.shape[0]
-    Q = T // B
-    g = q.shape[1] // (kvh * hd)
-    _scatter_update(k_cache, write_rows, k.reshape(T, kvh, hd))
-    _scatter_update(v_cache, write_rows, v.reshape(T, kvh, hd))
-    kk = ops.gather(k_cache, read_rows, 0)  # [B, kvh, L, hd]
-    vv = ops.gather(v_cache, read_rows, 0)
-    if Q == 1:  # decode: [B, heads*hd] is already [B, kvh, group, hd] (static shape: no transpose)
-        qq = q.reshape(B, kvh, g, hd)
-    else:
-        qq = ops.gather(q.reshape(T * kvh, g * hd), q_perm, 0).reshape(B, kvh, Q * g, hd)
-    p = ops.softmax(_bmm_tb(qq, kk) + attn_bias, -1)
-    o = _bmm(p, vv)  # [B, kvh, Q*g, hd]
-    if Q == 1:
-        return o.reshape(T, kvh * g * hd)
-    return ops.gather(o.reshape(B * kvh * Q, g * hd), o_perm, 0).reshape(T, kvh * g * hd)
-
-
 def fused_rotary(x, cos, sin, rope, head_dim):
     """Neox RoPE on x [T, n*hd] with the fused kernel ``rope`` (FusedKernels.rope), layout BSND:
     x as [1, T, n, hd], cos/sin [T, hd] as [1, T, 1, hd] (no transpose, cos/sin not tiled per head)."""
@@ -354,68 +309,11 @@ class RotaryEmbedding:
         f = np.concatenate([f, f], -1)
         return np.cos(f).astype(np.float32), np.sin(f).astype(np.float32)
 
-    @staticmethod
-    def full_shape(cos: np.ndarray, sin: np.ndarray, num_heads: int):
-        """[T, hd] -> [T, num_heads*hd] (the layout of a projection's output)."""
-        return np.tile(cos, (1, num_heads)), np.tile(sin, (1, num_heads))
-
-    @staticmethod
-    def rotate_half_matrix(head_dim: int) -> np.ndarray:
-        """R with x @ R == rotate_half(x) == cat(-x2, x1)."""
-        h = head_dim // 2
-        r = np.zeros((head_dim, head_dim), np.float32)
-        r[np.arange(h) + h, np.arange(h)] = -1.0
-        r[np.arange(h), np.arange(h) + h] = 1.0
-        return r
-
-
-def build_attention_metadata(positions: np.ndarray, slot_mapping: np.ndarray, block_tables: np.ndarray,
-                             num_blocks: int, block_size: int, num_kv_heads: int, group: int,
-                             sliding_window: int | None = None):
-    """Per-step attention inputs, shared by all layers (numpy, padded shapes).
-
-    positions, slot_mapping: [B, Q] (slot -1 = padding token); block_tables [B, M] (-1 = padding).
-    Cache rows (see new_kv_cache): row(h, block, off) = (h * (num_blocks + 1) + block) *
-    block_size + off. Returns
-      write_rows [B*Q, kvh] int32: where each token's K/V goes (padding tokens -> the
-        scratch block ``num_blocks``);
-      read_rows [B, kvh, M*block_size] int32: the rows of key positions 0..L-1 of each
-        request (padding table entries -> scratch);
-      bias [B, kvh, Q*group, M*block_size] float32 additive mask: query (b, q) sees key j
-        iff j <= positions[b, q] (and, with ``sliding_window`` W, j > positions[b, q] - W);
-      q_perm [B*kvh*Q] int32: for each (b, h, q), the row (b*Q + q)*kvh + h of q viewed as
-        [T*kvh, group*hd] (token-major -> kv-head-major);
-      o_perm [B*Q*kvh] int32: for each (b, q, h), the row (b*kvh + h)*Q + q of the attention
-        output viewed as [B*kvh*Q, group*hd] (back to token-major).
-    Decode (Q == 1) needs no reordering: q_perm and o_perm are then None, since a graph input
-    that the graph does not use makes a MindSpore CPU graph markedly slower (+60% measured on
-    a 1,200-kernel graph), while None is a compile-time constant.
-    """
-    B, Q = positions.shape
-    M = block_tables.shape[1]
-    T, L = B * Q, M * block_size
-    heads = np.arange(num_kv_heads, dtype=np.int64) * (num_blocks + 1)
-    s = slot_mapping.reshape(T).astype(np.int64)
-    real = s >= 0
-    blk = np.where(real, s // block_size, num_blocks)
-    off = np.where(real, s % block_size, np.arange(T) % block_size)
-    write_rows = ((heads[None, :] + blk[:, None]) * block_size + off[:, None]).astype(np.int32)
-    bt = np.where(block_tables >= 0, block_tables, num_blocks).astype(np.int64)  # [B, M]
-    read_rows = ((heads[None, :, None] + bt[:, None, :]) * block_size)[..., None] + np.arange(block_size)
-    read_rows = read_rows.reshape(B, num_kv_heads, L).astype(np.int32)
-    keys, pos = np.arange(L, dtype=np.int64)[None, None, :], positions.astype(np.int64)[:, :, None]
-    allowed = keys <= pos
-    if sliding_window:
-        allowed &= keys > pos - int(sliding_window)
-    bias = np.where(allowed, np.float32(0.0), np.float32(MASK_VALUE)).astype(np.float32)  # [B, Q, L]
-    bias = np.broadcast_to(bias[:, None, :, None, :], (B, num_kv_heads, Q, group, L)).reshape(
-        B, num_kv_heads, Q * group, L)
-    if Q == 1:
-        return write_rows, read_rows, np.ascontiguousarray(bias), None, None
-    rows = np.arange(T * num_kv_heads, dtype=np.int32)
-    q_perm = rows.reshape(B, Q, num_kv_heads).transpose(0, 2, 1).reshape(-1)
-    o_perm = rows.reshape(B, num_kv_heads, Q).transpose(0, 2, 1).reshape(-1)
-    return write_rows, read_rows, np.ascontiguousarray(bias), q_perm, o_perm
+    def cos_sin_half(self, positions: np.ndarray) -> np.ndarray:
+        """positions [T] -> [T, head_dim] float32: cos then sin of the head_dim/2 frequencies (the attention
+        kernel's RoPE input)."""
+        f = positions.astype(np.float64)[:, None] * self.inv_freq[None, :]
+        return np.concatenate([np.cos(f), np.sin(f)], -1).astype(np.float32)
 
 
 def build_fused_attention_metadata(positions: np.ndarray, slot_mapping: np.ndarray, block_tables: np.ndarray,

@@ -238,14 +238,13 @@ class _CheckedWeights:
 
 
 def load_model(model_dir: str, device: str = "cpu", use_jit: bool = True, threads: int | None = None,
-               min_buckets: tuple = (1, 1, 1), tp_rank: int = 0, tp_size: int = 1, dtype: str = "auto",
+               tp_rank: int = 0, tp_size: int = 1, dtype: str = "auto",
                kernels=None):
     """Loads a HF model directory (config.json + safetensors) as a :class:`CausalLM`.
 
     Raises FileNotFoundError / ValueError (naming the path) for a missing or invalid
     directory, UnsupportedModelError for an architecture/feature ms_models lacks.
     Calls ``runtime.setup(device, threads)`` (no-op if the worker already did).
-    ``min_buckets``: smallest (B, Q, M) padding buckets (see CausalLM.bucket_shape).
     ``tp_rank``/``tp_size``: this process's shard of a tensor-parallel model (ms_models.parallel): only its
     1/tp_size of the weights is read; the process must have joined the MindSpore cluster first
     (``runtime.setup(..., tp_rank=, tp_size=, dist_addr=)``). ValueError if tp_size does not divide the heads.
@@ -289,5 +288,4 @@ def load_model(model_dir: str, device: str = "cpu", use_jit: bool = True, thread
         src.close()
     log.info("weights loaded: %.1f MiB read, %.1f MiB as %s, in %.1f s", src.bytes_read / 2**20,
              net.weight_bytes() / 2**20, cfg.dtype, time.perf_counter() - t0)
-    return CausalLM(cfg, net, device=dev_name, use_jit=use_jit, model_dir=os.fspath(model_dir),
-                    min_buckets=min_buckets)
+    return CausalLM(cfg, net, device=dev_name, use_jit=use_jit, model_dir=os.fspath(model_dir))

@@ -60,9 +60,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--kv-cache-gb", type=float, default=float(_env("KV_CACHE_GB", "0")),
                    help="KV cache size offered when the front does not ask for one; 0 = 30%% of free memory, "
                         "at most 1 GiB [MS_WORKER_KV_CACHE_GB]")
-    g.add_argument("--graph-memory-mb", type=int, default=int(_env("GRAPH_MEMORY_MB", "0")),
-                   help="host memory for compiled batch-shape graphs (beyond it, batches run padded in a bigger compiled "
-                        "graph); 0 = the default (ms_models.model.DEFAULT_GRAPH_MEMORY) [MS_WORKER_GRAPH_MEMORY_MB]")
     g.add_argument("--no-jit", action="store_true", default=_env("NO_JIT", "") == "1",
                    help="run eagerly (PyNative) instead of compiling the model with ms.jit [MS_WORKER_NO_JIT=1]")
     _add_tp_arguments(s.add_argument_group(
@@ -348,8 +345,6 @@ def serve(args) -> int:
         except (UnsupportedModelError, FileNotFoundError, ValueError) as e:
             log.error("cannot load model %s: %s", args.model, e)
             return stop_port(2)
-        if args.graph_memory_mb > 0:
-            model.graph_memory = args.graph_memory_mb << 20
     load_s = time.perf_counter() - t0
     log.info("model %s loaded in %.1f s (%.1f MiB of weights%s)", args.model, load_s, model.weight_bytes() / 2**20,
              f", tensor-parallel rank {args.rank} of {args.world_size}" if args.world_size > 1 else "")

@@ -1,107 +1,105 @@
-"""Turns a step's work items into model inputs, runs the forward pass, and samples.
+"""A step's plan -> one flat token batch -> the model -> the sampler.
 
-Continuous batching: decodes (one token each) run as one [B, 1] forward; prefills and prefill chunks run as a
-second [B, Q] forward padded to the longest chunk. Both read and write the same paged KV cache through the block
-ids vLLM scheduled, so any mix of new, chunked, resumed and decoding requests is served in one step. A forward
-holds at most MAX_FORWARD_TOKENS padded tokens; bigger groups run as several forwards, in order.
+Every scheduled token of every request (decodes, prefill chunks, resumed requests) is one row of a single flat
+batch, built with array operations from the requests' rows in BatchState; the model runs it as one forward (two
+compiled graphs: body and head) and returns the logits of the rows that sample, plus every prompt row of requests
+that asked for prompt logprobs.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
+from ms_models.batch import FlatBatch
 from ms_worker.sampler import SampleResult, Sampler, prompt_logprobs_chunk
-from ms_worker.state import WorkItem
-
-# Padded tokens (B x Q after the model's power-of-two bucketing) in one forward. Each compiled bucket graph keeps
-# host memory that grows with its tokens, and a step's activations (the attention scores are [B, heads, Q, L])
-# with them too; past a few hundred tokens a bigger forward is no faster, it only costs memory.
-MAX_FORWARD_TOKENS = 512
+from ms_worker.state import BatchState, StepPlan
 
 
-def split_forwards(items: list[WorkItem], padded_tokens, limit: int = MAX_FORWARD_TOKENS) -> list[list[WorkItem]]:
-    """`items` as consecutive forwards of at most `limit` padded tokens (``padded_tokens(b, q)``: B x Q as the model
-    pads them). An item longer than `limit` runs as pieces of `limit` tokens, one per forward, in order: each piece
-    then reads the K/V its predecessors wrote."""
-    pieces = [WorkItem(it.req, start, min(limit, it.start + it.count - start))
-              for it in items for start in range(it.start, it.start + it.count, limit)]
-    forwards: list[list[WorkItem]] = []
-    for piece in pieces:
-        group = forwards[-1] + [piece] if forwards else []
-        if group and padded_tokens(len(group), max(p.count for p in group)) <= limit:
-            forwards[-1] = group
-        else:
-            forwards.append([piece])
-    return forwards
+@dataclass
+class ForwardOutput:
+    """The model's output for a plan: ``logits`` rows, and per scheduled request (by index) the row of its
+    sampling logits (-1 if it does not sample) and its completed prompt logprobs (None if none)."""
+
+    logits: np.ndarray
+    sample_row: np.ndarray
+    prompt_logprobs: list
 
 
-def build_inputs(items: list[WorkItem], block_size: int) -> dict[str, np.ndarray]:
-    """Padded [B, Q] inputs for one forward over `items`. Padding slots and blocks are -1."""
-    b = len(items)
-    q = max(it.count for it in items)
-    m = max(-(-(it.start + it.count) // block_size) for it in items)
-    input_ids = np.zeros((b, q), np.int32)
-    positions = np.zeros((b, q), np.int32)
-    slots = np.full((b, q), -1, np.int32)
-    tables = np.full((b, m), -1, np.int32)
-    logits_idx = np.zeros((b,), np.int32)
-    for i, it in enumerate(items):
-        pos = np.arange(it.start, it.start + it.count, dtype=np.int32)
-        blocks = np.asarray(it.req.block_ids, np.int32)
-        need = -(-(it.start + it.count) // block_size)
-        input_ids[i, : it.count] = it.req.token_ids[it.start : it.start + it.count]
-        positions[i, : it.count] = pos
-        slots[i, : it.count] = blocks[pos // block_size] * block_size + pos % block_size
-        tables[i, :need] = blocks[:need]
-        logits_idx[i] = it.count - 1
-    return dict(input_ids=input_ids, positions=positions, slot_mapping=slots, block_tables=tables,
-                logits_indices=logits_idx)
+@dataclass
+class RequestOutput:
+    """A scheduled request's result: the sampled token (None for a partial prefill) and its logprobs."""
+
+    token: int | None
+    sample: SampleResult | None
+    prompt_logprobs: tuple | None
+
+
+def build_batch(plan: StepPlan, state: BatchState) -> tuple[FlatBatch, np.ndarray, list]:
+    """The flat batch of ``plan``; also the logits row of each scheduled request's sample (-1: none) and, per
+    request, the logits rows of its prompt-logprob positions (None: not asked)."""
+    sched = plan.scheduled
+    rows = np.fromiter((s.req.row for s in sched), np.int64, len(sched))
+    starts = np.fromiter((s.start for s in sched), np.int64, len(sched))
+    counts = np.fromiter((s.count for s in sched), np.int64, len(sched))
+    qsl = np.zeros(len(sched) + 1, np.int64)
+    np.cumsum(counts, out=qsl[1:])
+    T = int(qsl[-1])
+    req = np.repeat(np.arange(len(sched)), counts)
+    pos = starts[req] + np.arange(T) - qsl[req]
+    bs = state.block_size
+    slots = state.block_ids[rows[req], pos // bs] * bs + pos % bs
+    ends = starts + counts
+    M = int(-(-ends.max() // bs))
+    samples = np.fromiter((s.samples for s in sched), bool, len(sched))
+
+    # logits rows: each sampling request's last row, plus prompt-logprob rows (rare: per request)
+    lp_rows: list = [None] * len(sched)
+    picks = [qsl[1:][samples] - 1]
+    for i, s in enumerate(sched):
+        if s.wants_prompt_logprobs:
+            k = min(s.count, s.req.num_prompt_tokens - 1 - s.start)
+            lp_rows[i] = np.arange(qsl[i], qsl[i] + k)
+            picks.append(lp_rows[i])
+    li = np.unique(np.concatenate(picks)) if len(picks) > 1 else picks[0]
+    sample_row = np.full(len(sched), -1, np.int64)
+    sample_row[samples] = np.searchsorted(li, qsl[1:][samples] - 1)
+    lp_rows = [None if r is None else np.searchsorted(li, r) for r in lp_rows]
+    batch = FlatBatch(state.token_ids[rows[req], pos].astype(np.int32), pos.astype(np.int32), slots.astype(np.int32),
+                      qsl.astype(np.int32), ends.astype(np.int32), state.block_ids[rows, :M].astype(np.int32),
+                      li.astype(np.int32))
+    return batch, sample_row, lp_rows
 
 
 class ModelRunner:
-    def __init__(self, model, block_size: int, sampler: Sampler):
+    def __init__(self, model, state: BatchState, sampler: Sampler):
         self.model = model
-        self.block_size = block_size
+        self.state = state
         self.sampler = sampler
 
-    def _forwards(self, items: list[WorkItem], all_positions: bool = False):
-        """(piece, logits) for every piece of `items` (see split_forwards), in order; logits [vocab], or
-        [count, vocab] with `all_positions`."""
-        def padded_tokens(b: int, q: int) -> int:
-            bp, qp, _ = self.model.bucket_shape(b, q, 1)
-            return bp * qp
+    def forward(self, plan: StepPlan) -> ForwardOutput:
+        batch, sample_row, lp_rows = build_batch(plan, self.state)
+        logits = self.model.forward(batch)
+        prompt = [None if r is None else prompt_logprobs_chunk(s, logits[r])
+                  for s, r in zip(plan.scheduled, lp_rows)]
+        return ForwardOutput(logits, sample_row, prompt)
 
-        for pieces in split_forwards(items, padded_tokens):
-            logits = self.model.forward(**build_inputs(pieces, self.block_size), all_positions=all_positions)
-            yield from zip(pieces, logits)
-
-    def forward(self, items: list[WorkItem]) -> tuple[dict[int, np.ndarray], dict[int, tuple]]:
-        """Logits rows of the items that sample this step, by id(item); and the completed prompt logprobs of
-        the items whose prefill finished this step (requests that asked for them)."""
-        lp = [it for it in items if it.wants_prompt_logprobs]
-        rest = [it for it in items if not it.wants_prompt_logprobs]
-        item_of = {id(it.req): it for it in items}   # a request has one item per step; pieces map back to it
-        logits_of: dict[int, np.ndarray] = {}
-        prompt_done: dict[int, tuple] = {}
-        for group in ([it for it in rest if it.count == 1], [it for it in rest if it.count > 1]):
-            for piece, row in self._forwards(group):
-                if piece.samples:
-                    logits_of[id(item_of[id(piece.req)])] = row
-        for piece, rows in self._forwards(lp, all_positions=True):
-            if piece.samples:
-                logits_of[id(item_of[id(piece.req)])] = rows[piece.count - 1]
-            done = prompt_logprobs_chunk(piece, rows[: piece.count])
-            if done is not None:
-                prompt_done[id(item_of[id(piece.req)])] = done
-        return logits_of, prompt_done
-
-    def sample(self, items: list[WorkItem], logits_of: dict[int, np.ndarray],
-               allowed: dict[str, np.ndarray] | None = None) -> list[tuple[WorkItem, SampleResult | None]]:
-        samplers = [it for it in items if it.samples]
-        sampled: dict[int, SampleResult] = {}
-        if samplers:
-            rows = np.stack([logits_of[id(it)] for it in samplers])
-            masks = [(allowed or {}).get(it.req.req_id) for it in samplers]
-            res = self.sampler.sample(rows, [it.req for it in samplers], masks)
-            sampled = {id(it): r for it, r in zip(samplers, res)}
-        return [(it, sampled.get(id(it))) for it in items]
+    def sample(self, plan: StepPlan, out: ForwardOutput,
+               allowed: dict[str, np.ndarray] | None = None) -> list[RequestOutput]:
+        """Samples every request whose prefill is complete, records the tokens in the state and returns one
+        output per scheduled request, in order."""
+        idx = np.flatnonzero(out.sample_row >= 0)
+        results: list[SampleResult] = []
+        if idx.size:
+            reqs = [plan.scheduled[i].req for i in idx]
+            masks = [(allowed or {}).get(r.req_id) for r in reqs] if allowed else None
+            results = self.sampler.sample(out.logits[out.sample_row[idx]], reqs, masks)
+        sampled = dict(zip(idx.tolist(), results))
+        outputs = []
+        for i, s in enumerate(plan.scheduled):
+            res = sampled.get(i)
+            if res is not None:
+                self.state.append_token(s.req, res.token)
+            outputs.append(RequestOutput(None if res is None else res.token, res, out.prompt_logprobs[i]))
+        return outputs

@@ -11,6 +11,7 @@ import threading
 import time
 import uuid
 from concurrent import futures
+from dataclasses import dataclass
 
 import grpc
 import numpy as np
@@ -18,31 +19,13 @@ import numpy as np
 from ms_rpc.v1 import worker_pb2 as pb
 from ms_rpc.v1 import worker_pb2_grpc as pb_grpc
 from ms_worker.memory import available_kv_bytes
-from ms_worker.runner import ModelRunner
+from ms_worker.runner import ModelRunner, RequestOutput
 from ms_worker.sampler import Sampler
-from ms_worker.state import BatchState, StepError
+from ms_worker.state import BatchState, StepError, StepPlan
 
 log = logging.getLogger("ms_worker")
 
 PROTOCOL_VERSION = pb.PROTOCOL_VERSION_CURRENT
-
-
-def warmup_shapes(max_num_seqs: int, max_num_batched_tokens: int, block_size: int,
-                  max_model_len: int) -> list[tuple[int, int, int]]:
-    """(B, Q, M) shapes to compile before serving, most needed first (the model stops where its graph budget is
-    full): one stream's decode up to 256 tokens of context (more blocks cost a single sequence little); one
-    request's prefill of up to 128 tokens; a decode of up to 32 sequences up to 128 tokens of context, which covers
-    every smaller such batch until their own graphs compile (see CausalLM._bucket_to_run); smaller decode batches;
-    the full prefill chunk."""
-    def blocks(tokens: int) -> int:
-        return -(-min(tokens, max_model_len) // block_size)
-
-    chunk = max(1, min(max_num_batched_tokens, 512, max_model_len))
-    short = min(128, chunk)
-    seqs = min(max(max_num_seqs, 1), 32)
-    m = blocks(128)
-    return ([(1, 1, blocks(256)), (1, short, blocks(short)), (seqs, 1, m)]
-            + [(b, 1, m) for b in (8, 4, 2, 16) if b < seqs] + [(1, chunk, blocks(chunk))])
 
 
 def decode_bitmask(request, vocab_size: int, scheduled: set[str]) -> dict[str, np.ndarray]:
@@ -81,9 +64,8 @@ class WorkerService(pb_grpc.ModelWorkerServicer):
         self._model_thread = futures.ThreadPoolExecutor(1, thread_name_prefix="model")
         self.state: BatchState | None = None
         self.runner: ModelRunner | None = None
-        self.block_size = 0
         self.next_step = 0                 # 0 = no cache yet
-        self.pending = None                # a deferred step: (step_id, items, logits, timings, t0)
+        self.pending: _Deferred | None = None
         self.stopping = threading.Event()
 
     # -- helpers --------------------------------------------------------------------------------------------
@@ -140,16 +122,15 @@ class WorkerService(pb_grpc.ModelWorkerServicer):
                           f"{request.num_blocks} blocks need {need / 2**30:.2f} GiB, more than this host has free")
         with self.lock:
             t0 = time.perf_counter()
-            self._on_model_thread(self.model.allocate_kv_cache, request.num_blocks, request.block_size)
             max_len = min(request.max_model_len or c.max_position_embeddings, c.max_position_embeddings)
-            self.state = BatchState(request.num_blocks, c.vocab_size, max_len, request.max_num_seqs,
-                                    request.max_num_batched_tokens)
-            self.block_size = request.block_size
-            self.runner = ModelRunner(self.model, request.block_size, Sampler(request.sampling_seed))
+            max_seqs = request.max_num_seqs or 256
+            self._on_model_thread(self.model.allocate_kv_cache, request.num_blocks, request.block_size, max_seqs,
+                                  max_len, request.max_num_batched_tokens or max_len)
+            self.state = BatchState(request.num_blocks, request.block_size, c.vocab_size, max_len,
+                                    request.max_num_seqs, request.max_num_batched_tokens)
+            self.runner = ModelRunner(self.model, self.state, Sampler(request.sampling_seed))
             self.next_step = 1
             self.pending = None
-            self.warmup_shapes = warmup_shapes(request.max_num_seqs or 8, request.max_num_batched_tokens or 256,
-                                               request.block_size, max_len)
             log.info("KV cache: %d blocks of %d tokens (%.1f MiB) in %.2f s", request.num_blocks,
                      request.block_size, need / 2**20, time.perf_counter() - t0)
         return pb.CacheInfo(allocated_bytes=need, next_step_id=1)
@@ -160,9 +141,9 @@ class WorkerService(pb_grpc.ModelWorkerServicer):
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, "Warmup before InitializeCache")
         with self.lock:
             t0 = time.perf_counter()
-            n = len(self._on_model_thread(self.model.warmup, self.warmup_shapes))
+            n = len(self._on_model_thread(self.model.warmup))
             dt = time.perf_counter() - t0
-        log.info("warm-up: %d shapes in %.1f s", n, dt)
+        log.info("warm-up: %d graphs in %.1f s", n, dt)
         return pb.WarmupReply(seconds=dt, compiled_shapes=n)
 
     # -- the step -------------------------------------------------------------------------------------------
@@ -175,7 +156,8 @@ class WorkerService(pb_grpc.ModelWorkerServicer):
                 context.abort(grpc.StatusCode.FAILED_PRECONDITION, "Execute before InitializeCache")
             if self.pending is not None:
                 context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                              f"step {self.pending[0]} was deferred and awaits Sample before step {request.step_id}")
+                              f"step {self.pending.step_id} was deferred and awaits Sample before step "
+                              f"{request.step_id}")
             if request.step_id != self.next_step:
                 context.abort(
                     grpc.StatusCode.FAILED_PRECONDITION,
@@ -183,63 +165,47 @@ class WorkerService(pb_grpc.ModelWorkerServicer):
                 )
             t0 = time.perf_counter()
             try:
-                items = self.state.apply(request, self.block_size)
+                plan = self.state.apply(request)
             except StepError as e:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"step {request.step_id} refused: {e}")
             self.next_step += 1
             t1 = time.perf_counter()
-            logits_of, prompt_done = self._on_model_thread(self.runner.forward, items) if items else ({}, {})
-            t2 = time.perf_counter()
-            timings = dict(prepare_s=t1 - t0, forward_s=t2 - t1)
+            out = self._on_model_thread(self.runner.forward, plan) if plan.scheduled else None
+            step = _Deferred(request.step_id, plan, out, t0, t1 - t0, time.perf_counter() - t1)
             if request.defer_sampling:
-                self.pending = (request.step_id, items, (logits_of, prompt_done), timings, t0)
+                self.pending = step
                 reply = pb.StepResult(step_id=request.step_id, worker_id=self.worker_id)
-                for it in items:
-                    reply.results.add(req_id=it.req.req_id)
+                for s in plan.scheduled:
+                    reply.results.add(req_id=s.req.req_id)
                 return reply
-            return self._sample(request.step_id, items, (logits_of, prompt_done), None, timings, t0)
+            return self._sample(step, None)
 
     def Sample(self, request, context):
         self._check_version(request, context)
         with self.lock:
-            if self.pending is None or self.pending[0] != request.step_id:
+            step = self.pending
+            if step is None or step.step_id != request.step_id:
                 context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                               f"Sample for step {request.step_id}, but the deferred step is "
-                              f"{self.pending[0] if self.pending else 'none'}")
-            step_id, items, logits_of, timings, t0 = self.pending
+                              f"{step.step_id if step else 'none'}")
             try:
-                allowed = decode_bitmask(request, self.model.config.vocab_size, {it.req.req_id for it in items})
+                allowed = decode_bitmask(request, self.model.config.vocab_size,
+                                         {s.req.req_id for s in step.plan.scheduled})
             except ValueError as e:
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"Sample for step {step_id} refused: {e}")
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"Sample for step {step.step_id} refused: {e}")
             self.pending = None
-            return self._sample(step_id, items, logits_of, allowed, timings, t0)
+            return self._sample(step, allowed)
 
-    def _sample(self, step_id, items, forward_out, allowed, timings, t0) -> pb.StepResult:
-        logits_of, prompt_done = forward_out
+    def _sample(self, step: "_Deferred", allowed) -> pb.StepResult:
         t1 = time.perf_counter()
-        results = self._on_model_thread(self.runner.sample, items, logits_of, allowed)
-        reply = pb.StepResult(step_id=step_id, worker_id=self.worker_id)
-        for it, res in results:
-            r = reply.results.add(req_id=it.req.req_id)
-            if id(it) in prompt_done:
-                ids, lps, ranks = prompt_done[id(it)]
-                r.prompt_logprobs.width = ids.shape[1]
-                r.prompt_logprobs.token_ids.extend(ids.ravel().tolist())
-                r.prompt_logprobs.logprobs.extend(lps.ravel().tolist())
-                r.prompt_logprobs.ranks.extend(ranks.tolist())
-            if res is None:
-                self.state.record_partial(it)
-                continue
-            self.state.record_sampled(it, res.token)
-            r.sampled_token_ids.append(res.token)
-            if res.logprob_token_ids is not None:
-                r.logprobs.token_ids.extend(res.logprob_token_ids)
-                r.logprobs.logprobs.extend(res.logprobs)
-                r.logprobs.ranks.append(res.rank)
+        outputs = self._on_model_thread(self.runner.sample, step.plan, step.out, allowed) if step.out else []
+        reply = pb.StepResult(step_id=step.step_id, worker_id=self.worker_id)
+        for s, o in zip(step.plan.scheduled, outputs):
+            _add_result(reply.results.add(req_id=s.req.req_id), o)
         t = reply.timings
-        t.prepare_s, t.forward_s = timings["prepare_s"], timings["forward_s"]
+        t.prepare_s, t.forward_s = step.prepare_s, step.forward_s
         t.sample_s = time.perf_counter() - t1
-        t.total_s = time.perf_counter() - t0
+        t.total_s = time.perf_counter() - step.t0
         return reply
 
     def Shutdown(self, request, context):
@@ -248,8 +214,8 @@ class WorkerService(pb_grpc.ModelWorkerServicer):
         return pb.ShutdownReply()
 
     def CheckLiveness(self, request, context):
-        """A real one-token forward, like TGI's health check. Its only KV write goes to the scratch block the
-        cache reserves for padding (slot -1), and its block table is empty, so no request's state changes."""
+        """A real one-token forward, like TGI's health check. It writes nothing (slot -1) and reads only the
+        cache's scratch block, so no request's state changes."""
         self._check_version(request, context)
         if self.stopping.is_set():
             context.abort(grpc.StatusCode.UNAVAILABLE, "worker is shutting down")
@@ -262,9 +228,7 @@ class WorkerService(pb_grpc.ModelWorkerServicer):
                 context.abort(grpc.StatusCode.FAILED_PRECONDITION, "liveness: no KV cache yet (InitializeCache first)")
             t0 = time.perf_counter()
             try:
-                logits = self._on_model_thread(self.model.forward, np.zeros((1, 1), np.int32),
-                                               np.zeros((1, 1), np.int32), np.full((1, 1), -1, np.int32),
-                                               np.full((1, 1), -1, np.int32), np.zeros((1,), np.int32))
+                logits = self._on_model_thread(self.model.forward, self.model.dummy_batch(1))
             except Exception as e:  # noqa: BLE001 - any failure of the model is the answer
                 log.exception("liveness forward failed")
                 context.abort(grpc.StatusCode.INTERNAL, f"liveness forward failed: {type(e).__name__}: {e}")
@@ -276,3 +240,32 @@ class WorkerService(pb_grpc.ModelWorkerServicer):
                                     requests_active=len(self.state.requests))
         finally:
             self.lock.release()
+
+
+@dataclass
+class _Deferred:
+    """A step whose forward ran: its plan, the forward's output and timings (kept until Sample with defer)."""
+
+    step_id: int
+    plan: StepPlan
+    out: object
+    t0: float
+    prepare_s: float
+    forward_s: float
+
+
+def _add_result(r: pb.RequestResult, o: RequestOutput) -> None:
+    if o.prompt_logprobs is not None:
+        ids, lps, ranks = o.prompt_logprobs
+        r.prompt_logprobs.width = ids.shape[1]
+        r.prompt_logprobs.token_ids.extend(ids.ravel().tolist())
+        r.prompt_logprobs.logprobs.extend(lps.ravel().tolist())
+        r.prompt_logprobs.ranks.extend(ranks.tolist())
+    if o.token is None:
+        return
+    r.sampled_token_ids.append(o.token)
+    res = o.sample
+    if res.logprob_token_ids is not None:
+        r.logprobs.token_ids.extend(res.logprob_token_ids)
+        r.logprobs.logprobs.extend(res.logprobs)
+        r.logprobs.ranks.append(res.rank)

@@ -131,7 +131,7 @@ class Metrics:
                 st = svc.state
                 if st is not None:
                     total, active = st.num_blocks, len(st.requests)
-                    used = len({b for req in st.requests.values() for b in req.block_ids})
+                    used = len({int(b) for req in st.requests.values() for b in req.block_ids})
                 self._last = (total, used, active)
             finally:
                 svc.lock.release()
@@ -143,17 +143,14 @@ class Metrics:
         yield GaugeMetricFamily("ms_worker_requests_active", "requests whose state the worker holds", value=active)
         model = getattr(svc, "model", None)
         if model is not None:
-            graphs = model.graphs
             yield GaugeMetricFamily("ms_worker_weight_bytes", "bytes of the model's weights on this worker",
                                     value=model.weight_bytes())
             kv = (model.num_blocks or 0) * model.kv_cache_bytes_per_block(model.block_size or 0)
             yield GaugeMetricFamily("ms_worker_kv_cache_bytes", "bytes of the KV cache allocated", value=kv)
-            yield GaugeMetricFamily("ms_worker_graphs", "compiled bucket graphs kept", value=len(graphs))
-            yield GaugeMetricFamily("ms_worker_graph_bytes", "host memory of the compiled graphs kept "
-                                    "(budget: --graph-memory-mb)", value=graphs.bytes)
-            yield CounterMetricFamily("ms_worker_graphs_compiled", "bucket graphs compiled", value=graphs.compiled)
-            yield CounterMetricFamily("ms_worker_graphs_dropped", "bucket graphs dropped to stay within the budget "
-                                      "(MindSpore keeps ~6 MiB of each)", value=graphs.dropped)
+            yield GaugeMetricFamily("ms_worker_graphs", "compiled graphs of the current KV cache",
+                                    value=len(model.compiled) if model.use_jit else 0)
+            yield CounterMetricFamily("ms_worker_graphs_compiled", "graphs compiled (warm-up compiles them all)",
+                                      value=model.graphs_compiled)
 
     def serve(self, host: str, port: int):
         from prometheus_client import start_http_server

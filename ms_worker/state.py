@@ -1,9 +1,10 @@
-"""Per-request state held by id on the worker, updated by each step's deltas (like vLLM's InputBatch).
+"""Per-request state on the worker, updated in place by each step's deltas (like vLLM's InputBatch).
 
 A step message names new requests once (prompt, sampling parameters, block ids), and afterwards only what
-changed: new block ids, the computed-token count, and on resumption the full token list. `BatchState.apply`
-turns one StepRequest into the list of work items the runner computes, and validates everything the front sent
-against what the worker knows, so a bad message is refused before any state changes.
+changed: new block ids, the computed-token count, and on resumption the full token list. Every request owns a row
+of preallocated arrays (its tokens, its block table); `BatchState.apply` validates a whole StepRequest against
+what the worker knows, then writes the deltas into those rows and returns the step's `StepPlan`. A bad message is
+refused before anything changes; nothing downstream validates again.
 """
 
 from __future__ import annotations
@@ -71,32 +72,58 @@ class Sampling:
 
 @dataclass
 class RequestState:
+    """A request the worker holds. Its tokens and blocks live in row ``row`` of the BatchState's arrays."""
+
     req_id: str
-    token_ids: list[int]            # prompt + every sampled token so far
+    row: int
     num_prompt_tokens: int
-    block_ids: list[int]
     sampling: Sampling
-    num_computed_tokens: int = 0
+    table: "BatchState" = field(repr=False)
     generator: np.random.Generator | None = field(default=None, repr=False)
     prompt_lp: tuple | None = field(default=None, repr=False)   # prompt logprobs accumulated over chunks
 
+    @property
+    def num_tokens(self) -> int:
+        return int(self.table.num_tokens[self.row])
+
+    @property
+    def token_ids(self) -> np.ndarray:
+        """Prompt + every sampled token so far (a view of the row)."""
+        return self.table.token_ids[self.row, :self.num_tokens]
+
+    @property
+    def block_ids(self) -> np.ndarray:
+        return self.table.block_ids[self.row, :self.table.num_blocks_of[self.row]]
+
 
 @dataclass
-class WorkItem:
-    """One request's share of a step: compute tokens [start, start + count) of `req.token_ids`."""
+class Scheduled:
+    """One request's share of a step: compute tokens [start, start + count) of its row."""
 
     req: RequestState
     start: int
     count: int
 
     @property
-    def wants_prompt_logprobs(self) -> bool:
-        return self.req.sampling.prompt_logprobs is not None and self.start + 1 < self.req.num_prompt_tokens
-
-    @property
     def samples(self) -> bool:
         # A partial (chunked) prefill produces no token; the last chunk and every decode do.
-        return self.start + self.count >= len(self.req.token_ids)
+        return self.start + self.count >= self.req.num_tokens
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        # every chunk that computes prompt tokens, the last one too when it is a single token (it completes them)
+        return self.req.sampling.prompt_logprobs is not None and self.start < self.req.num_prompt_tokens
+
+
+@dataclass
+class StepPlan:
+    """What a step computes, in the order the front scheduled it."""
+
+    scheduled: list[Scheduled]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.count for s in self.scheduled)
 
 
 def check_sampling(req_id: str, p) -> None:
@@ -129,23 +156,63 @@ def check_sampling(req_id: str, p) -> None:
 
 
 class BatchState:
-    def __init__(self, num_blocks: int, vocab_size: int, max_model_len: int, max_num_seqs: int = 0,
+    """Every request the worker holds, by id, with its tokens and block table in preallocated rows
+    (``token_ids`` [rows, max_model_len], ``block_ids`` [rows, max_blocks], counts [rows]). Rows are reused
+    when requests finish and the arrays grow (doubling) only if more requests are held at once than ever before
+    (preempted requests keep their rows)."""
+
+    def __init__(self, num_blocks: int, block_size: int, vocab_size: int, max_model_len: int, max_num_seqs: int = 0,
                  max_num_batched_tokens: int = 0):
         self.num_blocks = num_blocks
+        self.block_size = block_size
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
+        self.max_blocks = -(-max_model_len // block_size)
         # The front's scheduling budgets (from InitializeCache; 0 = not given): vLLM's scheduler never exceeds
         # them, so a step that does is refused rather than run as an arbitrarily large batch.
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.requests: dict[str, RequestState] = {}
+        rows = max(max_num_seqs, 8)
+        self.token_ids = np.zeros((rows, max_model_len), np.int32)
+        self.num_tokens = np.zeros(rows, np.int32)
+        self.block_ids = np.zeros((rows, self.max_blocks), np.int32)
+        self.num_blocks_of = np.zeros(rows, np.int32)
+        self._free = list(range(rows - 1, -1, -1))
+
+    def _take_row(self) -> int:
+        if not self._free:
+            n = self.num_tokens.shape[0]
+            self.token_ids = np.concatenate([self.token_ids, np.zeros_like(self.token_ids)])
+            self.block_ids = np.concatenate([self.block_ids, np.zeros_like(self.block_ids)])
+            self.num_tokens = np.concatenate([self.num_tokens, np.zeros_like(self.num_tokens)])
+            self.num_blocks_of = np.concatenate([self.num_blocks_of, np.zeros_like(self.num_blocks_of)])
+            self._free = list(range(2 * n - 1, n - 1, -1))
+        return self._free.pop()
+
+    def _drop(self, req_id: str) -> None:
+        req = self.requests.pop(req_id, None)
+        if req is not None:
+            self._free.append(req.row)
+
+    def _write_tokens(self, row: int, tokens) -> None:
+        self.token_ids[row, :len(tokens)] = tokens
+        self.num_tokens[row] = len(tokens)
+
+    def _write_blocks(self, row: int, blocks, append: bool) -> None:
+        n = int(self.num_blocks_of[row]) if append else 0
+        self.block_ids[row, n:n + len(blocks)] = blocks
+        self.num_blocks_of[row] = n + len(blocks)
 
     # -- validation helpers ---------------------------------------------------------------------------
-    def _check_blocks(self, req_id: str, block_ids) -> list[int]:
+    def _check_blocks(self, req_id: str, block_ids, already: int = 0) -> list[int]:
         ids = list(block_ids)
         bad = [b for b in ids if b < 0 or b >= self.num_blocks]
         if bad:
             raise StepError(f"request {req_id!r}: block ids {bad[:5]} outside the KV cache (0..{self.num_blocks - 1})")
+        if already + len(ids) > self.max_blocks:
+            raise StepError(f"request {req_id!r}: {already + len(ids)} blocks exceed max_model_len's "
+                            f"{self.max_blocks} blocks of {self.block_size}")
         return ids
 
     def _check_tokens(self, req_id: str, token_ids) -> list[int]:
@@ -155,38 +222,39 @@ class BatchState:
             raise StepError(f"request {req_id!r}: token ids {bad[:5]} outside the vocabulary (0..{self.vocab_size - 1})")
         return ids
 
-    def _check_length(self, req_id: str, tokens: list[int], num_prompt_tokens: int) -> None:
-        """A request's token list (prompt + outputs) as the front sent it: within max_model_len, and never shorter
-        than the prompt the worker holds (all_token_ids always starts with the whole prompt)."""
-        if len(tokens) > self.max_model_len:
-            raise StepError(f"request {req_id!r}: {len(tokens)} tokens exceed max_model_len {self.max_model_len}")
-        if len(tokens) < num_prompt_tokens:
-            raise StepError(f"request {req_id!r}: {len(tokens)} tokens are fewer than its prompt of "
+    def _check_length(self, req_id: str, num_tokens: int, num_prompt_tokens: int) -> None:
+        """A request's token count (prompt + outputs) as the front sent it: within max_model_len, and never
+        fewer than the prompt the worker holds (all_token_ids always starts with the whole prompt)."""
+        if num_tokens > self.max_model_len:
+            raise StepError(f"request {req_id!r}: {num_tokens} tokens exceed max_model_len {self.max_model_len}")
+        if num_tokens < num_prompt_tokens:
+            raise StepError(f"request {req_id!r}: {num_tokens} tokens are fewer than its prompt of "
                             f"{num_prompt_tokens}")
 
-    def _check_span(self, req: RequestState, start: int, count: int, num_blocks: int, block_size: int) -> None:
-        rid = req.req_id
+    def _check_span(self, rid: str, num_tokens: int, start: int, count: int, num_blocks: int) -> None:
         if count <= 0:
             raise StepError(f"request {rid!r}: scheduled {count} tokens")
-        if start + count > len(req.token_ids):
+        if start + count > num_tokens:
             raise StepError(
                 f"request {rid!r}: asked to compute tokens {start}..{start + count} but only "
-                f"{len(req.token_ids)} are known to the worker"
+                f"{num_tokens} are known to the worker"
             )
         if start + count > self.max_model_len:
             raise StepError(f"request {rid!r}: {start + count} tokens exceed max_model_len {self.max_model_len}")
-        if start + count > num_blocks * block_size:
+        if start + count > num_blocks * self.block_size:
             raise StepError(
-                f"request {rid!r}: {start + count} tokens need more than its {num_blocks} blocks of {block_size}"
+                f"request {rid!r}: {start + count} tokens need more than its {num_blocks} blocks of "
+                f"{self.block_size}"
             )
 
     # -- the delta ----------------------------------------------------------------------------------------
-    def apply(self, step, block_size: int) -> list[WorkItem]:
-        """Validate `step` fully, then apply it. Returns the work items in scheduling order."""
-        # Phase 1: validate and build the new per-request values without touching state.
+    def apply(self, step) -> StepPlan:
+        """Validate `step` fully, then write it into the rows. Returns the step's plan in scheduling order."""
+        # Phase 1: validate and stage the new per-request values without touching state.
         finished = set(step.finished_req_ids)
         seen: set[str] = set()
-        staged: list[tuple[str, RequestState, int, int]] = []   # (kind, state, start, count)
+        staged_new = []      # (req_id, tokens, blocks, sampling, start, count)
+        staged_cached = []   # (req, tokens or None, blocks, resumed, start, count)
         for nr in step.new_requests:
             rid = nr.req_id
             if rid in seen:
@@ -197,16 +265,14 @@ class BatchState:
             tokens = self._check_tokens(rid, nr.prompt_token_ids)
             if not tokens:
                 raise StepError(f"request {rid!r} has an empty prompt")
-            self._check_length(rid, tokens, len(tokens))
+            self._check_length(rid, len(tokens), len(tokens))
             check_sampling(rid, nr.sampling)
             sampling = Sampling.from_proto(nr.sampling)
             self._check_tokens(rid, sampling.token_ids_used())
-            req = RequestState(rid, tokens, len(tokens), self._check_blocks(rid, nr.block_ids), sampling,
-                               num_computed_tokens=nr.num_computed_tokens)
-            self._check_span(req, nr.num_computed_tokens, nr.num_scheduled_tokens, len(req.block_ids), block_size)
-            staged.append(("new", req, nr.num_computed_tokens, nr.num_scheduled_tokens))
+            blocks = self._check_blocks(rid, nr.block_ids)
+            self._check_span(rid, len(tokens), nr.num_computed_tokens, nr.num_scheduled_tokens, len(blocks))
+            staged_new.append((rid, tokens, blocks, sampling, nr.num_computed_tokens, nr.num_scheduled_tokens))
 
-        updates = []
         for cr in step.cached_requests:
             rid = cr.req_id
             if rid in seen:
@@ -215,28 +281,27 @@ class BatchState:
             old = None if rid in finished else self.requests.get(rid)
             if old is None:
                 raise StepError(f"request {rid!r} is not known to the worker (never sent, or already finished)")
-            tokens = list(old.token_ids)
+            tokens = None
             if cr.all_token_ids:
                 tokens = self._check_tokens(rid, cr.all_token_ids)
             if cr.new_token_ids:
                 new = self._check_tokens(rid, cr.new_token_ids)
-                tokens = tokens[: cr.num_computed_tokens] + new if cr.num_computed_tokens < len(tokens) else tokens + new
-            if cr.all_token_ids or cr.new_token_ids:
-                self._check_length(rid, tokens, old.num_prompt_tokens)
-            if cr.resumed:
-                blocks = self._check_blocks(rid, cr.new_block_ids)
-            else:
-                blocks = old.block_ids + self._check_blocks(rid, cr.new_block_ids)
-            probe = RequestState(rid, tokens, old.num_prompt_tokens, blocks, old.sampling)
-            self._check_span(probe, cr.num_computed_tokens, cr.num_scheduled_tokens, len(blocks), block_size)
-            updates.append((old, tokens, blocks, cr.num_computed_tokens, cr.num_scheduled_tokens))
+                base = tokens if tokens is not None else old.token_ids.tolist()
+                tokens = base[: cr.num_computed_tokens] + new if cr.num_computed_tokens < len(base) else base + new
+            n_tokens = old.num_tokens if tokens is None else len(tokens)
+            if tokens is not None:
+                self._check_length(rid, n_tokens, old.num_prompt_tokens)
+            already = 0 if cr.resumed else int(self.num_blocks_of[old.row])
+            blocks = self._check_blocks(rid, cr.new_block_ids, already)
+            self._check_span(rid, n_tokens, cr.num_computed_tokens, cr.num_scheduled_tokens, already + len(blocks))
+            staged_cached.append((old, tokens, blocks, cr.resumed, cr.num_computed_tokens, cr.num_scheduled_tokens))
 
-        total = sum(s[3] for s in staged) + sum(u[4] for u in updates)
+        total = sum(s[5] for s in staged_new) + sum(u[5] for u in staged_cached)
         if step.total_num_scheduled_tokens and total != step.total_num_scheduled_tokens:
             raise StepError(
                 f"per-request scheduled tokens add up to {total}, the step says {step.total_num_scheduled_tokens}"
             )
-        n = len(staged) + len(updates)
+        n = len(staged_new) + len(staged_cached)
         if self.max_num_seqs and n > self.max_num_seqs:
             raise StepError(f"{n} requests scheduled in one step, more than max_num_seqs {self.max_num_seqs}")
         if self.max_num_batched_tokens and total > self.max_num_batched_tokens:
@@ -245,21 +310,26 @@ class BatchState:
 
         # Phase 2: commit.
         for rid in step.finished_req_ids:
-            self.requests.pop(rid, None)
-        items: list[WorkItem] = []
-        for _, req, start, count in staged:
-            if req.sampling.seed is not None:
-                req.generator = np.random.default_rng(req.sampling.seed)
-            self.requests[req.req_id] = req
-            items.append(WorkItem(req, start, count))
-        for old, tokens, blocks, start, count in updates:
-            old.token_ids, old.block_ids, old.num_computed_tokens = tokens, blocks, start
-            items.append(WorkItem(old, start, count))
-        return items
+            self._drop(rid)
+        scheduled: list[Scheduled] = []
+        for rid, tokens, blocks, sampling, start, count in staged_new:
+            req = RequestState(rid, self._take_row(), len(tokens), sampling, self)
+            if sampling.seed is not None:
+                req.generator = np.random.default_rng(sampling.seed)
+            self._write_tokens(req.row, tokens)
+            self._write_blocks(req.row, blocks, append=False)
+            self.requests[rid] = req
+            scheduled.append(Scheduled(req, start, count))
+        for req, tokens, blocks, resumed, start, count in staged_cached:
+            if tokens is not None:
+                self._write_tokens(req.row, tokens)
+            self._write_blocks(req.row, blocks, append=not resumed)
+            scheduled.append(Scheduled(req, start, count))
+        return StepPlan(scheduled)
 
-    def record_sampled(self, item: WorkItem, token: int) -> None:
-        item.req.num_computed_tokens = item.start + item.count
-        item.req.token_ids.append(int(token))
-
-    def record_partial(self, item: WorkItem) -> None:
-        item.req.num_computed_tokens = item.start + item.count
+    def append_token(self, req: RequestState, token: int) -> None:
+        """Records a token the worker sampled (the front sends only tokens it did not sample itself)."""
+        n = req.num_tokens
+        if n < self.max_model_len:
+            self.token_ids[req.row, n] = token
+            self.num_tokens[req.row] = n + 1

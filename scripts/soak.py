@@ -104,8 +104,7 @@ def warm_up(server, prompts: list[list[int]], clients: int) -> None:
             t.join(600)
 
 
-def run(duration: float, clients: int, cancel: float, log_path: str, seed: int = 0,
-        graph_memory_mb: int = 0) -> dict:
+def run(duration: float, clients: int, cancel: float, log_path: str, seed: int = 0) -> dict:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(DEFAULT_MODEL))
@@ -113,8 +112,7 @@ def run(duration: float, clients: int, cancel: float, log_path: str, seed: int =
     refs = hf_greedy(DEFAULT_MODEL, prompts, MAX_NEW)
     wport = free_port()
     extra = ["--max-model-len", "512", "--max-num-seqs", str(clients), "--gpu-memory-utilization", "0.05",
-             "--additional-config", json.dumps({"ms_rpc": {"worker_args": ["--metrics-port", str(wport),
-                                                                        "--graph-memory-mb", str(graph_memory_mb)]}})]
+             "--additional-config", json.dumps({"ms_rpc": {"worker_args": ["--metrics-port", str(wport)]}})]
     server = Server(DEFAULT_MODEL, extra, log_path=log_path)
     stats: dict = {}
     try:
@@ -123,7 +121,7 @@ def run(duration: float, clients: int, cancel: float, log_path: str, seed: int =
         lock = threading.Lock()
         warm_up(server, prompts, clients)           # the batch shapes compile here, not inside the RSS slope
         wurl = f"http://127.0.0.1:{wport}/metrics"
-        graphs = {k: metric(wurl, f"ms_worker_graphs_{k}_total") for k in ("compiled", "dropped")}
+        compiled = metric(wurl, "ms_worker_graphs_compiled_total")
         t0 = time.monotonic()
         threads = [Client(server, refs, prompts, t0 + duration, cancel, seed + k, stats, lock)
                    for k in range(clients)]
@@ -151,9 +149,8 @@ def run(duration: float, clients: int, cancel: float, log_path: str, seed: int =
             "worker_rss_end_mib": round(samples[-1][1] if samples else 0, 1),
             "worker_rss_peak_mib": round(max((r for _, r in samples), default=0), 1),
             "worker_rss_slope_mib_per_min": round(slope_mib_per_min(warm), 2),
-            "graphs_compiled_after_warmup": metric(wurl, "ms_worker_graphs_compiled_total") - graphs["compiled"],
-            "graphs_dropped_after_warmup": metric(wurl, "ms_worker_graphs_dropped_total") - graphs["dropped"],
-            "worker_graphs_kept_mib": round(metric(wurl, "ms_worker_graph_bytes") / 2**20, 1),
+            "graphs_compiled_after_warmup": metric(wurl, "ms_worker_graphs_compiled_total") - compiled,
+            "worker_graphs": metric(wurl, "ms_worker_graphs"),
             "vllm_requests_running_end": metric(server.url + "/metrics", "vllm:num_requests_running"),
             "vllm_kv_usage_end": metric(server.url + "/metrics", "vllm:kv_cache_usage_perc"),
             "worker_requests_active_end": metric(wurl, "ms_worker_requests_active"),
@@ -173,13 +170,12 @@ def main() -> int:
     ap.add_argument("--duration", type=float, default=600)
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--cancel", type=float, default=0.25, help="share of streams closed early (default 0.25)")
-    ap.add_argument("--graph-memory-mb", type=int, default=0, help="the worker's graph cache (0 = its default)")
     ap.add_argument("--log", default="/tmp/soak.log")
     a = ap.parse_args()
-    f = run(a.duration, a.clients, a.cancel, a.log, graph_memory_mb=a.graph_memory_mb)
+    f = run(a.duration, a.clients, a.cancel, a.log)
     ok = (f["mismatches"] == f["errors"] == f["exceptions"] == f["hung_clients"] == 0
           and f["vllm_kv_usage_end"] == 0 and f["worker_requests_active_end"] == 0
-          and f["worker_kv_blocks_used_end"] == 0)
+          and f["worker_kv_blocks_used_end"] == 0 and f["graphs_compiled_after_warmup"] == 0)
     return 0 if ok else 1
 
 

@@ -1,0 +1,107 @@
+"""One step's work as a flat token batch: every scheduled token of every request in one row of [T].
+
+Requests are contiguous, in order: request r owns rows ``query_start_loc[r]:query_start_loc[r + 1]``, positions
+``seq_lens[r] - qlen .. seq_lens[r] - 1`` of its sequence. Decodes (one row), prefill chunks, resumed requests and
+whole prefills mix freely; attention reads each request's earlier keys from the paged cache through its row of
+``block_tables``. The model pads T (and with it the request count) to a fixed bucket (``token_bucket``) so that
+the compiled graphs are few and known at warm-up.
+
+Pure numpy: importing this module does not import MindSpore.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+__all__ = ["FlatBatch", "token_buckets", "token_bucket", "logits_bucket", "LOGITS_BUCKETS"]
+
+# Row counts of the lm-head graph (logits of the sampled rows): powers of two.
+LOGITS_BUCKETS = tuple(1 << i for i in range(13))
+
+
+def token_buckets(max_tokens: int) -> tuple[int, ...]:
+    """The padded token counts of the model graphs for steps of at most ``max_tokens`` tokens: powers of two, and
+    ``max_tokens`` itself (chunked prefill fills the budget exactly)."""
+    max_tokens = max(int(max_tokens), 1)
+    out = [b for b in (1 << i for i in range(20)) if b < max_tokens]
+    return tuple(out + [max_tokens])
+
+
+def token_bucket(n: int, buckets: tuple[int, ...]) -> int:
+    for b in buckets:
+        if b >= n:
+            return b
+    raise ValueError(f"{n} tokens exceed the largest graph ({buckets[-1]})")
+
+
+def logits_bucket(n: int) -> int:
+    return token_bucket(n, LOGITS_BUCKETS)
+
+
+@dataclasses.dataclass
+class FlatBatch:
+    """A step's model inputs (host arrays). ``logits_indices``: the rows whose logits are wanted (each request's
+    last row when it samples; every prompt row for prompt logprobs), in the order the results are returned."""
+
+    input_ids: np.ndarray        # [T] int32
+    positions: np.ndarray        # [T] int32
+    slot_mapping: np.ndarray     # [T] int32, cache slot = block * block_size + offset
+    query_start_loc: np.ndarray  # [R + 1] int32
+    seq_lens: np.ndarray         # [R] int32, context length after this step
+    block_tables: np.ndarray     # [R, M] int32
+    logits_indices: np.ndarray   # [S] int32
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def num_reqs(self) -> int:
+        return int(self.seq_lens.shape[0])
+
+    @classmethod
+    def build(cls, token_ids: list, starts, counts, block_tables: list, block_size: int,
+              logits_indices=None) -> "FlatBatch":
+        """From per-request lists (tests and tools): request r computes tokens ``starts[r] .. starts[r] +
+        counts[r] - 1`` of ``token_ids[r]`` with blocks ``block_tables[r]``; logits of each request's last row
+        unless ``logits_indices`` is given."""
+        counts = np.asarray(counts, np.int32)
+        starts = np.asarray(starts, np.int32)
+        qsl = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+        pos = np.concatenate([np.arange(s, s + c) for s, c in zip(starts, counts)]).astype(np.int32)
+        ids = np.concatenate([np.asarray(t, np.int32)[s:s + c] for t, s, c in zip(token_ids, starts, counts)])
+        m = max(len(b) for b in block_tables)
+        bt = np.full((len(counts), m), -1, np.int32)
+        for r, b in enumerate(block_tables):
+            bt[r, :len(b)] = b
+        req = np.repeat(np.arange(len(counts)), counts)
+        slots = bt[req, pos // block_size] * block_size + pos % block_size
+        li = qsl[1:] - 1 if logits_indices is None else logits_indices
+        return cls(ids.astype(np.int32), pos, slots.astype(np.int32), qsl, (starts + counts).astype(np.int32), bt,
+                   np.asarray(li, np.int32))
+
+    def split(self, max_tokens: int) -> list["FlatBatch"]:
+        """Consecutive batches of at most ``max_tokens`` rows that compute the same as this one (a request cut in
+        two reads the keys its first part wrote). ``logits_indices`` are renumbered into each part; the parts'
+        logits, concatenated, are this batch's."""
+        T = self.num_tokens
+        if T <= max_tokens:
+            return [self]
+        parts = []
+        qsl = self.query_start_loc.astype(np.int64)
+        li = self.logits_indices.astype(np.int64)
+        for lo in range(0, T, max_tokens):
+            hi = min(lo + max_tokens, T)
+            rs = [r for r in range(self.num_reqs) if qsl[r] < hi and qsl[r + 1] > lo]
+            start = np.clip(qsl[rs], lo, hi)
+            end = np.clip(qsl[np.asarray(rs) + 1], lo, hi)
+            sl = self.seq_lens[rs] - (qsl[np.asarray(rs) + 1] - end)
+            sel = li[(li >= lo) & (li < hi)]
+            parts.append(FlatBatch(
+                self.input_ids[lo:hi], self.positions[lo:hi], self.slot_mapping[lo:hi],
+                np.concatenate([[0], np.cumsum(end - start)]).astype(np.int32), sl.astype(np.int32),
+                self.block_tables[rs], (sel - lo).astype(np.int32)))
+        if sum(p.logits_indices.size for p in parts) != li.size or np.any(np.diff(li) < 0):
+            raise ValueError("logits_indices must be ascending row indices of the batch")
+        return parts
