@@ -3,7 +3,8 @@
     .venv-worker/bin/python -m ms_models.bench models/SmolLM2-135M-Instruct \
         --decode-batches 1,8,32 --ctx 200 --prefill 128
 
-Prints load time, first call (compile) and median steady time per (B, Q, M) bucket.
+Prints load time, first call (compile) and median steady time per batch (its flat token count padded to a
+token bucket).
 Tensor parallel: run it once per rank with ``--tp-rank I --tp-size N --dist-addr HOST:PORT``
 and the cluster's scheduler beside them (``ms-worker sched --dist-addr HOST:PORT --tp-size N``).
 Decode rows each have ``ctx`` tokens of context (the cache holds arbitrary values: only
@@ -53,30 +54,32 @@ def main(argv=None):
     model = load_model(a.model_dir, device=a.device, use_jit=not a.eager, tp_rank=a.tp_rank, tp_size=a.tp_size)
     t2 = time.perf_counter()
     bs, nb = a.block_size, a.num_blocks
-    model.allocate_kv_cache(nb, bs)
+    cases = [(int(b), 1, a.ctx) for b in a.decode_batches.split(",") if b]
+    cases += [(1, int(q), int(q)) for q in a.prefill.split(",") if q]
+    model.allocate_kv_cache(nb, bs, max_num_seqs=max(c[0] for c in cases),
+                            max_model_len=max(c[2] for c in cases), max_num_batched_tokens=max(c[0] * c[1] for c in cases))
     print(f"setup {t1 - t0:.2f}s  load {t2 - t1:.2f}s  weights {model.weight_bytes() / 2**20:.1f} MiB  "
           f"kv/block {model.kv_cache_bytes_per_block(bs)} B  rss {_rss_mib()} MiB  pid {os.getpid()}")
     rng = np.random.default_rng(0)
     vocab = model.config.vocab_size
-    cases = [(int(b), 1, a.ctx) for b in a.decode_batches.split(",") if b]
-    cases += [(1, int(q), int(q)) for q in a.prefill.split(",") if q]
+    from .batch import FlatBatch, token_bucket
+
     for B, Q, ctx in cases:
         M = -(-ctx // bs)
         if B * M > nb:
             print(f"B={B} ctx={ctx}: needs {B * M} blocks > --num-blocks {nb}, skipped")
             continue
-        bt = np.arange(B * M, dtype=np.int32).reshape(B, M)
-        pos = np.tile(np.arange(ctx - Q, ctx, dtype=np.int32), (B, 1))
-        slots = np.take_along_axis(bt, pos // bs, 1) * bs + pos % bs
-        ids = rng.integers(0, vocab, (B, Q)).astype(np.int32)
-        li = np.full((B,), Q - 1, np.int32)
+        blocks = np.arange(B * M, dtype=np.int32).reshape(B, M)
+        toks = [rng.integers(0, vocab, ctx) for _ in range(B)]
+        batch = FlatBatch.build(toks, [ctx - Q] * B, [Q] * B, list(blocks), bs)
         ts = []
         for _ in range(a.reps + 1):
             t = time.perf_counter()
-            model.forward(ids, pos, slots, bt, li)
+            model.forward(batch)
             ts.append(time.perf_counter() - t)
-        print(f"B={B:<3} Q={Q:<5} ctx={ctx:<5} bucket={model.bucket_shape(B, Q, M)}: first {ts[0] * 1e3:7.0f} ms  "
-              f"median {np.median(ts[1:]) * 1e3:7.1f} ms  min {min(ts[1:]) * 1e3:7.1f} ms  rss {_rss_mib()} MiB")
+        print(f"B={B:<3} Q={Q:<5} ctx={ctx:<5} tokens={B * Q} (graph {token_bucket(B * Q, model.buckets)}): "
+              f"first {ts[0] * 1e3:7.0f} ms  median {np.median(ts[1:]) * 1e3:7.1f} ms  "
+              f"min {min(ts[1:]) * 1e3:7.1f} ms  rss {_rss_mib()} MiB")
 
 
 if __name__ == "__main__":

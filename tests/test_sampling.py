@@ -111,8 +111,10 @@ def test_sampler_follows_the_distribution():
     """Chi-square goodness of fit of the worker's sampler at temperature 1, with top-k, and with top-p."""
     from scipy.stats import chi2
 
+    from types import SimpleNamespace
+
     from ms_worker.sampler import Sampler
-    from ms_worker.state import RequestState, Sampling
+    from ms_worker.state import Sampling
 
     rng = np.random.default_rng(0)
     logits = rng.normal(0, 1.5, size=64).astype(np.float32)
@@ -128,7 +130,8 @@ def test_sampler_follows_the_distribution():
     for sampling, expected in [(Sampling(temperature=1.0), p), (Sampling(temperature=1.0, top_k=8), top_k),
                                (Sampling(temperature=1.0, top_p=0.7), top_p)]:
         expected = expected / expected.sum()
-        req = RequestState("r", [1], 1, [0], sampling)
+        req = SimpleNamespace(req_id="r", token_ids=np.array([1], np.int32), num_prompt_tokens=1, sampling=sampling,
+                              generator=None)
         sampler = Sampler(seed=1)
         draws = [sampler.sample(logits[None, :], [req])[0].token for _ in range(n)]
         counts = np.bincount(draws, minlength=64)
