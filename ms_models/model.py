@@ -91,12 +91,7 @@ class CausalLM:
             raise ValueError(f"num_blocks and block_size must be positive (got {num_blocks}, {block_size})")
         self._gen += 1
         if self._body is not None:
-            self._body = self._head = None
-            self.compiled.clear()
-            for layer in self.net.cache_layers():
-                layer.k_cache = layer.v_cache = None
-            ms.ms_memory_recycle()
-            gc.collect()
+            self._release()
         for layer in self.net.cache_layers():
             layer.allocate_kv_cache(num_blocks, block_size, f"g{self._gen}")
         self.num_blocks, self.block_size = num_blocks, block_size
@@ -182,6 +177,31 @@ class CausalLM:
         bt = np.full((n, -(-int(counts.max()) // self.block_size)), self.num_blocks, np.int32)
         return FlatBatch(np.zeros(T, np.int32), np.concatenate([np.arange(c) for c in counts]).astype(np.int32),
                          np.full(T, -1, np.int32), qsl, counts, bt, np.arange(logits_rows, dtype=np.int32) % T)
+
+    def profile_run(self, num_tokens: int, num_seqs: int) -> None:
+        """One forward of ``num_tokens`` tokens (at most the largest graph's) with the logits of ``num_seqs`` rows:
+        what a step's activations take at most (vLLM's profile run). Without a KV cache, it runs on a temporary
+        one-block cache that it frees again."""
+        temporary = self._body is None
+        if temporary:
+            self.allocate_kv_cache(1, 16, max_num_seqs=num_seqs, max_model_len=num_tokens,
+                                   max_num_batched_tokens=num_tokens)
+        try:
+            T = min(int(num_tokens), self.buckets[-1])
+            self.forward(self.dummy_batch(T, min(int(num_seqs), T, self.max_logits_rows)))
+        finally:
+            if temporary:
+                self._release()
+
+    def _release(self) -> None:
+        """Drops the KV cache and the graphs compiled with it."""
+        self._body = self._head = None
+        self.compiled.clear()
+        self.num_blocks = self.block_size = None
+        for layer in self.net.cache_layers():
+            layer.k_cache = layer.v_cache = None
+        ms.ms_memory_recycle()
+        gc.collect()
 
     def warmup(self) -> dict:
         """Compiles every graph a step can need: the body per token bucket, the head per logits bucket up to

@@ -23,6 +23,8 @@ import threading
 import time
 from concurrent import futures
 
+from ms_worker.memory import DEFAULT_UTILIZATION
+
 DEFAULT_MAX_MESSAGE_MB = 64
 DEFAULT_DIST_TIMEOUT_S = 300.0
 ENV_PREFIX = "MS_WORKER_"
@@ -57,9 +59,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", default=_env("DTYPE", "auto"), choices=["auto", "float32", "float16", "bfloat16"],
                    help="weight, compute and KV-cache dtype; auto (default): float32 on cpu (its only dtype), "
                         "bfloat16 on ascend (float16 also) [MS_WORKER_DTYPE]")
-    g.add_argument("--kv-cache-gb", type=float, default=float(_env("KV_CACHE_GB", "0")),
-                   help="KV cache size offered when the front does not ask for one; 0 = 30%% of free memory, "
-                        "at most 1 GiB [MS_WORKER_KV_CACHE_GB]")
+    g.add_argument("--kv-cache-memory-bytes", type=int, default=int(_env("KV_CACHE_MEMORY_BYTES", "0")),
+                   help="KV cache bytes when the front asks for neither a size nor a fraction (vLLM's front always "
+                        "sends its --kv-cache-memory-bytes or --gpu-memory-utilization); 0 = by "
+                        "--gpu-memory-utilization [MS_WORKER_KV_CACHE_MEMORY_BYTES]")
+    g.add_argument("--gpu-memory-utilization", type=float,
+                   default=float(_env("GPU_MEMORY_UTILIZATION", str(DEFAULT_UTILIZATION))),
+                   help=f"likewise: the fraction of the device's memory (host RAM on cpu) for weights, activations "
+                        f"and KV cache, as vLLM's flag (default {DEFAULT_UTILIZATION}, vLLM's) "
+                        f"[MS_WORKER_GPU_MEMORY_UTILIZATION]")
     g.add_argument("--no-jit", action="store_true", default=_env("NO_JIT", "") == "1",
                    help="run eagerly (PyNative) instead of compiling the model with ms.jit [MS_WORKER_NO_JIT=1]")
     _add_tp_arguments(s.add_argument_group(
@@ -155,6 +163,10 @@ def _check_args(args) -> str | None:
         return str(e)
     if not 1 <= args.max_message_mb <= 2047:
         return f"--max-message-mb {args.max_message_mb} is not in 1..2047 (gRPC sizes are 32-bit)"
+    if not 0 < args.gpu_memory_utilization <= 1:
+        return f"--gpu-memory-utilization {args.gpu_memory_utilization} is not in (0, 1]"
+    if args.kv_cache_memory_bytes < 0:
+        return f"--kv-cache-memory-bytes {args.kv_cache_memory_bytes} is negative"
     if args.world_size < 1 or not 0 <= args.rank < args.world_size:
         return f"rank {args.rank} is not in 0..{args.world_size - 1} (tensor-parallel size {args.world_size})"
     if args.world_size > 1:
@@ -350,7 +362,8 @@ def serve(args) -> int:
              f", tensor-parallel rank {args.rank} of {args.world_size}" if args.world_size > 1 else "")
 
     service = WorkerService(model, os.path.abspath(args.model), args.device,
-                            kv_cache_bytes=int(args.kv_cache_gb * 2**30), framework=f"mindspore {ms.__version__}",
+                            kv_cache_bytes=args.kv_cache_memory_bytes,
+                            memory_utilization=args.gpu_memory_utilization, framework=f"mindspore {ms.__version__}",
                             rank=args.rank, world_size=args.world_size)
     done = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

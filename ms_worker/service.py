@@ -18,7 +18,7 @@ import numpy as np
 
 from ms_rpc.v1 import worker_pb2 as pb
 from ms_rpc.v1 import worker_pb2_grpc as pb_grpc
-from ms_worker.memory import available_kv_bytes
+from ms_worker import memory
 from ms_worker.runner import ModelRunner, RequestOutput
 from ms_worker.sampler import Sampler
 from ms_worker.state import BatchState, StepError, StepPlan
@@ -50,11 +50,14 @@ def decode_bitmask(request, vocab_size: int, scheduled: set[str]) -> dict[str, n
 
 class WorkerService(pb_grpc.ModelWorkerServicer):
     def __init__(self, model, model_path: str, device: str, kv_cache_bytes: int = 0, framework: str = "",
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, memory_utilization: float = memory.DEFAULT_UTILIZATION):
         self.model = model
         self.model_path = model_path
         self.device = device
+        # The worker's own defaults, for a front that asks for neither a size nor a fraction
         self.kv_cache_bytes = kv_cache_bytes
+        self.memory_utilization = memory_utilization
+        self._activation: dict[tuple[int, int], int] = {}   # (tokens, seqs) -> measured activation peak bytes
         self.framework = framework
         self.rank, self.world_size = rank, world_size
         self.worker_id = uuid.uuid4().hex[:12]
@@ -99,14 +102,61 @@ class WorkerService(pb_grpc.ModelWorkerServicer):
             model=self._model_info(), rank=self.rank, world_size=self.world_size,
         )
 
+    def _activation_peak(self, tokens: int, seqs: int) -> int:
+        """The activation peak of one step of `tokens` tokens and `seqs` sampled rows, measured once per shape by
+        the model's profiling forward on the model thread (ms_worker.memory.activation_peak_bytes)."""
+        key = (tokens, seqs)
+        if key not in self._activation:
+            self._activation[key] = int(self._on_model_thread(
+                memory.activation_peak_bytes, self.device, lambda: self.model.profile_run(tokens, seqs)))
+        return self._activation[key]
+
     def DetermineAvailableMemory(self, request, context):
+        """The KV cache bytes by vLLM's rule (ms_worker.memory): the front's requested bytes, else its
+        gpu_memory_utilization of the device's memory less weights, runtime and activation peak; with neither, this
+        worker's --kv-cache-memory-bytes / --gpu-memory-utilization."""
         self._check_version(request, context)
         if request.block_size <= 0:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "block_size must be positive")
+        util = request.gpu_memory_utilization
+        if not (0.0 <= util <= 1.0):      # NaN fails too
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"gpu_memory_utilization must be in (0, 1], got {util}")
+        requested = request.requested_bytes
+        if not requested and not util:
+            requested, util = self.kv_cache_bytes, self.memory_utilization
         per_block = self.model.kv_cache_bytes_per_block(request.block_size)
-        avail = available_kv_bytes(request.requested_bytes or self.kv_cache_bytes)
-        return pb.MemoryInfo(available_kv_bytes=avail, bytes_per_block=per_block,
-                             weight_bytes=self.model.weight_bytes())
+        weights = self.model.weight_bytes()
+        peak = 0
+        with self.lock:
+            m = self.model      # a cache allocated already (a second handshake) is not runtime
+            kv_now = (m.num_blocks + 1) * m.kv_cache_bytes_per_block(m.block_size) if m.num_blocks else 0
+            total, free = memory.device_memory(self.device)
+            runtime = memory.runtime_bytes(self.device, weights, kv_now)
+            if not requested:
+                tokens, seqs = request.max_num_batched_tokens or 2048, request.max_num_seqs or 256
+                guess = memory.estimate_activation_bytes(m.config, tokens, seqs, self.world_size)
+                if guess > free:    # a profile this large would only take the worker down
+                    context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                  f"KV cache size: a step of {tokens} tokens needs about {guess / 2**30:.2f} GiB of "
+                                  f"activations, more than the {free / 2**30:.2f} GiB free on this worker: decrease "
+                                  f"--max-num-batched-tokens")
+                peak = self._activation_peak(tokens, seqs)
+        try:
+            b = memory.size_kv_cache(total=total, free=free, weight_bytes=weights, runtime=runtime,
+                                     activation_peak=peak, requested_bytes=requested, utilization=util,
+                                     device=self.device, per_block=per_block)
+        except memory.KvSizeError as e:
+            log.error("KV cache size: %s", e)
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED if e.exhausted else grpc.StatusCode.FAILED_PRECONDITION,
+                          f"KV cache size: {e}")
+        log.info("KV cache size: %.1f MiB by %s (device %.1f GiB, %.1f GiB free; budget %.1f MiB, weights %.1f "
+                 "MiB, runtime %.1f MiB, activation peak %.1f MiB%s)", b.available_kv_bytes / 2**20, b.sized_by,
+                 total / 2**30, free / 2**30, b.budget_bytes / 2**20, weights / 2**20, runtime / 2**20,
+                 peak / 2**20, "")
+        return pb.MemoryInfo(available_kv_bytes=b.available_kv_bytes, bytes_per_block=per_block, weight_bytes=weights,
+                             total_bytes=total, free_bytes=free, budget_bytes=b.budget_bytes,
+                             runtime_bytes=runtime, activation_peak_bytes=peak,
+                             sized_by=b.sized_by)
 
     def InitializeCache(self, request, context):
         self._check_version(request, context)
@@ -117,9 +167,12 @@ class WorkerService(pb_grpc.ModelWorkerServicer):
         if request.num_blocks <= 0 or request.block_size <= 0:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "num_blocks and block_size must be positive")
         need = request.num_blocks * self.model.kv_cache_bytes_per_block(request.block_size)
-        if need > available_kv_bytes(0, cap=False):
+        total, free = memory.device_memory(self.device)
+        if need > free:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                          f"{request.num_blocks} blocks need {need / 2**30:.2f} GiB, more than this host has free")
+                          f"{request.num_blocks} blocks need {need / 2**30:.2f} GiB, more than this host has free "
+                          f"({free / 2**30:.2f} of {total / 2**30:.2f} GiB): decrease --kv-cache-memory-bytes, "
+                          f"--gpu-memory-utilization or --num-gpu-blocks-override")
         with self.lock:
             t0 = time.perf_counter()
             max_len = min(request.max_model_len or c.max_position_embeddings, c.max_position_embeddings)

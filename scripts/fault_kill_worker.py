@@ -63,7 +63,7 @@ def stream(server, results: dict, i: int) -> None:
 def run(streams: int, external: bool, log_path: str) -> dict:
     """Returns the figures (also printed)."""
     worker = port = None
-    extra = ["--max-model-len", "512", "--gpu-memory-utilization", "0.05"]
+    extra = ["--max-model-len", "512", "--kv-cache-memory-bytes", str(1 << 30)]
     if external:
         port = free_port()
         worker, address = start_worker(DEFAULT_MODEL, ["--port", str(port)], log_path=log_path + ".worker")

@@ -111,7 +111,7 @@ def run(duration: float, clients: int, cancel: float, log_path: str, seed: int =
     prompts = [tok(p)["input_ids"] for p in PROMPTS]
     refs = hf_greedy(DEFAULT_MODEL, prompts, MAX_NEW)
     wport = free_port()
-    extra = ["--max-model-len", "512", "--max-num-seqs", str(clients), "--gpu-memory-utilization", "0.05",
+    extra = ["--max-model-len", "512", "--max-num-seqs", str(clients), "--kv-cache-memory-bytes", str(1 << 30),
              "--additional-config", json.dumps({"ms_rpc": {"worker_args": ["--metrics-port", str(wport)]}})]
     server = Server(DEFAULT_MODEL, extra, log_path=log_path)
     stats: dict = {}

@@ -5,7 +5,7 @@ usage: offline_generate.py MODEL BACKEND PROMPTS_JSON MAX_NEW [--skip-tokenizer-
 
 --skip-tokenizer-init: the model directory has no tokenizer (prompts are token ids; outputs are not detokenized).
 --max-model-len: vLLM's max_model_len (default 512).
---kv-cache-mib: KV cache size for either backend (default: native 512 MiB, ms_rpc the worker's default).
+--kv-cache-mib: KV cache size for either backend (default 512 MiB).
 --also: more models, run one after another in this process (one engine each, the same prompts), saving the
         start-up of a Python process per model (and, unless VLLM_ENABLE_V1_MULTIPROCESSING is set, of an engine
         core process: the engines run in this process). One RESULT line is printed per model, MODEL first.
@@ -35,13 +35,12 @@ if __name__ == "__main__":
         kwargs = dict(model=model, dtype="float32", max_model_len=a.max_model_len, enforce_eager=True, seed=0)
         if a.skip_tokenizer_init:
             kwargs["skip_tokenizer_init"] = True
+        # The same explicit cache for both backends (vLLM's default, 0.92 of host RAM, is for serving)
+        kwargs["kv_cache_memory_bytes"] = (a.kv_cache_mib or 512) * 2**20
         if a.backend == "ms_rpc":
             kwargs["distributed_executor_backend"] = "ms_rpc"
         else:
             kwargs["gpu_memory_utilization"] = 0.2
-            kwargs["kv_cache_memory_bytes"] = 512 * 2**20
-        if a.kv_cache_mib:
-            kwargs["kv_cache_memory_bytes"] = a.kv_cache_mib * 2**20
         llm = LLM(**kwargs)
         params = SamplingParams(temperature=0, max_tokens=a.max_new, ignore_eos=True,
                                 detokenize=not a.skip_tokenizer_init)

@@ -45,7 +45,7 @@ def test_hung_worker_misses_its_step_deadline(default_model, tmp_path):
     step, and the executor replaces the hung worker."""
     log = tmp_path / "serve.log"
     cfg = {"ms_rpc": {"step_deadline_floor_s": 3, "step_deadline_factor": 5}}
-    server = Server(default_model, ["--max-model-len", "512", "--gpu-memory-utilization", "0.05",
+    server = Server(default_model, ["--max-model-len", "512", "--kv-cache-memory-bytes", str(1 << 30),
                                     "--additional-config", json.dumps(cfg)], log_path=log)
     try:
         server.wait_healthy()
@@ -80,7 +80,7 @@ def test_gives_up_when_an_external_worker_stays_away(default_model, tmp_path):
     worker, address = start_worker(default_model, ["--port", str(port)], log_path=tmp_path / "worker.log")
     cfg = {"ms_rpc": {"workers": [address], "reconnect_timeout_s": 5}}
     log = tmp_path / "serve.log"
-    server = Server(default_model, ["--max-model-len", "512", "--gpu-memory-utilization", "0.05",
+    server = Server(default_model, ["--max-model-len", "512", "--kv-cache-memory-bytes", str(1 << 30),
                                     "--additional-config", json.dumps(cfg)], log_path=log)
     try:
         server.wait_healthy()

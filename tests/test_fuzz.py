@@ -304,6 +304,16 @@ def port(tiny_llama, tmp_path_factory):
         print(f"\nworker log: {log}")
 
 
+def _memory_expected(msg: pb.MemoryRequest) -> tuple[set, str]:
+    """(codes, detail) of a DetermineAvailableMemory: a bad block size or fraction is refused; any other is answered,
+    or refused as too large for this host (more than it has free) or too small (a budget below the weights)."""
+    if msg.block_size == 0:
+        return {INVALID}, "block_size"
+    if not 0 <= msg.gpu_memory_utilization <= 1:
+        return {INVALID}, "gpu_memory_utilization"
+    return {OK, EXHAUSTED, PRECONDITION}, "KV cache size"
+
+
 def test_fuzz_the_worker_port(port: Port):
     t_start = time.monotonic()
     p = port
@@ -311,7 +321,8 @@ def test_fuzz_the_worker_port(port: Port):
     # -- before: hand-shake, a clean greedy run, and the anchor request that lives through the fuzzing -------------
     info = p.call("Describe", pb.DescribeRequest(protocol_version=V), OK, hostile=False)
     assert info.model.vocab_size == VOCAB and info.model.num_layers == LAYERS
-    mem = p.call("DetermineAvailableMemory", pb.MemoryRequest(protocol_version=V, block_size=1), OK, hostile=False)
+    mem = p.call("DetermineAvailableMemory", pb.MemoryRequest(protocol_version=V, block_size=1,
+                                                              requested_bytes=64 << 20), OK, hostile=False)
     p.bytes_per_token = mem.bytes_per_block
     p.call("InitializeCache", pb.CacheConfig(protocol_version=V, num_blocks=NUM_BLOCKS, block_size=BLOCK_SIZE,
                                              num_layers=LAYERS, max_num_seqs=MAX_SEQS,
@@ -351,7 +362,7 @@ def test_fuzz_the_worker_port(port: Port):
         if method in ("Describe", "CheckLiveness", "Warmup"):
             return {OK}, None
         if method == "DetermineAvailableMemory":
-            return ({OK}, None) if msg.block_size > 0 else ({INVALID}, "block_size")
+            return _memory_expected(msg)
         if method == "Sample":
             return {PRECONDITION}, "Sample for step"
         if method == "Execute":
@@ -738,10 +749,11 @@ def test_fuzz_the_worker_port(port: Port):
         if kind == "memory":
             msg = pb.MemoryRequest(protocol_version=V, block_size=data.draw(UINT32),
                                    requested_bytes=data.draw(st.integers(0, 2**64 - 1)))
-            if msg.block_size == 0:
-                p.call("DetermineAvailableMemory", msg, INVALID, "block_size", "handshake")
-            else:
-                r = p.call("DetermineAvailableMemory", msg, OK, phase="handshake")
+            if data.draw(st.booleans()):
+                msg.gpu_memory_utilization = data.draw(st.floats(width=32))
+                msg.max_num_batched_tokens = data.draw(UINT32)
+            r = p.call("DetermineAvailableMemory", msg, *_memory_expected(msg), phase="handshake")
+            if not isinstance(r, tuple):
                 assert r.bytes_per_block == msg.block_size * p.bytes_per_token
             return
         cfg = pb.CacheConfig(protocol_version=V, num_blocks=data.draw(st.integers(1, 2**32 - 1)),

@@ -23,7 +23,7 @@ def test_tp3_embedded_matches_hf(default_model, tmp_path):
     prompt_ids = _prompt_ids(default_model)
     expected = hf_greedy(default_model, prompt_ids, MAX_NEW)
     server = Server(default_model, ["--tensor-parallel-size", "3", "--max-model-len", "512",
-                                    "--gpu-memory-utilization", "0.05"], log_path=tmp_path / "serve.log")
+                                    "--kv-cache-memory-bytes", str(1 << 30)], log_path=tmp_path / "serve.log")
     try:
         server.wait_healthy()
         ranks = [cmdline(p) for p in descendants(server.proc.pid) if "ms_worker serve" in cmdline(p)]
@@ -47,7 +47,8 @@ def test_dp2_two_worker_groups_both_serve(default_model, tmp_path):
             metrics.append(f"http://127.0.0.1:{mport}/metrics")
         cfg = {"ms_rpc": {"workers": addresses}}
         server = Server(default_model, ["--data-parallel-size", "2", "--max-model-len", "512",
-                                        "--gpu-memory-utilization", "0.05", "--additional-config", json.dumps(cfg)],
+                                        "--kv-cache-memory-bytes", str(1 << 30),
+                                        "--additional-config", json.dumps(cfg)],
                         log_path=tmp_path / "serve.log")
         try:
             server.wait_healthy()

@@ -142,8 +142,14 @@ class WorkerClient:
     def describe(self, timeout: float = 10.0) -> pb.WorkerInfo:
         return self.call("Describe", pb.DescribeRequest(protocol_version=PROTOCOL_VERSION), timeout)
 
-    def determine_available_memory(self, block_size: int, requested: int, timeout: float = 30.0) -> pb.MemoryInfo:
-        req = pb.MemoryRequest(protocol_version=PROTOCOL_VERSION, block_size=block_size, requested_bytes=requested)
+    def determine_available_memory(self, block_size: int, requested: int, utilization: float = 0.0,
+                                   max_num_batched_tokens: int = 0, max_num_seqs: int = 0,
+                                   timeout: float = 600.0) -> pb.MemoryInfo:
+        """The worker's KV cache budget: `requested` bytes, else `utilization` of its device's memory less what it
+        needs besides the cache (it may run a profiling forward of max_num_batched_tokens tokens: compile time)."""
+        req = pb.MemoryRequest(protocol_version=PROTOCOL_VERSION, block_size=block_size, requested_bytes=requested,
+                               gpu_memory_utilization=utilization, max_num_batched_tokens=max_num_batched_tokens,
+                               max_num_seqs=max_num_seqs)
         return self.call("DetermineAvailableMemory", req, timeout)
 
     def initialize_cache(self, cfg: pb.CacheConfig, timeout: float = 300.0) -> pb.CacheInfo:

@@ -206,8 +206,36 @@ class MsRpcExecutor(Executor):
         pass  # the worker chooses its own cache layout; block ids are what crosses the wire
 
     def determine_available_memory(self) -> list[int]:
-        requested = self.cache_config.kv_cache_memory_bytes or 0
-        return [self.group.available_kv_bytes(self.cache_config.block_size, requested)]
+        """KV cache bytes per rank, by vLLM's rule, computed on the workers (ms_worker.memory): vLLM's
+        --kv-cache-memory-bytes (VLLM_CPU_KVCACHE_SPACE on the CPU platform sets it), else --gpu-memory-utilization
+        of the worker device's memory less weights, runtime and the activation peak of a max_num_batched_tokens
+        step. With --num-gpu-blocks-override (and no bytes) vLLM allocates that many blocks whatever the memory:
+        the workers are asked for exactly those bytes, so that a cache too large for them fails here too."""
+        cc, sc = self.cache_config, self.scheduler_config
+        requested = cc.kv_cache_memory_bytes or 0
+        if not requested and cc.num_gpu_blocks_override:
+            specs = self.get_kv_cache_specs()[0]
+            requested = cc.num_gpu_blocks_override * sum(s.page_size_bytes for s in specs.values())
+        utilization = 0.0 if requested else float(cc.gpu_memory_utilization)
+        if utilization and self.group.local:
+            # local ranks share this host: the fraction is the group's, as vLLM's is the instance's
+            utilization /= self.group.size
+        try:
+            infos = self.group.determine_available_memory(cc.block_size, requested, utilization,
+                                                          sc.max_num_batched_tokens, sc.max_num_seqs)
+        except WorkerError as e:
+            raise ConfigError(f"ms_rpc: {e}") from None
+        m = min(infos, key=lambda i: i.available_kv_bytes)
+        gib = 2**30
+        if m.sized_by == "gpu_memory_utilization":
+            how = (f"gpu_memory_utilization {utilization:g} x {m.total_bytes / gib:.2f} GiB = "
+                   f"{m.budget_bytes / gib:.2f} GiB, less weights {m.weight_bytes / gib:.2f}, runtime "
+                   f"{m.runtime_bytes / gib:.2f}, activation peak {m.activation_peak_bytes / gib:.2f} GiB")
+        else:
+            how = "kv_cache_memory_bytes" if not cc.num_gpu_blocks_override else "num_gpu_blocks_override"
+        log.info("ms_rpc: KV cache %.2f GiB per worker (%s; %.2f GiB free on the worker)",
+                 m.available_kv_bytes / gib, how, m.free_bytes / gib)
+        return [m.available_kv_bytes]
 
     def initialize_from_config(self, kv_cache_configs: list[KVCacheConfig]) -> None:
         cfg = kv_cache_configs[0]

@@ -195,8 +195,12 @@ class WorkerGroup:
         log.info("ms_rpc: worker warm-up compiled %d shapes in %.1f s", reply.compiled_shapes, reply.seconds)
         return reply.seconds
 
-    def available_kv_bytes(self, block_size: int, requested: int) -> int:
-        return min(c.determine_available_memory(block_size, requested).available_kv_bytes for c in self.clients)
+    def determine_available_memory(self, block_size: int, requested: int, utilization: float,
+                                   max_num_batched_tokens: int, max_num_seqs: int) -> list[pb.MemoryInfo]:
+        """Every rank's MemoryInfo (all at once: a profiling forward holds collectives across the ranks)."""
+        futures = [self._pool.submit(c.determine_available_memory, block_size, requested, utilization,
+                                     max_num_batched_tokens, max_num_seqs) for c in self.clients]
+        return [f.result() for f in futures]
 
     def check_liveness(self, timeout: float) -> None:
         """Every rank runs a real one-token forward, all at once (a forward holds collectives across the ranks)."""

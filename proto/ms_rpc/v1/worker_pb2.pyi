@@ -78,24 +78,42 @@ class WorkerInfo(_message.Message):
     def __init__(self, protocol_version: _Optional[int] = ..., worker_id: _Optional[str] = ..., framework: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., model_path: _Optional[str] = ..., model: _Optional[_Union[ModelInfo, _Mapping]] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ...) -> None: ...
 
 class MemoryRequest(_message.Message):
-    __slots__ = ("protocol_version", "block_size", "requested_bytes")
+    __slots__ = ("protocol_version", "block_size", "requested_bytes", "gpu_memory_utilization", "max_num_batched_tokens", "max_num_seqs")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     REQUESTED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    GPU_MEMORY_UTILIZATION_FIELD_NUMBER: _ClassVar[int]
+    MAX_NUM_BATCHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_NUM_SEQS_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     block_size: int
     requested_bytes: int
-    def __init__(self, protocol_version: _Optional[int] = ..., block_size: _Optional[int] = ..., requested_bytes: _Optional[int] = ...) -> None: ...
+    gpu_memory_utilization: float
+    max_num_batched_tokens: int
+    max_num_seqs: int
+    def __init__(self, protocol_version: _Optional[int] = ..., block_size: _Optional[int] = ..., requested_bytes: _Optional[int] = ..., gpu_memory_utilization: _Optional[float] = ..., max_num_batched_tokens: _Optional[int] = ..., max_num_seqs: _Optional[int] = ...) -> None: ...
 
 class MemoryInfo(_message.Message):
-    __slots__ = ("available_kv_bytes", "bytes_per_block", "weight_bytes")
+    __slots__ = ("available_kv_bytes", "bytes_per_block", "weight_bytes", "total_bytes", "free_bytes", "budget_bytes", "runtime_bytes", "activation_peak_bytes", "sized_by")
     AVAILABLE_KV_BYTES_FIELD_NUMBER: _ClassVar[int]
     BYTES_PER_BLOCK_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    FREE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RUNTIME_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ACTIVATION_PEAK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SIZED_BY_FIELD_NUMBER: _ClassVar[int]
     available_kv_bytes: int
     bytes_per_block: int
     weight_bytes: int
-    def __init__(self, available_kv_bytes: _Optional[int] = ..., bytes_per_block: _Optional[int] = ..., weight_bytes: _Optional[int] = ...) -> None: ...
+    total_bytes: int
+    free_bytes: int
+    budget_bytes: int
+    runtime_bytes: int
+    activation_peak_bytes: int
+    sized_by: str
+    def __init__(self, available_kv_bytes: _Optional[int] = ..., bytes_per_block: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., total_bytes: _Optional[int] = ..., free_bytes: _Optional[int] = ..., budget_bytes: _Optional[int] = ..., runtime_bytes: _Optional[int] = ..., activation_peak_bytes: _Optional[int] = ..., sized_by: _Optional[str] = ...) -> None: ...
 
 class CacheConfig(_message.Message):
     __slots__ = ("protocol_version", "num_blocks", "block_size", "num_layers", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "sampling_seed")
