@@ -3,6 +3,7 @@
 usage (front environment):
     .venv/bin/python scripts/bench.py [--model DIR] [--concurrency 1,8,32] [--num-prompts N] [--repeat 3]
                                       [--input-len L] [--output-len L] [--backends native,ms_rpc] [--offline]
+                                      [--prefill-heavy]
 
 Online (default): each backend runs as its own `vllm serve` subprocess on a free loopback port (never both at
 once), and is driven through the OpenAI completions API with the same workload: fixed random token-id prompts of
@@ -462,8 +463,8 @@ def print_online(results: dict, a):
     for b, r in results.items():
         if r.get("weights_kv_mib"):
             peak = max((rows[(b, c)]["rm"] for c in r["levels"] if (b, c) in rows), default=float("nan"))
-            print(f"  {b:10} worker weights + KV cache {r['weights_kv_mib']:.0f} MiB; RSS target (+700 MiB) "
-                  f"{r['weights_kv_mib'] + 700:.0f} MiB per rank; highest median peak model RSS {peak:.0f} MiB "
+            print(f"  {b:10} worker weights + KV cache {r['weights_kv_mib']:.0f} MiB; RSS target (+500 MiB) "
+                  f"{r['weights_kv_mib'] + 500:.0f} MiB per rank; highest median peak model RSS {peak:.0f} MiB "
                   f"(all ranks)")
     for b, r in results.items():
         if r.get("steps"):
@@ -493,8 +494,12 @@ def main():
     ap.add_argument("--serve-arg", action="append", default=[],
                     help="extra argument for both `vllm serve` commands (repeat; e.g. --serve-arg=--enforce-eager)")
     ap.add_argument("--offline", action="store_true", help="LLM.generate in a subprocess per backend instead")
+    ap.add_argument("--prefill-heavy", action="store_true",
+                    help="the prefill-heavy load: 16 concurrent streams, 500-token prompts, 8 output tokens")
     ap.add_argument("--logdir", default="", help="where the server logs go (default: a new temp dir)")
     a = ap.parse_args()
+    if a.prefill_heavy:
+        a.concurrency, a.input_len, a.output_len = [16], 500, 8
     a.kv_cache_bytes = a.kv_cache_mib * 2**20
     a.model = str(Path(a.model).resolve())
     if a.input_len + a.output_len > MAX_MODEL_LEN:

@@ -12,6 +12,7 @@ Pure numpy: runs in the front env (pytest, numpy 2) and, as a script, in the wor
 from __future__ import annotations
 
 import copy
+import dataclasses
 import struct
 import sys
 import time
@@ -27,7 +28,27 @@ except ImportError:                                                    # the wor
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # this checkout's ms_worker, not an installed one
 
 from ms_worker import sampler as new                               # noqa: E402
-from ms_worker.state import RequestState, Sampling, WorkItem       # noqa: E402
+from ms_worker.state import Sampling       # noqa: E402
+
+
+@dataclasses.dataclass
+class RequestState:
+    """What the sampler reads of a request (ms_worker.state.RequestState has these attributes)."""
+    req_id: str
+    token_ids: object
+    num_prompt_tokens: int
+    block_ids: list
+    sampling: Sampling
+    generator: object = None
+    prompt_lp: object = None
+
+
+@dataclasses.dataclass
+class WorkItem:
+    """A request's share of a step (ms_worker.state.Scheduled)."""
+    req: RequestState
+    start: int
+    count: int
 
 SampleResult = new.SampleResult
 _EPS = 1e-5
