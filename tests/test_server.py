@@ -171,3 +171,31 @@ def test_front_refuses_what_vllm_refuses(server, default_model):
     assert "288" in str(e.value)
     ok = client.completions.create(model=str(default_model), prompt="Hi", max_tokens=4, temperature=0)
     assert ok.choices[0].text
+
+
+def test_prefix_cache_hits_across_blocks_of_128(default_model, tmp_path):
+    """vLLM's CPU block size (128): a second prompt sharing a prefix of more than three blocks with the first is
+    served from the prefix cache (vLLM's metrics count the hits) and both continue exactly as HF's greedy."""
+    import numpy as np
+
+    rng = np.random.default_rng(7)
+    prefix = [int(t) for t in rng.integers(100, 20000, size=3 * 128 + 70)]
+    prompts = [prefix + [int(t) for t in rng.integers(100, 20000, size=n)] for n in (11, 29)]
+    s = Server(default_model, ["--max-model-len", "640", "--kv-cache-memory-bytes", str(256 << 20),
+                               "--max-num-seqs", "4", "--enable-prefix-caching"], log_path=tmp_path / "serve.log")
+    try:
+        s.wait_healthy()
+        got = []
+        for i, p in enumerate(prompts):
+            hits = metric(s.url + "/metrics", "vllm:prefix_cache_hits_total")
+            body = {"model": str(default_model), "prompt": p, "temperature": 0, "max_tokens": 12, "ignore_eos": True,
+                    "return_token_ids": True}
+            got.append(post(s, "/v1/completions", body)["choices"][0]["token_ids"])
+            hit = metric(s.url + "/metrics", "vllm:prefix_cache_hits_total") - hits
+            if i == 0:
+                assert hit == 0, hit
+            else:
+                assert hit >= 3 * 128, f"the second prompt reused {hit} cached tokens"
+    finally:
+        s.stop()
+    assert got == hf_greedy(default_model, prompts, 12)
