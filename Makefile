@@ -40,6 +40,7 @@ model: $(MODEL)/.complete
 .venv-worker/.ready: pyproject.toml
 	test -x .venv-worker/bin/python || $(PYTHON) -m venv .venv-worker
 	.venv-worker/bin/pip install $(PIP_QUIET) -e ".[worker]" 2>&1 | $(FILTER)
+	.venv-worker/bin/python -m ms_models.kernels
 	touch $@
 
 $(MODEL)/.complete: scripts/prepare_model.py .venv/.ready

@@ -1,0 +1,131 @@
+"""Custom MindSpore CPU kernels (ops.Custom, func_type "aot"), compiled from C++ on first use.
+
+``build()`` compiles ``paged_attention.cc`` with g++ into ``ms_models/kernels/build/`` (or
+``$MS_MODELS_KERNEL_DIR``) as ``paged_attention-<hash>.so``, the hash covering the source and the
+compiler command, so a changed source gets a new file and a stale one is never loaded; a file
+lock (``fcntl.flock``) lets worker processes that start together build it once. ``python -m
+ms_models.kernels`` builds it ahead (the worker environment's Makefile recipe does).
+
+``paged_attention_op()`` returns the ``PagedAttentionFlat`` Custom op (cached per process); the
+contract is at the top of paged_attention.cc. It writes the two cache inputs in place: pass
+``Parameter`` caches (in place under ``ms.jit`` and in PyNative; checked by
+tests/test_attention_kernel.py).
+
+MindSpore's AOT white list: when ``MS_CUSTOM_AOT_WHITE_LIST`` is set, ops.Custom refuses a
+library outside that directory (TypeError at construction). ``paged_attention_op()`` checks this
+first and raises a RuntimeError naming both paths; build into the white-listed directory with
+``MS_MODELS_KERNEL_DIR``. Unset (the default), MindSpore only logs an info line.
+
+Threads: the kernel uses OpenMP, at most ``MS_PA_THREADS`` (default 2) threads, one for small
+work. libgomp reads ``OMP_WAIT_POLICY`` / ``GOMP_SPINCOUNT`` when it is loaded;
+``paged_attention_op()`` sets ``GOMP_SPINCOUNT`` (unless already set) before loading the
+library, see ``_SPINCOUNT`` for the measurement.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+
+__all__ = ["build", "paged_attention_op", "KernelBuildError", "SOURCE", "FUNC_NAME"]
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SOURCE = os.path.join(HERE, "paged_attention.cc")
+FUNC_NAME = "PagedAttentionFlat"
+CXX_FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+# libgomp's spin before an idle thread sleeps (see __doc__). Measured with
+# ms_models/kernels/bench.py --spin: see the README of the kernel (bench output in the commit message).
+_SPINCOUNT = "10000"
+
+
+class KernelBuildError(RuntimeError):
+    pass
+
+
+def build_dir() -> str:
+    return os.path.abspath(os.environ.get("MS_MODELS_KERNEL_DIR") or os.path.join(HERE, "build"))
+
+
+def _compiler() -> str:
+    return os.environ.get("CXX") or "g++"
+
+
+def _lib_path() -> tuple[str, list[str]]:
+    with open(SOURCE, "rb") as f:
+        src = f.read()
+    cxx = _compiler()
+    h = hashlib.sha256(src + " ".join([cxx] + CXX_FLAGS).encode()).hexdigest()[:16]
+    path = os.path.join(build_dir(), f"paged_attention-{h}.so")
+    return path, [cxx, *CXX_FLAGS, "-o", path, SOURCE]
+
+
+def build(force: bool = False) -> str:
+    """Path of the compiled library, compiling it when missing (or ``force``)."""
+    path, cmd = _lib_path()
+    if os.path.exists(path) and not force:
+        return path
+    os.makedirs(build_dir(), exist_ok=True)
+    with open(os.path.join(build_dir(), ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be building the same file
+        try:
+            if os.path.exists(path) and not force:
+                return path
+            if shutil.which(cmd[0]) is None:
+                raise KernelBuildError(f"C++ compiler {cmd[0]!r} not found (set CXX or install g++); "
+                                       f"the kernel is built with: {' '.join(cmd)}")
+            tmp = f"{path}.tmp{os.getpid()}"
+            tmp_cmd = cmd[:-3] + ["-o", tmp, SOURCE]
+            p = subprocess.run(tmp_cmd, capture_output=True, text=True)
+            if p.returncode != 0:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+                raise KernelBuildError(f"kernel build failed (exit {p.returncode}): {' '.join(tmp_cmd)}\n"
+                                       f"{p.stderr.strip()}")
+            os.replace(tmp, path)  # atomic: a reader never sees a partial library
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return path
+
+
+def _check_white_list(path: str) -> None:
+    allowed = os.environ.get("MS_CUSTOM_AOT_WHITE_LIST")
+    if allowed is None:
+        return
+    allowed, real = os.path.realpath(allowed), os.path.realpath(path)
+    if os.path.commonpath([real, allowed]) != allowed:
+        raise RuntimeError(f"MS_CUSTOM_AOT_WHITE_LIST={allowed} does not contain the kernel library {real}: "
+                           f"set MS_MODELS_KERNEL_DIR to a directory under it (or unset the white list)")
+
+
+_OP = None
+
+
+def paged_attention_op():
+    """The PagedAttentionFlat ops.Custom (one per process; usable in PyNative and inside ms.jit)."""
+    global _OP
+    if _OP is None:
+        os.environ.setdefault("GOMP_SPINCOUNT", _SPINCOUNT)
+        from mindspore import ops
+
+        path = build()
+        _check_white_list(path)
+        _OP = ops.Custom(f"{path}:{FUNC_NAME}", out_shape=lambda q, *_: q, out_dtype=lambda q, *_: q,
+                         func_type="aot")
+    return _OP
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Build the custom MindSpore CPU kernels.")
+    ap.add_argument("--force", action="store_true", help="rebuild even if the library exists")
+    args = ap.parse_args(argv)
+    try:
+        print(build(force=args.force))
+    except KernelBuildError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,5 @@
+import sys
+
+from ms_models.kernels import main
+
+sys.exit(main())
