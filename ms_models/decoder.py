@@ -16,9 +16,9 @@ from mindspore import nn, ops
 
 from .config import ModelConfig
 from .batch import FlatBatch
-from .layers import (DeviceOps, RotaryEmbedding, build_fused_attention_metadata, embedding, fused_attention,
-                     fused_rotary, gated_mlp, gather_logits, head_rms_norm, lm_head, linear, new_kv_cache,
-                     param_bytes, rms_norm, to_param, vocab_parallel_embedding)
+from .layers import (DeviceOps, RotaryEmbedding, build_fused_attention_metadata, embedding, flash_causal_mask,
+                     fused_attention, fused_rotary, gated_mlp, gather_logits, head_rms_norm, lm_head, linear,
+                     new_kv_cache, param_bytes, rms_norm, to_param, vocab_parallel_embedding)
 
 __all__ = ["DecoderLayer", "FusedDecoderLayer", "DecoderModel", "build_decoder"]
 
@@ -61,9 +61,10 @@ class DecoderLayer(nn.Cell):
             self.write_op = kern.reshape_and_cache()
             self.paged_op = kern.paged_attention(cfg.num_heads, cfg.num_kv_heads)
             self.flash_op = kern.flash_attention(cfg.num_heads)
+            self.flash_mask = flash_causal_mask()  # a constant of the graph, shared by the layers
             self.attn_op = None
         else:
-            self.norm_op = self.rope_op = self.write_op = self.paged_op = self.flash_op = None
+            self.norm_op = self.rope_op = self.write_op = self.paged_op = self.flash_op = self.flash_mask = None
             self.attn_op = dev.attention_kernel()
         # tensor parallel: o_proj and down_proj are row-parallel, their partial sums are all-reduced
         self.all_reduce = ops.AllReduce() if dev.tp.enabled else None
@@ -106,8 +107,9 @@ class FusedDecoderLayer(DecoderLayer):
     inputs and is written out whole: on MindSpore CPU a layer taking the per-step inputs as ``*args`` made the
     first compiled SmolLM2 graph ~20 MiB bigger, and helper methods shared by both ~6-12 MiB (measured)."""
 
-    def construct(self, x, cos, sin, slots, block_tables, context_lens, attn_mask):
-        """Inputs: DecoderModel's per-step inputs (layers.build_fused_attention_metadata)."""
+    def construct(self, x, cos, sin, slots, block_tables, context_lens, q_seq_lens, attn_mask, actual_seq_lens):
+        """Inputs: DecoderModel's per-step inputs (layers.build_fused_attention_metadata; the None ones select
+        the kernel path)."""
         h = rms_norm(x, self.eps, self.ln1, self.norm_op)
         q = linear(h, self.wq, self.bq)
         k = linear(h, self.wk, self.bk)
@@ -117,8 +119,9 @@ class FusedDecoderLayer(DecoderLayer):
         v = linear(h, self.wv, self.bv)
         q = fused_rotary(q, cos, sin, self.rope_op, self.head_dim)
         k = fused_rotary(k, cos, sin, self.rope_op, self.head_dim)
-        o = fused_attention(q, k, v, self.k_cache, self.v_cache, slots, block_tables, context_lens, attn_mask,
-                            self.write_op, self.paged_op, self.flash_op, self.num_kv_heads, self.head_dim)
+        o = fused_attention(q, k, v, self.k_cache, self.v_cache, slots, block_tables, context_lens, q_seq_lens,
+                            attn_mask, actual_seq_lens, self.flash_mask, self.write_op, self.paged_op, self.flash_op,
+                            self.num_kv_heads, self.head_dim)
         y = linear(o, self.wo, self.bo)
         if self.all_reduce is not None:
             y = self.all_reduce(y)
@@ -139,7 +142,8 @@ class DecoderModel(nn.Cell):
     cpu: cos_sin [T, hd] (cos and sin of each token's position, half width each), slots [T] int32 (-1 = padding),
     query_start_loc [R + 1], seq_lens [R], block_tables [R, M] int32, params [2] int32 = (requests, sliding
     window) (the ms_models.kernels contract);
-    fused (Ascend): layers.build_fused_attention_metadata's.
+    fused (Ascend): cos, sin [T, hd], then layers.build_fused_attention_metadata's (slots, block_tables,
+    context_lens, q_seq_lens, attn_mask, actual_seq_lens), some None depending on the kernel path of the step.
     """
 
     def __init__(self, cfg: ModelConfig, embed, layers: list, norm: np.ndarray, lm_head_w, dev: DeviceOps):

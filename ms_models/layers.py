@@ -41,6 +41,7 @@ __all__ = [
     "MASK_VALUE", "DeviceOps", "to_param", "new_kv_cache", "param_bytes",
     "rms_norm", "head_rms_norm", "linear", "embedding", "lm_head", "vocab_parallel_embedding", "gather_logits",
     "gated_mlp", "FusedKernels", "fused_rotary", "fused_attention", "build_fused_attention_metadata",
+    "flash_causal_mask", "FLASH_MAX_SEQS", "PAGED_MASK_VALUE",
     "rope_inv_freq", "RotaryEmbedding",
 ]
 
@@ -55,18 +56,29 @@ class FusedKernels:
     """Factories of the MindSpore kernels the fused (Ascend) path calls, each returning a callable with the
     documented contract of MindSpore 2.10's primitive (none has a CPU kernel: tests pass an object with the same
     methods built from plain ops, tests/test_fused_path.py). The query is pre-scaled (1/sqrt(head_dim) folded
-    into q_proj), hence scale 1.0.
+    into q_proj), hence scale 1.0. T: the step's (padded) token count; contracts as fused_attention uses them:
 
     * ``rms_norm(eps)``: RmsNorm; ``(x [..., D], gamma [D]) -> (y, rstd)``.
     * ``rope()``: RotaryPositionEmbedding, mode 0 (rotate_half); ``(x [1, T, N, D], cos [1, T, 1, D], sin, 0)``
       (layout BSND) ``-> x'``.
     * ``reshape_and_cache()``: ReshapeAndCache; ``(key [T, N, D], value, key_cache [blocks, block_size, N, D],
       value_cache, slot_mapping [T] int32)``: writes token t at slot ``slot_mapping[t]`` of both caches in place.
-    * ``paged_attention(heads, kv_heads)``: PagedAttention; ``(query [B, heads, D], key_cache, value_cache,
-      block_tables [B, M] int32, context_lens [B] int32) -> [B, heads, D]``: one query per sequence over keys
-      ``0..context_lens[b]-1`` read through its block table.
-    * ``flash_attention(heads)``: FlashAttentionScore, layout BSH; ``(q [B, S1, heads*D], k [B, S2, kv_heads*D],
-      v, None, None, None, attn_mask [B, 1, S1, S2] uint8: 1 = discard) -> (max, sum, _, out [B, S1, heads*D])``.
+    * ``paged_attention(heads, kv_heads)``: PagedAttention (gen_ops_prim.PagedAttention's docstring), mask_mode
+      MASK_DEFAULT; ``(query [T, heads, D], key_cache, value_cache, block_tables [B, M] int32, context_lens [B]
+      int32, antiquant_scale=None, antiquant_offset=None, attn_mask, q_seq_lens) -> [T, heads, D]``. Sequence b
+      reads keys ``0..context_lens[b]-1`` through its block table. Without ``q_seq_lens`` (and ``attn_mask``):
+      one query per sequence (B == T, decode). With ``q_seq_lens`` [B] int32 ("the query length of each
+      sequence"): sequence b owns the next ``q_seq_lens[b]`` query rows and ``attn_mask`` [T, >= max context]
+      ("the lookahead mask", one row per query token over key positions, additive, in the query's dtype:
+      0 / -10000 as vLLM-MindSpore builds it for PagedAttention with query lengths > 1) hides the keys each row
+      must not see (causal, sliding window).
+    * ``flash_attention(heads)``: FlashAttentionScore (gen_ops_prim.FlashAttentionScore's docstring, and
+      ops.flash_attention_score's), input_layout "TND", sparse_mode 3 (rightDownCausal), next_tokens 0;
+      ``(q [T1, heads, D], k [T2, kv_heads, D], v, None, None, None, attn_mask [2048, 2048] uint8 (the
+      compressed lower-triangular mask sparse_mode 3 requires; 1 = discard), None, actual_seq_qlen [B] int64,
+      actual_seq_kvlen [B] int64) -> (max, sum, _, out [T1, heads, D])``. ``actual_seq_*len`` are cumulative
+      (non-decreasing, the last equal to T1 / T2; a Tensor is allowed per ops.flash_attention_score), no
+      sequence of keys is empty, B <= 1024, D a multiple of 16.
     """
 
     @staticmethod
@@ -92,7 +104,28 @@ class FusedKernels:
     @staticmethod
     def flash_attention(num_heads):
         from mindspore.ops.auto_generate import gen_ops_prim as prim
-        return prim.FlashAttentionScore(int(num_heads), scale_value=1.0, input_layout="BSH")
+        return prim.FlashAttentionScore(int(num_heads), scale_value=1.0, pre_tokens=FLASH_PRE_TOKENS, next_tokens=0,
+                                        input_layout="TND", sparse_mode=3)
+
+
+# FlashAttentionScore in layout TND: pre_tokens must be >= the longest query sequence (the default, INT32_MAX), the
+# compressed causal mask is [2048, 2048] and at most 1024 sequences may be given (MindSpore 2.10's docstring).
+FLASH_PRE_TOKENS = 2147483647
+FLASH_MASK_SIZE = 2048
+FLASH_MAX_SEQS = 1024
+# PagedAttention's additive mask value for hidden keys (vLLM-MindSpore's LowerTriangularMask: 0 / -10000 for
+# PagedAttention with query lengths > 1, bf16 and fp16 alike)
+PAGED_MASK_VALUE = -10000.0
+_FLASH_MASK = None
+
+
+def flash_causal_mask():
+    """The constant [2048, 2048] uint8 upper-triangular mask (1 = discard) FlashAttentionScore's sparse_mode 3
+    takes (one Tensor per process; a Cell attribute, hence a constant of the compiled graph)."""
+    global _FLASH_MASK
+    if _FLASH_MASK is None:
+        _FLASH_MASK = Tensor(np.triu(np.ones((FLASH_MASK_SIZE, FLASH_MASK_SIZE), np.uint8), 1))
+    return _FLASH_MASK
 
 
 _MS_DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
@@ -106,8 +139,9 @@ class DeviceOps:
     with ``ScatterUpdate`` and attention as gathers + batched matmuls (paged_attention).
     ascend (``fused``): MindSpore's fused kernels (``kernels``, FusedKernels) in fp16/bf16 (default bf16):
     RmsNorm (gamma kept), RotaryPositionEmbedding, ReshapeAndCache into vLLM's [blocks, block_size,
-    kv_heads, head_dim] cache, PagedAttention for decodes, FlashAttentionScore over the block-table gathered
-    keys for prefills and sliding windows (fused_attention). No NPU exists here: tests run this path with
+    kv_heads, head_dim] cache, then per step (build_fused_attention_metadata) FlashAttentionScore (TND, actual
+    sequence lengths) for pure prefills and PagedAttention for everything else, with per-sequence query lengths
+    and a mask for mixed batches (fused_attention). No NPU exists here: tests run this path with
     plain-op stand-ins of the kernels' contracts (``kernels=``; fp32 is allowed only with such stand-ins).
     ``tp``: this process's tensor-parallel rank and size (ms_models.parallel.TensorParallel;
     default: one process holds the whole model).
@@ -250,27 +284,43 @@ def fused_rotary(x, cos, sin, rope, head_dim):
     return rope(x.reshape(1, T, D // head_dim, head_dim), c, s, 0).reshape(T, D)
 
 
-def fused_attention(q, k, v, k_cache, v_cache, slots, block_tables, context_lens, attn_mask, write, paged, flash,
-                    num_kv_heads, head_dim):
-    """The fused path of paged_attention: ``write`` (ReshapeAndCache) puts this step's K/V at ``slots`` [T] of
-    the caches [blocks + 1, block_size, kv_heads, hd]; then a decode batch (``context_lens`` [B] given, Q == 1)
-    runs ``paged`` (PagedAttention) over its block tables [B, M]; otherwise (prefill, chunked prefill, sliding
-    window) the keys 0..M*block_size-1 of each sequence are gathered through its block table ([B, L,
-    kv_heads*hd]: whole blocks, a reshape and no transpose) and ``flash`` (FlashAttentionScore, BSH) runs with
-    ``attn_mask`` [B, 1, Q, L] (1 = discard). q [T, heads*hd] pre-scaled; returns [T, heads*hd]."""
+def fused_attention(q, k, v, k_cache, v_cache, slots, block_tables, context_lens, q_seq_lens, attn_mask,
+                    actual_seq_lens, flash_mask, write, paged, flash, num_kv_heads, head_dim):
+    """The fused path of the attention over a flat batch of T tokens (q [T, heads*hd] pre-scaled, k/v
+    [T, kv_heads*hd]; returns [T, heads*hd]). Inputs: build_fused_attention_metadata's, whose None inputs select
+    the kernel path when the graph is compiled.
+
+    ``write`` (ReshapeAndCache) first puts this step's K/V at ``slots`` [T] of the caches [blocks + 1,
+    block_size, kv_heads, hd]; the query depends on it explicitly, so the attention runs after the write
+    (vLLM-MindSpore orders it the same way). Then:
+
+    * ``actual_seq_lens`` given (a pure prefill: every request starts at position 0, no sliding window): ``flash``
+      (FlashAttentionScore, TND, rightDownCausal) on the step's own K/V: sequences by cumulative lengths, no
+      cache read, no [B, Q, L] mask. Its contract wants every sequence non-empty and the lengths to sum to T:
+      ``actual_seq_lens`` [R'] describes T + R' rows, the T tokens followed by R' zero rows appended here, so
+      the padded requests and padding tokens form non-empty sequences of their own (or trail the last request,
+      invisible to it under the causal mask); the first T output rows are kept.
+    * else ``paged`` (PagedAttention) over ``block_tables`` [T, M] and ``context_lens`` [T] (one entry per
+      sequence; T entries, room for any request count): without ``q_seq_lens`` one query per entry (a batch of
+      decodes); with ``q_seq_lens`` [T] (chunked prefills, prefix-cache hits, decodes mixed with prefills,
+      sliding windows) each entry owns q_seq_lens[e] consecutive query rows and ``attn_mask`` [T, M*block_size]
+      uint8 (1 = hidden), turned here into the kernel's additive mask in the query's dtype (PAGED_MASK_VALUE).
+    """
     T, D = q.shape
-    B, M = block_tables.shape
     kvh, hd = num_kv_heads, head_dim
-    # the attention must read the cache after this write: ops.depend orders it explicitly (the caches are
-    # Parameters, which MindSpore's side-effect tracking orders too; vLLM-MindSpore, whose caches are graph
-    # inputs, does the same)
-    q = ops.depend(q, write(k.reshape(T, kvh, hd), v.reshape(T, kvh, hd), k_cache, v_cache, slots))
-    if context_lens is not None:
-        return paged(q.reshape(T, D // hd, hd), k_cache, v_cache, block_tables, context_lens).reshape(T, D)
-    L = M * k_cache.shape[1]
-    kk = ops.gather(k_cache, block_tables, 0).reshape(B, L, kvh * hd)
-    vv = ops.gather(v_cache, block_tables, 0).reshape(B, L, kvh * hd)
-    return flash(q.reshape(B, T // B, D), kk, vv, None, None, None, attn_mask)[3].reshape(T, D)
+    k3, v3 = k.reshape(T, kvh, hd), v.reshape(T, kvh, hd)
+    q = ops.depend(q.reshape(T, D // hd, hd), write(k3, v3, k_cache, v_cache, slots))
+    if actual_seq_lens is not None:
+        n = actual_seq_lens.shape[0]
+
+        def extend(x):
+            return ops.concat((x, ops.zeros((n,) + x.shape[1:], x.dtype)), 0)
+
+        out = flash(extend(q), extend(k3), extend(v3), None, None, None, flash_mask, None, actual_seq_lens,
+                    actual_seq_lens)[3]
+        return out[:T].reshape(T, D)
+    mask = None if attn_mask is None else ops.cast(attn_mask, q.dtype) * PAGED_MASK_VALUE
+    return paged(q, k_cache, v_cache, block_tables, context_lens, None, None, mask, q_seq_lens).reshape(T, D)
 
 
 # ----------------------------------------------------------------------------- host side (numpy)
@@ -316,28 +366,64 @@ class RotaryEmbedding:
         return np.concatenate([np.cos(f), np.sin(f)], -1).astype(np.float32)
 
 
-def build_fused_attention_metadata(positions: np.ndarray, slot_mapping: np.ndarray, block_tables: np.ndarray,
-                                   num_blocks: int, block_size: int, sliding_window: int | None = None):
-    """Per-step inputs of fused_attention (numpy, padded shapes; arguments as build_attention_metadata's).
-    Returns
-      slots [B*Q] int32: each token's cache slot (block * block_size + offset); padding tokens -> the scratch
-        block ``num_blocks``;
-      block_tables [B, M] int32, padding entries -> the scratch block;
-      context_lens [B] int32 = position + 1 for a decode batch (Q == 1, no sliding window: PagedAttention),
-        else None;
-      attn_mask [B, 1, Q, M*block_size] uint8 (1 = key j hidden from query (b, q): j > positions[b, q], or out
-        of the sliding window) when context_lens is None, else None.
-    Padding tokens sit at position 0 and see key 0 (of their sequence, or the scratch block), so no row of the
-    softmax is all masked."""
-    B, Q = positions.shape
-    T, L = B * Q, block_tables.shape[1] * block_size
-    s = slot_mapping.reshape(T).astype(np.int64)
+def build_fused_attention_metadata(batch, num_blocks: int, block_size: int, num_reqs: int,
+                                   sliding_window: int | None = None):
+    """Per-step inputs of fused_attention (numpy) for a padded FlatBatch (model.CausalLM._pad: T tokens, R'
+    request rows) whose first ``num_reqs`` requests are real. Returns ``(slots, block_tables, context_lens,
+    q_seq_lens, attn_mask, actual_seq_lens)``; the kernel path is chosen here, per step, and the unused inputs
+    are None (compile-time constants: one graph per token bucket and path, model.CausalLM keys them so):
+
+    * slots [T] int32: each token's cache slot; padding tokens (slot -1) -> the scratch block ``num_blocks``
+      (never a request's block), always.
+    * pure prefill (every request starts at position 0, no sliding window, R' <= FLASH_MAX_SEQS):
+      FlashAttentionScore on the step's K/V. ``actual_seq_lens`` [R'] int64, cumulative, over T + R' rows (the
+      step's tokens and R' zero rows fused_attention appends): the real requests' lengths, then one row for each
+      padded request (the last takes the remaining rows), or, with no padded request, the remaining rows trail
+      the last request (rows after a token's own are hidden from it by the causal mask). Every sequence is
+      non-empty, as the TND contract requires. Everything else None.
+    * otherwise PagedAttention over T entries: request r < R is entry r (its block table row with -1 -> the
+      scratch block, context_lens = seq_lens[r], q_seq_lens = its query length); each padding token is an entry
+      of one query over the first key of the scratch block; the remaining entries have no query (q_seq_lens 0,
+      context 1 on the scratch block). ``block_tables`` [T, M] int32, ``context_lens`` [T] int32.
+      - a batch of decodes (every query length 1, no sliding window): q_seq_lens and attn_mask None (entry =
+        token, the documented decode form);
+      - anything else (decodes with prefill chunks, chunks over earlier context or a prefix-cache hit, sliding
+        windows): q_seq_lens [T] int32 and attn_mask [T, M*block_size] uint8, 1 = key position j hidden from
+        token t: j > positions[t] or, with a sliding window W, j <= positions[t] - W (padding tokens sit at
+        position 0 and see key 0).
+
+    Why PagedAttention for the mixed batches: MindSpore 2.10 documents its q_seq_lens ("the query length of each
+    sequence") and the per-token attn_mask, and vLLM-MindSpore runs chunked prefill and prefix caching that way;
+    FlashAttentionScore would need the keys gathered through the block tables first. Why FlashAttentionScore for
+    pure prefills: the keys are the step's own, no cache read and no mask beyond the constant causal one."""
+    T, R, Rp = batch.num_tokens, int(num_reqs), batch.num_reqs
+    M = batch.block_tables.shape[1]
+    qsl = batch.query_start_loc.astype(np.int64)
+    qlen = np.diff(qsl[:R + 1])
+    real = int(qsl[R])
+    if R < 1 or (qlen < 1).any():
+        raise ValueError("every real request must compute at least one token")
+    s = batch.slot_mapping.astype(np.int64)
     slots = np.where(s >= 0, s, num_blocks * block_size + np.arange(T) % block_size).astype(np.int32)
-    bt = np.where(block_tables >= 0, block_tables, num_blocks).astype(np.int32)
-    if Q == 1 and not sliding_window:
-        return slots, bt, (positions[:, 0].astype(np.int64) + 1).astype(np.int32), None
-    keys, pos = np.arange(L, dtype=np.int64)[None, None, :], positions.astype(np.int64)[:, :, None]
+    start = batch.seq_lens[:R].astype(np.int64) - qlen
+    if not sliding_window and (start == 0).all() and Rp <= FLASH_MAX_SEQS:
+        lens = np.zeros(Rp, np.int64)
+        lens[:R] = qlen
+        spare = T - real + Rp
+        lens[R:] = 1
+        lens[-1] += spare - (Rp - R)
+        return slots, None, None, None, None, np.cumsum(lens)
+    bt = np.full((T, M), num_blocks, np.int32)
+    bt[:R] = np.where(batch.block_tables[:R] >= 0, batch.block_tables[:R], num_blocks)
+    context_lens = np.ones(T, np.int32)
+    context_lens[:R] = batch.seq_lens[:R]
+    if not sliding_window and real == R:
+        return slots, bt, context_lens, None, None, None
+    q_seq_lens = np.zeros(T, np.int32)
+    q_seq_lens[:R] = qlen
+    q_seq_lens[R:R + T - real] = 1
+    keys, pos = np.arange(M * block_size, dtype=np.int64)[None, :], batch.positions.astype(np.int64)[:, None]
     hidden = keys > pos
     if sliding_window:
         hidden |= keys <= pos - int(sliding_window)
-    return slots, bt, None, np.ascontiguousarray(hidden[:, None].astype(np.uint8))
+    return slots, bt, context_lens, q_seq_lens, hidden.astype(np.uint8), None

@@ -2,7 +2,8 @@
 
 A step runs as two graphs: the body (embedding, every decoder layer, over all T tokens of the step, T padded to a
 token bucket) and the head (final norm and lm head over the S rows whose logits are wanted, S padded to a power of
-two). Both depend on nothing but those two sizes, so warm-up compiles them all and serving compiles nothing.
+two). Both depend on nothing but those two sizes, so warm-up compiles them all and serving compiles nothing (on the
+CPU; the fused path's body also depends on the step's kernel path, see CausalLM.warmup).
 """
 from __future__ import annotations
 
@@ -140,7 +141,11 @@ class CausalLM:
     def _forward_part(self, batch: FlatBatch) -> np.ndarray:
         padded = self._pad(batch)
         step = self.net.prepare_inputs(padded, self.num_blocks, self.block_size, batch.num_reqs)
-        hidden = self._run(("body", padded.num_tokens), self._body, [Tensor(a) for a in step])
+        # None inputs are constants of the graph: the fused path's kernel path (layers.build_fused_attention_metadata)
+        # leaves some None, so its body graphs are keyed by the token bucket and which inputs are None (CPU: none)
+        nones = tuple(i for i, a in enumerate(step) if a is None)
+        hidden = self._run(("body", padded.num_tokens, nones), self._body,
+                           [None if a is None else Tensor(a) for a in step])
         rows = batch.logits_indices
         if rows.size == 0:
             return np.zeros((0, self.config.vocab_size), np.float32)
@@ -205,13 +210,15 @@ class CausalLM:
 
     def warmup(self) -> dict:
         """Compiles every graph a step can need: the body per token bucket, the head per logits bucket up to
-        max_logits_rows (max_num_seqs as a power of two; prompt logprobs run in chunks of that many rows), with dummy batches. Returns {key: s}."""
+        max_logits_rows (max_num_seqs as a power of two; prompt logprobs run in chunks of that many rows), with dummy batches. Returns {key: s}.
+        On the fused path the dummy batches (prefills) compile the FlashAttentionScore body of each bucket only; its
+        PagedAttention bodies (decodes, mixed batches) compile on first use."""
         times = {}
         rows = self.max_logits_rows
         keys = [(T, min(logits_bucket(T), rows)) for T in self.buckets]
         keys += [(1, S) for S in LOGITS_BUCKETS if S <= rows]
         for T, S in keys:
-            if ("body", T) in self.compiled and ("head", S) in self.compiled:
+            if any(k[:2] == ("body", T) for k in self.compiled) and ("head", S) in self.compiled:
                 continue
             t0 = time.perf_counter()
             self.forward(self.dummy_batch(T, S))

@@ -4,17 +4,22 @@ No NPU exists here, and none of the fused kernels has a CPU implementation. So t
 with ``kernels=`` stand-ins: plain-op implementations of each kernel's documented contract (MindSpore 2.10:
 RmsNorm, RotaryPositionEmbedding, ReshapeAndCache, PagedAttention, FlashAttentionScore; see
 ms_models.layers.FusedKernels), fp32 since the CPU has nothing else. Everything else is the real ascend path:
-unfolded norm gammas, vLLM's [blocks, block_size, kv_heads, head_dim] cache, slot mapping, block tables, context
-lengths, masks, the choice of PagedAttention (decode) or FlashAttentionScore (prefill, sliding window).
+unfolded norm gammas, vLLM's [blocks, block_size, kv_heads, head_dim] cache, the flat batch's slot mapping, block
+tables, context and query lengths, masks, and the choice per step (layers.build_fused_attention_metadata) of
+FlashAttentionScore in layout TND with actual sequence lengths (pure prefills), PagedAttention (decodes) or
+PagedAttention with per-sequence query lengths and a mask (mixed batches, chunks over earlier context, sliding
+windows).
 
 For a Llama, a Qwen2 (biases), a Qwen3 (q/k norm, head_dim 64) and a Mistral (sliding window 8) checkpoint, the
-CPU path, the ascend path under ms.jit and the ascend path in PyNative with contract checks run the same mixed
-batches (decodes of 1-8 sequences, prefill chunks over earlier context, padding) on their own caches. Asserted:
-logits equal the CPU path's (< 1e-4); the caches hold the same K/V (the ascend one in vLLM's layout); every kernel
-call meets its contract (shapes, dtypes, index ranges, no all-masked row); per layer the cache write comes first,
-then PagedAttention for a decode batch or FlashAttentionScore otherwise. And the real kernels: an "ascend" model
-in bf16 builds here with MindSpore's own primitives (attributes checked), bf16 weights and a bf16 cache half the
-size of the CPU one; dtypes a device lacks are refused.
+CPU path (the ms_models.kernels attention kernel), the ascend path under ms.jit and the ascend path in PyNative
+with contract checks run the same flat batches (decodes of 1-8 sequences, pure prefills, prefill chunks over
+earlier context mixed with decodes, padded tokens and requests) on their own caches. Asserted: logits equal the
+CPU path's (< 1e-4); the caches hold the same K/V (padding tokens write only the scratch block); every kernel call
+meets its contract (shapes, dtypes, index ranges, the meaning of each length, no all-masked row); per layer the
+cache write comes first, then the kernel the step's kind calls for; one body graph per token bucket and kernel
+path. And the real kernels: an "ascend" model in bf16 builds here with MindSpore's own primitives (attributes
+checked: FlashAttentionScore TND / sparse_mode 3 and its constant causal mask), bf16 weights and a bf16 cache half
+the size of the CPU one; dtypes a device lacks are refused.
 
 Runs in the front env; the MindSpore side is this file run as a script under .venv-worker/bin/python.
 """
@@ -29,6 +34,22 @@ import numpy as np
 ARCHS = ("llama", "qwen2", "qwen3", "mistral")
 ROUNDS = 2
 ATOL = 1e-4
+BLOCK_SIZE, NUM_BLOCKS, MAX_SEQS, MAX_MODEL_LEN, MAX_TOKENS = 4, 64, 8, 64, 32
+# One round of steps: each request as (earlier tokens, tokens this step). Padded (CausalLM._pad: tokens to a power
+# of two, requests to min(tokens, MAX_SEQS)) with and without padded requests; contexts past Mistral's window (8).
+SCENARIOS = [
+    [(3, 1)],                                                                  # decodes of 1, 5, 8 sequences
+    [(3, 1), (14, 1), (9, 1), (20, 1), (6, 1)],
+    [(3, 1), (14, 1), (9, 1), (20, 1), (6, 1), (1, 1), (23, 1), (11, 1)],
+    [(0, 7)],                                                                  # pure prefills
+    [(0, 5), (0, 3), (0, 6)],                                                  # (all 14 rows' logits)
+    [(0, 1)] * 4 + [(0, 2)] * 4,                                               # 8 requests: none padded
+    [(0, 8)],                                                                  # no padding token
+    [(7, 6)],                                                                  # a chunk over earlier context
+    [(0, 4), (9, 1), (5, 3), (14, 1)],                                         # mixed
+    [(3, 1)] * 7 + [(5, 2)],                                                   # mixed, 8 requests: none padded
+    [(2, 5), (20, 1)],
+]
 
 
 # ============================================================================ MindSpore side
@@ -38,6 +59,7 @@ def stand_in_kernels(log: list | None):
     name appended to ``log``."""
     import mindspore as ms
     from mindspore import Parameter, nn, ops
+    from ms_models.layers import PAGED_MASK_VALUE
 
     class RmsNorm(nn.Cell):
         def __init__(self, eps):
@@ -62,39 +84,70 @@ def stand_in_kernels(log: list | None):
             return key
 
     class PagedAttention(nn.Cell):
+        """Sequence e reads keys 0..context_lens[e]-1 through block_tables[e]; without q_seq_lens one query per
+        sequence, with q_seq_lens sequence e owns the next q_seq_lens[e] query rows, and attn_mask [T, >= max
+        context] is added to the scores of each query row (the lookahead mask)."""
+
         def __init__(self, heads, scale, kv_heads):
             super().__init__()
-            self.heads, self.scale, self.kv_heads = heads, scale, kv_heads
+            self.heads, self.scale, self.kv_heads, self.mask_mode = heads, scale, kv_heads, "MASK_DEFAULT"
 
-        def construct(self, query, key_cache, value_cache, block_tables, context_lens):
-            B, H, D = query.shape
+        def construct(self, query, key_cache, value_cache, block_tables, context_lens, antiquant_scale=None,
+                      antiquant_offset=None, attn_mask=None, q_seq_lens=None):
+            T, H, D = query.shape
             bs, kvh = key_cache.shape[1], key_cache.shape[2]
             L = block_tables.shape[1] * bs
-            k = ops.gather(key_cache, block_tables, 0).reshape(B, L, kvh, D).transpose(0, 2, 3, 1)   # [B,kvh,D,L]
-            v = ops.gather(value_cache, block_tables, 0).reshape(B, L, kvh, D).transpose(0, 2, 1, 3)
-            s = ops.matmul(query.reshape(B, kvh, H // kvh, D), k) * self.scale                    # [B,kvh,g,L]
-            hidden = ops.arange(0, L, 1, dtype=ms.int32).reshape(1, 1, 1, L) >= context_lens.reshape(B, 1, 1, 1)
-            p = ops.softmax(s + ops.cast(hidden, s.dtype) * -1e30, -1)
-            return ops.matmul(p, v).reshape(B, H, D)
+            if q_seq_lens is None:
+                entry = ops.arange(0, T, 1, dtype=ms.int32)
+            else:  # token t belongs to the first sequence whose cumulative query length exceeds t
+                cum = ops.cumsum(q_seq_lens, 0)
+                rows = ops.arange(0, T, 1, dtype=ms.int32).reshape(T, 1)
+                entry = ops.cast(rows >= cum.reshape(1, -1), ms.int32).sum(-1)
+            tables, ctx = ops.gather(block_tables, entry, 0), ops.gather(context_lens, entry, 0)
+            k = ops.gather(key_cache, tables, 0).reshape(T, L, kvh, D).transpose(0, 2, 3, 1)          # [T,kvh,D,L]
+            v = ops.gather(value_cache, tables, 0).reshape(T, L, kvh, D).transpose(0, 2, 1, 3)
+            s = ops.matmul(query.reshape(T, kvh, H // kvh, D), k) * self.scale                        # [T,kvh,g,L]
+            hidden = ops.arange(0, L, 1, dtype=ms.int32).reshape(1, L) >= ctx.reshape(T, 1)
+            bias = ops.cast(hidden, s.dtype) * -1e30
+            if attn_mask is not None:
+                m = attn_mask[:, :L] if attn_mask.shape[1] >= L else ops.concat(
+                    (attn_mask, ops.zeros((T, L - attn_mask.shape[1]), attn_mask.dtype)), 1)
+                bias = bias + m
+            p = ops.softmax(s + bias.reshape(T, 1, 1, L), -1)
+            return ops.matmul(p, v).reshape(T, H, D)
 
     class FlashAttentionScore(nn.Cell):
-        def __init__(self, heads, scale, layout):
+        """Layout TND: sequence b is query rows actual_seq_qlen[b-1]..actual_seq_qlen[b]-1 and key rows likewise
+        by actual_seq_kvlen (cumulative); sparse_mode 3 (rightDownCausal): query i of a sequence of S1 queries sees
+        its keys j <= i + S2 - S1 (what the compressed [2048, 2048] attn_mask encodes)."""
+
+        def __init__(self, heads, scale, layout, sparse_mode, pre_tokens, next_tokens):
             super().__init__()
             self.heads, self.scale, self.layout = heads, scale, layout
+            self.sparse_mode, self.pre_tokens, self.next_tokens = sparse_mode, pre_tokens, next_tokens
 
-        def construct(self, query, key, value, real_shift, drop_mask, padding_mask, attn_mask):
-            B, S1, H1 = query.shape
-            S2 = key.shape[1]
-            D = H1 // self.heads
-            kvh = key.shape[2] // D
-            g = self.heads // kvh
-            q = query.reshape(B, S1, self.heads, D).transpose(0, 2, 1, 3)                     # [B,H,S1,D]
-            k = ops.tile(key.reshape(B, S2, kvh, 1, D), (1, 1, 1, g, 1)).reshape(B, S2, self.heads, D)
-            v = ops.tile(value.reshape(B, S2, kvh, 1, D), (1, 1, 1, g, 1)).reshape(B, S2, self.heads, D)
-            s = ops.matmul(q, k.transpose(0, 2, 3, 1)) * self.scale                               # [B,H,S1,S2]
-            p = ops.softmax(s + ops.cast(attn_mask, s.dtype) * -1e30, -1)
-            out = ops.matmul(p, v.transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3).reshape(B, S1, H1)
-            stats = ops.zeros((B, self.heads, S1, 8), ms.float32)
+        def construct(self, query, key, value, real_shift, drop_mask, padding_mask, attn_mask, prefix,
+                      actual_seq_qlen, actual_seq_kvlen):
+            T1, N1, D = query.shape
+            T2, N2 = key.shape[0], key.shape[1]
+            g = N1 // N2
+
+            def seqs(cum, n):
+                rows = ops.arange(0, n, 1, dtype=ms.int64)
+                idx = ops.cast(rows.reshape(n, 1) >= cum.reshape(1, -1), ms.int32).sum(-1)
+                starts = ops.concat((ops.zeros((1,), ms.int64), cum[:-1]))
+                return idx, rows - ops.gather(starts, idx, 0), ops.gather(cum - starts, idx, 0)
+
+            iq, oq, lq = seqs(actual_seq_qlen, T1)
+            ik, ok, lk = seqs(actual_seq_kvlen, T2)
+            visible = ops.logical_and(iq.reshape(T1, 1) == ik.reshape(1, T2),
+                                      ok.reshape(1, T2) <= oq.reshape(T1, 1) + lk.reshape(1, T2) - lq.reshape(T1, 1))
+            k = ops.tile(key.reshape(T2, N2, 1, D), (1, 1, g, 1)).reshape(T2, N1, D)
+            v = ops.tile(value.reshape(T2, N2, 1, D), (1, 1, g, 1)).reshape(T2, N1, D)
+            s = ops.matmul(query.transpose(1, 0, 2), k.transpose(1, 2, 0)) * self.scale              # [N1,T1,T2]
+            p = ops.softmax(s + ops.cast(ops.logical_not(visible), s.dtype).reshape(1, T1, T2) * -1e30, -1)
+            out = ops.matmul(p, v.transpose(1, 0, 2)).transpose(1, 0, 2)                              # [T1,N1,D]
+            stats = ops.zeros((T1, N1, 8), ms.float32)
             return stats, stats, ops.zeros((1,), query.dtype), out
 
     def check_rms_norm(x, gamma):
@@ -115,25 +168,48 @@ def stand_in_kernels(log: list | None):
         assert slot_mapping.dtype == ms.int32 and s.shape == (T,), (slot_mapping.dtype, s.shape)
         assert s.min() >= 0 and s.max() < key_cache.shape[0] * key_cache.shape[1], s
 
-    def check_paged(cell, query, key_cache, value_cache, block_tables, context_lens):
-        B, H, D = query.shape
+    def check_paged(cell, query, key_cache, value_cache, block_tables, context_lens, antiquant_scale=None,
+                    antiquant_offset=None, attn_mask=None, q_seq_lens=None):
+        T, H, D = query.shape
         assert H == cell.heads and key_cache.shape[2:] == (cell.kv_heads, D), (query.shape, key_cache.shape)
         assert query.dtype == key_cache.dtype == value_cache.dtype and cell.scale == 1.0  # q is pre-scaled
+        assert antiquant_scale is None and antiquant_offset is None and cell.mask_mode == "MASK_DEFAULT"
         bt, cl = block_tables.asnumpy(), context_lens.asnumpy()
-        assert block_tables.dtype == context_lens.dtype == ms.int32 and bt.shape[0] == B and cl.shape == (B,)
+        B = bt.shape[0]
+        assert block_tables.dtype == context_lens.dtype == ms.int32 and cl.shape == (B,), (bt.shape, cl.shape)
         assert bt.min() >= 0 and bt.max() < key_cache.shape[0], bt
         assert cl.min() >= 1 and cl.max() <= bt.shape[1] * key_cache.shape[1], cl
+        assert (attn_mask is None) == (q_seq_lens is None), "query lengths and the mask come together"
+        if q_seq_lens is None:
+            assert B == T, (B, T)                                                    # one query per sequence
+            return "paged_attention"
+        ql, m = q_seq_lens.asnumpy(), attn_mask.asnumpy()
+        assert q_seq_lens.dtype == ms.int32 and ql.shape == (B,) and ql.min() >= 0 and ql.sum() == T, ql
+        assert (ql <= cl).all(), (ql, cl)                                # a sequence's queries are its last keys
+        assert attn_mask.dtype == query.dtype and m.ndim == 2 and m.shape[0] == T and m.shape[1] >= cl.max()
+        assert set(np.unique(m)) <= {0.0, PAGED_MASK_VALUE}, np.unique(m)
+        seen = (m == 0)[:, :m.shape[1]] & (np.arange(m.shape[1])[None] < np.repeat(cl, ql)[:, None])
+        assert seen.any(-1).all(), "a query row with every key of its context masked"
+        return "paged_attention+q_seq_lens"
 
-    def check_flash(cell, query, key, value, real_shift, drop_mask, padding_mask, attn_mask):
-        assert cell.layout == "BSH" and cell.scale == 1.0
-        assert real_shift is None and drop_mask is None and padding_mask is None
-        B, S1, H1 = query.shape
-        D = H1 // cell.heads
-        assert key.shape == value.shape and key.shape[0] == B and key.shape[2] % D == 0
-        assert cell.heads % (key.shape[2] // D) == 0 and query.dtype == key.dtype == value.dtype
+    def check_flash(cell, query, key, value, real_shift, drop_mask, padding_mask, attn_mask, prefix,
+                    actual_seq_qlen, actual_seq_kvlen):
+        assert cell.layout == "TND" and cell.scale == 1.0 and cell.sparse_mode == 3 and cell.next_tokens == 0
+        assert real_shift is None and drop_mask is None and padding_mask is None and prefix is None
+        T1, N1, D = query.shape
+        T2, N2 = key.shape[0], key.shape[1]
+        assert N1 == cell.heads and key.shape == value.shape == (T2, N2, D) and N1 % N2 == 0, (query.shape, key.shape)
+        assert D % 16 == 0 and D <= 512 and query.dtype == key.dtype == value.dtype
         m = attn_mask.asnumpy()
-        assert attn_mask.dtype == ms.uint8 and m.shape == (B, 1, S1, key.shape[1]), (attn_mask.dtype, m.shape)
-        assert set(np.unique(m)) <= {0, 1} and (m == 0).any(-1).all(), "a query row with every key masked"
+        assert attn_mask.dtype == ms.uint8 and m.shape == (2048, 2048), (attn_mask.dtype, m.shape)
+        assert (m == np.triu(np.ones((2048, 2048), np.uint8), 1)).all(), "not the compressed causal mask"
+        cq, ck = actual_seq_qlen.asnumpy(), actual_seq_kvlen.asnumpy()
+        assert actual_seq_qlen.dtype == actual_seq_kvlen.dtype == ms.int64 and cq.shape == ck.shape, (cq, ck)
+        assert cq.ndim == 1 and 1 <= cq.size <= 1024 and cq[-1] == T1 and ck[-1] == T2, (cq, ck, T1, T2)
+        lq, lk = np.diff(cq, prepend=0), np.diff(ck, prepend=0)
+        assert lq.min() >= 1 and lk.min() >= 1 and (lq <= lk).all(), (lq, lk)     # non-decreasing, no empty keys
+        assert cell.pre_tokens >= lq.max()
+        return "flash_attention"
 
     class Checked(nn.Cell):
         """PyNative only: checks the call against the contract, logs the kernel's name, runs the stand-in."""
@@ -143,8 +219,8 @@ def stand_in_kernels(log: list | None):
             self.name, self.inner, self.check, self.with_cell = name, inner, check, with_cell
 
         def construct(self, *args):
-            self.check(*((self.inner,) + args if self.with_cell else args))
-            log.append(self.name)
+            name = self.check(*((self.inner,) + args if self.with_cell else args))
+            log.append(name or self.name)
             return self.inner(*args)
 
     def wrap(name, cell, check, with_cell=False):
@@ -169,7 +245,8 @@ def stand_in_kernels(log: list | None):
 
         @staticmethod
         def flash_attention(num_heads):
-            return wrap("flash_attention", FlashAttentionScore(num_heads, 1.0, "BSH"), check_flash, True)
+            return wrap("flash_attention", FlashAttentionScore(num_heads, 1.0, "TND", 3, 2147483647, 0), check_flash,
+                        True)
 
     return Kernels()
 
@@ -198,6 +275,8 @@ def real_kernels_check(model_dir: str, cpu_model) -> dict:
                   for name, op in (("norm", layer.norm_op), ("rope", layer.rope_op), ("write", layer.write_op),
                                    ("paged", layer.paged_op), ("flash", layer.flash_op))},
         "weight_dtypes": sorted({str(p.dtype) for p in m.net.get_parameters()}),
+        "flash_mask": [str(layer.flash_mask.dtype), list(layer.flash_mask.shape),
+                       int(layer.flash_mask.asnumpy().astype(np.int64).sum())],
         "cache_shape": list(layer.k_cache.shape),
         "heads": [cfg.num_heads, cfg.num_kv_heads, cfg.head_dim],
         "kv_bytes_per_block": [m.kv_cache_bytes_per_block(4), cpu_model.kv_cache_bytes_per_block(4)],
@@ -206,9 +285,27 @@ def real_kernels_check(model_dir: str, cpu_model) -> dict:
     }
 
 
-def ms_side(spec_path: str) -> None:
-    from test_graph_cache import BLOCK_SIZE, NUM_BLOCKS, batches
+def batches(rng, vocab: int) -> list:
+    """One round of steps as (FlatBatch, kind): each request computes ``count`` tokens after ``start`` earlier
+    ones, over blocks of its own (distinct within a step; earlier steps' keys, the same in every model's cache, are
+    its context). Kinds: decode (every query length 1), prefill (every request from position 0), mixed."""
+    from ms_models.batch import FlatBatch
 
+    out = []
+    for reqs in SCENARIOS:
+        starts, counts = [r[0] for r in reqs], [r[1] for r in reqs]
+        blocks = [int(b) for b in rng.permutation(NUM_BLOCKS)]
+        tables = [[blocks.pop() for _ in range(-(-(s + c) // BLOCK_SIZE))] for s, c in reqs]
+        tokens = [rng.integers(0, vocab, s + c).tolist() for s, c in reqs]
+        T = sum(counts)
+        batch = FlatBatch.build(tokens, starts, counts, tables, BLOCK_SIZE,
+                                logits_indices=np.arange(T) if T == 14 else None)  # every row once (prompt logprobs)
+        kind = "decode" if max(counts) == 1 else "prefill" if max(starts) == 0 else "mixed"
+        out.append((batch, kind))
+    return out
+
+
+def ms_side(spec_path: str) -> None:
     spec = json.load(open(spec_path))
     from ms_models import load_model, runtime
 
@@ -221,27 +318,29 @@ def ms_side(spec_path: str) -> None:
         checked = load_model(model_dir, device="ascend", dtype="float32", kernels=stand_in_kernels(log),
                              use_jit=False)
         for m in (cpu, fused, checked):
-            m.allocate_kv_cache(NUM_BLOCKS, BLOCK_SIZE)
+            m.allocate_kv_cache(NUM_BLOCKS, BLOCK_SIZE, max_num_seqs=MAX_SEQS, max_model_len=MAX_MODEL_LEN,
+                                max_num_batched_tokens=MAX_TOKENS)
         rng = np.random.default_rng(1)
         diffs, calls = [], []
         for _ in range(ROUNDS):
-            for batch in batches(rng, cpu.config.vocab_size):
-                args = {k: np.asarray(v) for k, v in batch.items()}
-                ref = cpu.forward(**args)
+            for batch, kind in batches(rng, cpu.config.vocab_size):
+                ref = cpu.forward(batch)
                 del log[:]
-                got = [fused.forward(**args), checked.forward(**args)]
+                got = [fused.forward(batch), checked.forward(batch)]
+                assert ref.shape == got[0].shape == got[1].shape == (batch.logits_indices.size, cpu.config.vocab_size)
                 diffs.append([float(np.abs(g - ref).max()) for g in got])
-                calls.append({"shape": list(args["input_ids"].shape), "log": list(log)})
+                calls.append({"tokens": batch.num_tokens, "reqs": batch.num_reqs, "kind": kind, "log": list(log),
+                              "head_calls": -(-batch.logits_indices.size // checked.max_logits_rows)})
         cache_diff = 0.0
         for (ck, cv), (fk, fv), (hk, hv) in zip(cpu.kv_caches(), fused.kv_caches(), checked.kv_caches()):
             for c, f in ((ck, fk), (cv, fv), (ck, hk), (cv, hv)):
-                c = c.asnumpy().reshape(cpu.config.num_kv_heads, NUM_BLOCKS + 1, BLOCK_SIZE, -1)[:, :NUM_BLOCKS]
-                f = f.asnumpy()[:NUM_BLOCKS].transpose(2, 0, 1, 3)   # [blocks, bs, kvh, hd] -> [kvh, blocks, bs, hd]
-                cache_diff = max(cache_diff, float(np.abs(c - f).max()))
+                assert c.shape == f.shape == (NUM_BLOCKS + 1, BLOCK_SIZE, cpu.config.num_kv_heads, cpu.config.head_dim)
+                cache_diff = max(cache_diff, float(np.abs(c.asnumpy()[:NUM_BLOCKS] - f.asnumpy()[:NUM_BLOCKS]).max()))
         result[arch] = {"diffs": diffs, "calls": calls, "cache_diff": cache_diff,
                         "cache_abs_max": float(np.abs(cpu.kv_caches()[0][0].asnumpy()).max()),
                         "layers": cpu.config.num_layers, "qk_norm": bool(cpu.config.qk_norm),
-                        "sliding_window": cpu.config.sliding_window}
+                        "sliding_window": cpu.config.sliding_window,
+                        "body_graphs": sorted([k[1], list(k[2])] for k in fused.compiled if k[0] == "body")}
         if arch == "llama":
             result["real"] = real_kernels_check(model_dir, cpu)
     json.dump(result, open(spec["out"], "w"))
@@ -271,19 +370,28 @@ def test_ascend_path_with_contract_stand_ins_matches_cpu(tmp_path):
         assert a["cache_abs_max"] > 0.1 and a["cache_diff"] < ATOL, (arch, a["cache_diff"])
         L = a["layers"]
         norms_per_layer = 4 if a["qk_norm"] else 2
+        used = set()
         for c in a["calls"]:
-            B, Q = c["shape"]
-            paged = Q == 1 and not a["sliding_window"]
-            attn = "paged_attention" if paged else "flash_attention"
+            window = a["sliding_window"]
+            attn = ("flash_attention" if c["kind"] == "prefill" and not window else
+                    "paged_attention" if c["kind"] == "decode" and not window else "paged_attention+q_seq_lens")
+            used.add(attn)
             log = c["log"]
-            assert log.count("rms_norm") == norms_per_layer * L + 1, (arch, c)
+            assert log.count("rms_norm") == norms_per_layer * L + c["head_calls"], (arch, c)   # + the final norm
             assert log.count("rope") == 2 * L and log.count("reshape_and_cache") == L, (arch, c)
-            assert log.count(attn) == L and len(log) == (norms_per_layer + 4) * L + 1, (arch, c)
-            # per layer: q/k RoPE, the cache write, then attention over the cache (which holds this step's keys)
+            assert log.count(attn) == L and len(log) == (norms_per_layer + 4) * L + c["head_calls"], (arch, c)
+            # per layer: q/k RoPE, the cache write, then the attention (after the write: PagedAttention reads this
+            # step's keys from the cache)
             per_layer = [x for x in log if x != "rms_norm"]
             assert per_layer == ["rope", "rope", "reshape_and_cache", attn] * L, (arch, c)
-        kinds = {(c["shape"][1] == 1) for c in a["calls"]}
-        assert kinds == {True, False}, arch                                  # both decodes and prefills ran
+        assert {c["kind"] for c in a["calls"]} == {"decode", "prefill", "mixed"}, arch
+        assert any(c["tokens"] > c["reqs"] for c in a["calls"]), arch                     # padded batches ran
+        assert used == ({"paged_attention+q_seq_lens"} if a["sliding_window"] else
+                        {"flash_attention", "paged_attention", "paged_attention+q_seq_lens"}), (arch, used)
+        # one body graph per token bucket and kernel path (the None inputs differ)
+        graphs = a["body_graphs"]
+        assert len(graphs) == len({(T, tuple(n)) for T, n in graphs}), graphs
+        assert len({tuple(n) for _, n in graphs}) == len(used), (arch, graphs)
 
     real = r["real"]
     assert len(real["refused"]) == 3 and all("not supported" in m for m in real["refused"]), real["refused"]
@@ -295,7 +403,10 @@ def test_ascend_path_with_contract_stand_ins_matches_cpu(tmp_path):
     assert prims["paged"][0] == "PagedAttention" and prims["paged"][1]["head_num"] == heads
     assert prims["paged"][1]["kv_head_num"] == kv_heads and prims["paged"][1]["scale_value"] == 1.0
     assert prims["flash"][0] == "FlashAttentionScore" and prims["flash"][1]["head_num"] == heads
-    assert prims["flash"][1]["scale_value"] == 1.0
+    assert prims["flash"][1]["scale_value"] == 1.0 and prims["flash"][1]["input_layout"] == 4     # "TND"
+    assert prims["flash"][1]["sparse_mode"] == 3 and prims["flash"][1]["next_tokens"] == 0
+    assert prims["paged"][1]["mask_mode"] == 0                                                  # MASK_DEFAULT
+    assert real["flash_mask"] == ["UInt8", [2048, 2048], 2048 * 2047 // 2]
     assert real["weight_dtypes"] == ["BFloat16"], real["weight_dtypes"]
     assert real["cache_shape"] == [8 + 1, 4, kv_heads, head_dim]             # vLLM's layout (+ scratch block)
     assert real["kv_bytes_per_block"][0] * 2 == real["kv_bytes_per_block"][1]
