@@ -36,6 +36,7 @@ CASES = {
     "g4_d64_bs4": (8, 2, 64, 4, 0),
     "g3_d64_bs8_window24": (6, 2, 64, 8, 24),
     "g4_d128_bs16_window7": (4, 1, 128, 16, 7),
+    "g2_d32_bs8": (4, 2, 32, 8, 0),  # a head_dim without a specialised kernel (the generic path)
 }
 MODES = ("jit", "pynative")
 
@@ -190,13 +191,15 @@ def _ms_side(out_path):
 
 # ============================================================================ pytest side (front env)
 if pytest is not None:
-    @pytest.fixture(scope="module")
-    def kernel_results(tmp_path_factory):
+    @pytest.fixture(scope="module", params=["2", "1"], ids=["2threads", "1thread"])
+    def kernel_results(request, tmp_path_factory):
+        """The MindSpore side's results with the kernel's OpenMP team (MS_PA_THREADS=2, the default) and
+        without (1)."""
         if not os.path.exists(WORKER_PY):
             pytest.skip(f"worker env missing: {WORKER_PY}")
         d = tmp_path_factory.mktemp("attention_kernel")
         out = d / "results.json"
-        env = dict(os.environ, GLOG_v="3", PYTHONPATH=REPO)
+        env = dict(os.environ, GLOG_v="3", PYTHONPATH=REPO, MS_PA_THREADS=request.param)
         p = subprocess.run([WORKER_PY, os.path.abspath(__file__), "--ms-side", str(out)], cwd=str(d), env=env,
                            capture_output=True, text=True, timeout=600)
         assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
