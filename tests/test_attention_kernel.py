@@ -174,6 +174,28 @@ def _ms_side(out_path):
             except Exception as e:  # noqa: BLE001 -- reported to the test
                 results[f"{name}/{mode}"] = {"error": f"{type(e).__name__}: {e}"}
 
+    # graph ordering: under jit, a read of the cache before the op must not see its writes, one after must
+    from mindspore import ops
+
+    class OrderCell(nn.Cell):
+        def __init__(self, kc, vc):
+            super().__init__()
+            self.k_cache = Parameter(Tensor(kc), name="k_cache")
+            self.v_cache = Parameter(Tensor(vc), name="v_cache")
+
+        @ms.jit
+        def construct(self, q, k, v, cos_sin, slots, qsl, seq, bt, params):
+            before = ops.reduce_sum(self.v_cache * 1.0)
+            out = op(q, k, v, self.k_cache, self.v_cache, cos_sin, slots, qsl, seq, bt, params)
+            after = ops.reduce_sum(self.v_cache * 1.0)
+            return out, before, after
+
+    step = build_step(np.random.default_rng(0), {"A": _Req()}, list(range(4)), [("A", 5)], 0, 0, (2, 1, 64, 4, 0))
+    zeros = np.zeros((5, 4, 1, 64), np.float32)
+    _, before, after = OrderCell(zeros, zeros.copy())(*(Tensor(a) for a in step))
+    results["jit_order"] = {"before": float(before.asnumpy()), "after": float(after.asnumpy()),
+                            "written": float(step[2].astype(np.float64).sum())}
+
     # invalid metadata: a block id past the cache must make the op fail, not read out of bounds
     q, k, v, cs, slots, qsl, seq, bt, prm = build_step(np.random.default_rng(0), {"A": _Req()}, list(range(4)),
                                                       [("A", 5)], 0, 0, (2, 1, 64, 4, 0))
@@ -216,6 +238,13 @@ if pytest is not None:
         assert r["v_cache_exact"], r
         assert r["scratch_untouched"], r
         assert r["padding_rows_zero"], r
+
+    def test_jit_orders_cache_reads_around_the_op(kernel_results):
+        """The op is declared a memory side effect: reads of the cache Parameter in the same graph happen
+        before / after it as written (without the declaration the earlier read saw the writes)."""
+        r = kernel_results["jit_order"]
+        assert r["before"] == 0.0, r
+        assert abs(r["after"] - r["written"]) <= 1e-3 * max(1.0, abs(r["written"])), r
 
     def test_invalid_block_id_fails(kernel_results):
         assert kernel_results["bad_block_id"].startswith("raised"), kernel_results["bad_block_id"]

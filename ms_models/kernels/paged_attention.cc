@@ -333,7 +333,7 @@ int pa_num_threads(int64_t work, int64_t units) {
 struct Profile {
   bool on = getenv("MS_PA_PROFILE") != nullptr;
   int64_t n = 0;
-  double total_us = 0, phase1_us = 0;
+  double total_us = 0;
   ~Profile() {
     if (on && n) fprintf(stderr, "PagedAttentionFlat: %lld calls, mean %.1f us\n", (long long)n, total_us / n);
   }
@@ -342,6 +342,17 @@ struct Profile {
 bool is(const char *dtype, const char *want) { return dtype && strcmp(dtype, want) == 0; }
 
 }  // namespace
+
+// With MS_PA_PROFILE set: calls and total kernel time since the last reset (for bench.py, which
+// opens the same library MindSpore loaded, through ctypes).
+extern "C" void PagedAttentionFlatProfile(int64_t *calls, double *total_us, int reset) {
+  *calls = g_profile.n;
+  *total_us = g_profile.total_us;
+  if (reset) {
+    g_profile.n = 0;
+    g_profile.total_us = 0;
+  }
+}
 
 extern "C" int PagedAttentionFlat(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                                   void *stream, void *extra) {
