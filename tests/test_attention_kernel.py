@@ -10,7 +10,10 @@ decodes mixed with chunked prefills over earlier context, a prefix-cache hit who
 block is partial, padding tokens and padding requests, and block ids in random order. Caches start
 random (so a read of a wrong slot shows); after every step the whole cache must match the
 reference's (V bit-exact, rotated K within 1e-6: fp32 vs the reference's float64 rotation), so
-the scratch block and unused blocks are checked untouched.
+the scratch block and unused blocks are checked untouched. The MindSpore side runs twice, with the
+kernel's 2-thread OpenMP team and with 1 thread. Also: reads of the cache Parameter in a jit graph
+are ordered around the op, invalid metadata makes the op fail, and ms_models.kernels.build caches
+by source hash, serialises concurrent builds and names the compiler command when it fails.
 """
 import json
 import os
@@ -248,6 +251,36 @@ if pytest is not None:
 
     def test_invalid_block_id_fails(kernel_results):
         assert kernel_results["bad_block_id"].startswith("raised"), kernel_results["bad_block_id"]
+
+    def _kernels(monkeypatch, build_dir):
+        monkeypatch.setenv("MS_MODELS_KERNEL_DIR", str(build_dir))
+        monkeypatch.syspath_prepend(REPO)
+        import ms_models.kernels as kernels  # plain Python: importable without MindSpore
+        return kernels
+
+    def test_build_is_cached_by_source_hash(tmp_path, monkeypatch):
+        kernels = _kernels(monkeypatch, tmp_path / "kb")
+        path = kernels.build()
+        assert os.path.dirname(path) == str(tmp_path / "kb") and os.path.basename(path).startswith("paged_attention-")
+        mtime = os.stat(path).st_mtime_ns
+        assert kernels.build() == path and os.stat(path).st_mtime_ns == mtime  # not rebuilt
+
+    def test_concurrent_builds_share_one_library(tmp_path):
+        """Two processes starting together on an empty build directory: both get the same, complete file."""
+        env = dict(os.environ, MS_MODELS_KERNEL_DIR=str(tmp_path / "kb"), PYTHONPATH=REPO)
+        procs = [subprocess.Popen([sys.executable, "-m", "ms_models.kernels"], env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for _ in range(2)]
+        outs = [p.communicate(timeout=300) for p in procs]
+        assert all(p.returncode == 0 for p in procs), outs
+        assert outs[0][0] == outs[1][0]
+        assert [f for f in os.listdir(tmp_path / "kb") if f.endswith(".so") or ".tmp" in f] == \
+            [os.path.basename(outs[0][0].strip())]
+
+    def test_missing_compiler_names_the_command(tmp_path, monkeypatch):
+        kernels = _kernels(monkeypatch, tmp_path / "kb")
+        monkeypatch.setenv("CXX", str(tmp_path / "no-such-g++"))
+        with pytest.raises(kernels.KernelBuildError, match=r"no-such-g\+\+.*-fopenmp -shared -fPIC"):
+            kernels.build()
 
     def test_reference_self_check():
         """The oracle itself: one request, no cache history, equals a dense causal softmax attention."""
