@@ -74,13 +74,15 @@ def make_batch(rng, qlens, ctxs, num_blocks):
     )
 
 
-def direct_call(lib_path, b, num_reqs, k_cache, v_cache):
-    """A callable running the kernel on numpy arrays through ctypes, outside MindSpore (its own speed)."""
+def direct_call(lib_path, b, num_reqs, k_cache, v_cache, window=0):
+    """A callable running the kernel on numpy arrays through ctypes, outside MindSpore (its own speed).
+    The caches are written in place (they must be C-contiguous float32); the output is call.keep[0][-1]."""
     import ctypes
 
     f = ctypes.CDLL(lib_path).PagedAttentionFlat
     arrs = [b["q"], b["k"], b["v"], k_cache, v_cache, b["cos_sin"], b["slots"], b["qsl"], b["seq"], b["bt"],
-            np.array([num_reqs, 0], np.int32), np.zeros_like(b["q"])]
+            np.array([num_reqs, window], np.int32), np.zeros_like(b["q"])]
+    assert k_cache.flags.c_contiguous and v_cache.flags.c_contiguous
     arrs = [np.ascontiguousarray(a) for a in arrs]
     n = len(arrs)
     params = (ctypes.c_void_p * n)(*[a.ctypes.data for a in arrs])

@@ -50,7 +50,9 @@
 #include <cstdlib>
 #include <vector>
 
+#ifndef PA_CLONES  // tests build with -DPA_CLONES= (plus -mavx2 -mfma) to check each clone's code path
 #define PA_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#endif
 #define PA_INLINE static inline __attribute__((always_inline))
 
 namespace {
