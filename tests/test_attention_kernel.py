@@ -10,7 +10,10 @@ decodes mixed with chunked prefills over earlier context, a prefix-cache hit who
 block is partial, padding tokens and padding requests, and block ids in random order. Caches start
 random (so a read of a wrong slot shows); after every step the whole cache must match the
 reference's (V bit-exact, rotated K within 1e-6: fp32 vs the reference's float64 rotation), so
-the scratch block and unused blocks are checked untouched.
+the scratch block and unused blocks are checked untouched. The MindSpore side runs twice, with the
+kernel's 2-thread OpenMP team and with 1 thread. Also: reads of the cache Parameter in a jit graph
+are ordered around the op, invalid metadata makes the op fail, and ms_models.kernels.build caches
+by source hash, serialises concurrent builds and names the compiler command when it fails.
 """
 import json
 import os
@@ -36,6 +39,7 @@ CASES = {
     "g4_d64_bs4": (8, 2, 64, 4, 0),
     "g3_d64_bs8_window24": (6, 2, 64, 8, 24),
     "g4_d128_bs16_window7": (4, 1, 128, 16, 7),
+    "g2_d32_bs8": (4, 2, 32, 8, 0),  # a head_dim without a specialised kernel (the generic path)
 }
 MODES = ("jit", "pynative")
 
@@ -173,6 +177,28 @@ def _ms_side(out_path):
             except Exception as e:  # noqa: BLE001 -- reported to the test
                 results[f"{name}/{mode}"] = {"error": f"{type(e).__name__}: {e}"}
 
+    # graph ordering: under jit, a read of the cache before the op must not see its writes, one after must
+    from mindspore import ops
+
+    class OrderCell(nn.Cell):
+        def __init__(self, kc, vc):
+            super().__init__()
+            self.k_cache = Parameter(Tensor(kc), name="k_cache")
+            self.v_cache = Parameter(Tensor(vc), name="v_cache")
+
+        @ms.jit
+        def construct(self, q, k, v, cos_sin, slots, qsl, seq, bt, params):
+            before = ops.reduce_sum(self.v_cache * 1.0)
+            out = op(q, k, v, self.k_cache, self.v_cache, cos_sin, slots, qsl, seq, bt, params)
+            after = ops.reduce_sum(self.v_cache * 1.0)
+            return out, before, after
+
+    step = build_step(np.random.default_rng(0), {"A": _Req()}, list(range(4)), [("A", 5)], 0, 0, (2, 1, 64, 4, 0))
+    zeros = np.zeros((5, 4, 1, 64), np.float32)
+    _, before, after = OrderCell(zeros, zeros.copy())(*(Tensor(a) for a in step))
+    results["jit_order"] = {"before": float(before.asnumpy()), "after": float(after.asnumpy()),
+                            "written": float(step[2].astype(np.float64).sum())}
+
     # invalid metadata: a block id past the cache must make the op fail, not read out of bounds
     q, k, v, cs, slots, qsl, seq, bt, prm = build_step(np.random.default_rng(0), {"A": _Req()}, list(range(4)),
                                                       [("A", 5)], 0, 0, (2, 1, 64, 4, 0))
@@ -190,13 +216,15 @@ def _ms_side(out_path):
 
 # ============================================================================ pytest side (front env)
 if pytest is not None:
-    @pytest.fixture(scope="module")
-    def kernel_results(tmp_path_factory):
+    @pytest.fixture(scope="module", params=["2", "1"], ids=["2threads", "1thread"])
+    def kernel_results(request, tmp_path_factory):
+        """The MindSpore side's results with the kernel's OpenMP team (MS_PA_THREADS=2, the default) and
+        without (1)."""
         if not os.path.exists(WORKER_PY):
             pytest.skip(f"worker env missing: {WORKER_PY}")
         d = tmp_path_factory.mktemp("attention_kernel")
         out = d / "results.json"
-        env = dict(os.environ, GLOG_v="3", PYTHONPATH=REPO)
+        env = dict(os.environ, GLOG_v="3", PYTHONPATH=REPO, MS_PA_THREADS=request.param)
         p = subprocess.run([WORKER_PY, os.path.abspath(__file__), "--ms-side", str(out)], cwd=str(d), env=env,
                            capture_output=True, text=True, timeout=600)
         assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
@@ -214,8 +242,75 @@ if pytest is not None:
         assert r["scratch_untouched"], r
         assert r["padding_rows_zero"], r
 
+    def test_jit_orders_cache_reads_around_the_op(kernel_results):
+        """The op is declared a memory side effect: reads of the cache Parameter in the same graph happen
+        before / after it as written (without the declaration the earlier read saw the writes)."""
+        r = kernel_results["jit_order"]
+        assert r["before"] == 0.0, r
+        assert abs(r["after"] - r["written"]) <= 1e-3 * max(1.0, abs(r["written"])), r
+
     def test_invalid_block_id_fails(kernel_results):
         assert kernel_results["bad_block_id"].startswith("raised"), kernel_results["bad_block_id"]
+
+    def _kernels(monkeypatch, build_dir):
+        monkeypatch.setenv("MS_MODELS_KERNEL_DIR", str(build_dir))
+        monkeypatch.syspath_prepend(REPO)
+        import ms_models.kernels as kernels  # plain Python: importable without MindSpore
+        return kernels
+
+    def test_build_is_cached_by_source_hash(tmp_path, monkeypatch):
+        kernels = _kernels(monkeypatch, tmp_path / "kb")
+        path = kernels.build()
+        assert os.path.dirname(path) == str(tmp_path / "kb") and os.path.basename(path).startswith("paged_attention-")
+        mtime = os.stat(path).st_mtime_ns
+        assert kernels.build() == path and os.stat(path).st_mtime_ns == mtime  # not rebuilt
+
+    def test_concurrent_builds_share_one_library(tmp_path):
+        """Two processes starting together on an empty build directory: both get the same, complete file."""
+        env = dict(os.environ, MS_MODELS_KERNEL_DIR=str(tmp_path / "kb"), PYTHONPATH=REPO)
+        procs = [subprocess.Popen([sys.executable, "-m", "ms_models.kernels"], env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for _ in range(2)]
+        outs = [p.communicate(timeout=300) for p in procs]
+        assert all(p.returncode == 0 for p in procs), outs
+        assert outs[0][0] == outs[1][0]
+        assert [f for f in os.listdir(tmp_path / "kb") if f.endswith(".so") or ".tmp" in f] == \
+            [os.path.basename(outs[0][0].strip())]
+
+    def test_missing_compiler_names_the_command(tmp_path, monkeypatch):
+        kernels = _kernels(monkeypatch, tmp_path / "kb")
+        monkeypatch.setenv("CXX", str(tmp_path / "no-such-g++"))
+        with pytest.raises(kernels.KernelBuildError, match=r"no-such-g\+\+.*-fopenmp -shared -fPIC"):
+            kernels.build()
+
+    @pytest.mark.parametrize("isa_flags", [[], ["-mavx2", "-mfma"]], ids=["baseline", "avx2"])
+    def test_isa_variants_match_reference(tmp_path, monkeypatch, isa_flags):
+        """The code of the non-AVX-512 clones (this machine's dispatcher picks AVX-512 where it can): the
+        kernel built for one target only, called through ctypes outside MindSpore, against the reference."""
+        kernels = _kernels(monkeypatch, tmp_path)
+        from ms_models.kernels.bench import direct_call
+
+        lib = str(tmp_path / "pa.so")
+        subprocess.run([kernels._compiler(), *kernels.CXX_FLAGS, "-DPA_CLONES=", *isa_flags, "-o", lib,
+                        kernels.SOURCE], check=True)
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from attention_reference import paged_attention_reference
+
+        for dims in [(14, 2, 64, 16, 0), (6, 2, 128, 8, 9), (4, 2, 32, 4, 0)]:
+            rng = np.random.default_rng(dims[2])
+            reqs = {"A": _Req(), "B": _Req(), "C": _Req()}
+            pool = list(rng.permutation(200))
+            H, KVH, D, BS, _ = dims
+            kc = rng.standard_normal((201, BS, KVH, D)).astype(np.float32)
+            vc = rng.standard_normal((201, BS, KVH, D)).astype(np.float32)
+            for items in ([("A", 40), ("B", 3)], [("A", 1), ("B", 1), ("C", 17)]):
+                q, k, v, cs, slots, qsl, seq, bt, prm = build_step(rng, reqs, pool, items, 1, 1, dims)
+                ref, kc_ref, vc_ref = paged_attention_reference(q, k, v, kc, vc, cs, slots, qsl, seq, bt, prm)
+                b = dict(q=q, k=k, v=v, cos_sin=cs, slots=slots, qsl=qsl, seq=seq, bt=bt)
+                call = direct_call(lib, b, int(prm[0]), kc, vc, window=int(prm[1]))
+                call()
+                out = call.keep[0][-1]
+                assert np.abs(out - ref).max() / max(1.0, np.abs(ref).max()) <= OUT_TOL
+                assert np.abs(kc - kc_ref).max() <= KCACHE_TOL and np.array_equal(vc, vc_ref)
 
     def test_reference_self_check():
         """The oracle itself: one request, no cache history, equals a dense causal softmax attention."""

@@ -26,24 +26,33 @@
 // inconsistent shapes/dtypes or out-of-range slots/blocks/lengths of real requests.
 //
 // Algorithm: (1) every real token's K (rotated) and V go to the cache, token-parallel;
-// (2) attention over work units (request, kv head, tile of up to QT query tokens): the unit
-// rotates its G*qn query rows (G = H/KVH) into a local buffer and walks the keys it needs in
-// chunks of KC positions, each key row loaded once for all rows of the unit (GQA + query-tile
-// sharing), with an online softmax (running max / sum; no [Q, L] score matrix).
+// (2) attention over work units (request, kv head -- or all kv heads when a unit has few rows,
+// as in decode --, tile of up to QT query tokens): the unit rotates its G*qn query rows per kv
+// head (G = H/KVH) into a local buffer and walks the keys it needs in chunks of KC positions,
+// each key/value row loaded once for all rows of its kv head (GQA + query-tile sharing), with an
+// online softmax (running max / sum; no [Q, L] score matrix). Scores: dot products for few rows,
+// a register-tiled product with the chunk's keys transposed for many (prefill). Specialised for
+// head_dim 64 and 128 (any even head_dim works, slower).
 //
-// Threads: OpenMP, at most MS_PA_THREADS (default 2) and 1 for small work (spawn/wake cost
-// exceeds the gain). See the comment at pa_num_threads about the wait policy.
+// Threads: OpenMP, at most MS_PA_THREADS (default 2), 1 for small work (waking the team costs more
+// than it saves). Wait policy: the loader sets GOMP_SPINCOUNT=10000 (figures in
+// ms_models/kernels/__init__.py: 2 threads ~1.7-1.9x faster than 1 in the graph for decode B=32 and
+// a 512-token prefill; spin settings within noise).
 
 #include <omp.h>
 #include <stdint.h>
 #include <string.h>
 
 #include <algorithm>
+#include <chrono>
+#include <cstdio>
 #include <cmath>
 #include <cstdlib>
 #include <vector>
 
+#ifndef PA_CLONES  // tests build with -DPA_CLONES= (plus -mavx2 -mfma) to check each clone's code path
 #define PA_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#endif
 #define PA_INLINE static inline __attribute__((always_inline))
 
 namespace {
@@ -100,139 +109,258 @@ PA_CLONES void write_kv_token(const Dims &dm, int64_t t, int64_t slot, const flo
 }
 
 struct Unit {
-  int32_t r, kvh, t0, n;  // request, kv head, first token row, tokens (<= QT)
+  int32_t r, h0, h1, t0, n;  // request, kv heads [h0, h1), first token row, tokens (<= QT)
   int64_t cost;
 };
 
-// One work unit. Rows of the unit: row = i*G + g for token i (0..n-1) and query head kvh*G + g.
-PA_CLONES void attend_unit(const Dims &dm, const Unit &u, const float *q, const float *cos_sin,
-                           const float *k_cache, const float *v_cache, const int32_t *seq_lens,
-                           const int32_t *qsl, const int32_t *block_tables, float *out, float *ws) {
-  const int64_t D = dm.D, G = dm.G, BS = dm.BS;
+// S[x][c] = q_x . k_c for rows x < rows (a multiple of 4) and the chunk's keys, from K transposed
+// to kt [D][KC]: a 4-row x KC-key register tile, broadcast q, FMAs along the key axis (no
+// horizontal sums). For the query tiles of prefills, where rows are many.
+template <int DC>
+PA_INLINE void scores_tiled(const float *__restrict qr, int rows, const float *__restrict kt, float *__restrict sc,
+                            int64_t Drt) {
+  const int64_t D = DC ? DC : Drt;
+  for (int x0 = 0; x0 < rows; x0 += 4) {
+    float a[4][KC] = {};
+    for (int64_t d = 0; d < D; ++d) {
+      const float *k = kt + d * KC;
+      for (int r = 0; r < 4; ++r) {
+        const float qv = qr[(x0 + r) * D + d];
+#pragma omp simd
+        for (int c = 0; c < KC; ++c) a[r][c] += qv * k[c];
+      }
+    }
+    for (int r = 0; r < 4; ++r)
+      for (int c = 0; c < KC; ++c) sc[(x0 + r) * KC + c] = a[r][c];
+  }
+}
+
+// The same scores as dot products, each key row loaded once for all rows (few rows: decode).
+template <int DC>
+PA_INLINE void scores_dot(const float *__restrict qr, int rows, const float *const *krow, int64_t koff, int nk,
+                          float *__restrict sc, int64_t Drt) {
+  const int64_t D = DC ? DC : Drt;
+  for (int c = 0; c < nk; ++c) {
+    const float *kr = krow[c] + koff;
+    for (int x = 0; x < rows; ++x) {
+      const float *qx = qr + x * D;
+      float s = 0.f;
+#pragma omp simd reduction(+ : s)
+      for (int64_t d = 0; d < D; ++d) s += qx[d] * kr[d];
+      sc[x * KC + c] = s;
+    }
+  }
+}
+
+// acc[x] += sum_c P[x][c] * v_c for rows x < rows (a multiple of 4): RB rows' accumulators stay in
+// registers while the chunk's value rows stream past.
+template <int DC>
+PA_INLINE void accumulate_pv(float *__restrict acc, const float *__restrict sc, int rows, const float *const *vrow,
+                             int64_t voff, int nk, int64_t Drt) {
+  constexpr int RB = DC == 64 ? 4 : DC == 128 ? 2 : 1;
+  constexpr int DA = DC ? DC : 1;
+  if (DC == 0) {
+    for (int c = 0; c < nk; ++c) {
+      const float *vr = vrow[c] + voff;
+      for (int x = 0; x < rows; ++x) {
+        const float pw = sc[x * KC + c];
+        float *ax = acc + x * Drt;
+#pragma omp simd
+        for (int64_t d = 0; d < Drt; ++d) ax[d] += pw * vr[d];
+      }
+    }
+    return;
+  }
+  for (int x0 = 0; x0 < rows; x0 += RB) {
+    float a[RB][DA];
+    for (int r = 0; r < RB; ++r)
+      for (int d = 0; d < DA; ++d) a[r][d] = acc[(x0 + r) * DA + d];
+    for (int c = 0; c < nk; ++c) {
+      const float *vr = vrow[c] + voff;
+      for (int r = 0; r < RB; ++r) {
+        const float pw = sc[(x0 + r) * KC + c];
+#pragma omp simd
+        for (int d = 0; d < DA; ++d) a[r][d] += pw * vr[d];
+      }
+    }
+    for (int r = 0; r < RB; ++r)
+      for (int d = 0; d < DA; ++d) acc[(x0 + r) * DA + d] = a[r][d];
+  }
+}
+
+// Rows (per kv head) from which the transposed-K score tile pays for the transpose (measured).
+constexpr int TILED_MIN_ROWS = 12;
+
+// One work unit: request u.r, kv heads [h0, h1), tokens t0..t0+n-1. Per kv head hh, rows
+// x = i*G + g (token i, query head hh*G + g), padded to a multiple of 4 with zero queries.
+template <int DC>
+PA_INLINE void attend_unit(const Dims &dm, const Unit &u, const float *q, const float *cos_sin, const float *k_cache,
+                 const float *v_cache, const int32_t *seq_lens, const int32_t *qsl, const int32_t *block_tables,
+                 float *out, float *ws) {
+  const int64_t D = DC ? DC : dm.D, G = dm.G, BS = dm.BS;
   const int64_t HD = dm.H * D, KW = dm.KVH * D;
-  const int rows = u.n * (int)G;
-  float *qr = ws;                   // [rows, D] rotated queries
-  float *acc = qr + rows * D;       // [rows, D]
-  float *sc = acc + rows * D;       // [rows, KC]
-  float *mx = sc + rows * KC;       // [rows]
-  float *sum = mx + rows;           // [rows]
-  const float *krow[KC], *vrow[KC];  // the chunk's key / value rows (through the block table)
+  const int nh = u.h1 - u.h0;
+  const int rows = u.n * (int)G;              // per kv head
+  const int rows_p = (rows + 3) & ~3;
+  float *qr = ws;                              // [nh][rows_p, D] rotated queries
+  float *acc = qr + nh * rows_p * D;           // [nh][rows_p, D]
+  float *sc = acc + nh * rows_p * D;           // [rows_p, KC] (one head at a time)
+  float *kt = sc + rows_p * KC;                // [D, KC] transposed keys
+  float *mx = kt + D * KC;                     // [nh][rows]
+  float *sum = mx + nh * rows;                 // [nh][rows]
+  const float *krow[KC], *vrow[KC];            // the chunk's key / value slots (through the block table)
 
   const int64_t qlen = qsl[u.r + 1] - qsl[u.r];
   const int64_t p0 = (int64_t)seq_lens[u.r] - qlen + (u.t0 - qsl[u.r]);  // position of the first token
-  for (int i = 0; i < u.n; ++i) {
-    const int64_t t = u.t0 + i;
-    for (int64_t g = 0; g < G; ++g)
-      rotate(qr + (i * G + g) * D, q + t * HD + (u.kvh * G + g) * D, cos_sin + t * D, D);
+  for (int hh = 0; hh < nh; ++hh) {
+    float *qh = qr + hh * rows_p * D;
+    for (int i = 0; i < u.n; ++i) {
+      const int64_t t = u.t0 + i;
+      for (int64_t g = 0; g < G; ++g)
+        rotate(qh + (i * G + g) * D, q + t * HD + ((u.h0 + hh) * G + g) * D, cos_sin + t * D, D);
+    }
+    for (int64_t x = rows * D; x < rows_p * D; ++x) qh[x] = 0.f;
   }
-  for (int64_t x = 0; x < rows * D; ++x) acc[x] = 0.f;
-  for (int x = 0; x < rows; ++x) {
+  for (int64_t x = 0; x < nh * rows_p * D; ++x) acc[x] = 0.f;
+  for (int x = 0; x < nh * rows; ++x) {
     mx[x] = -INFINITY;
     sum[x] = 0.f;
   }
   const int64_t W = dm.window;
-  const int64_t hi = p0 + u.n - 1;                     // last key any row sees
+  const int64_t hi = p0 + u.n - 1;                                   // last key any row sees
   const int64_t lo = W > 0 ? std::max<int64_t>(0, p0 - W + 1) : 0;  // first key any row sees
   const int32_t *bt = block_tables + (int64_t)u.r * dm.M;
+  const bool tiled = rows >= TILED_MIN_ROWS;
 
   for (int64_t j0 = lo; j0 <= hi; j0 += KC) {
     const int nk = (int)std::min<int64_t>(KC, hi - j0 + 1);
     for (int c = 0; c < nk; ++c) {
       const int64_t j = j0 + c;
       const int64_t slot = (int64_t)bt[j / BS] * BS + j % BS;
-      krow[c] = k_cache + slot * KW + u.kvh * D;
-      vrow[c] = v_cache + slot * KW + u.kvh * D;
+      krow[c] = k_cache + slot * KW;
+      vrow[c] = v_cache + slot * KW;
     }
-    // scores: each key row loaded once for all rows
-    for (int c = 0; c < nk; ++c) {
-      const float *kr = krow[c];
-      for (int x = 0; x < rows; ++x) {
-        const float *qx = qr + x * D;
-        float s = 0.f;
-#pragma omp simd reduction(+ : s)
-        for (int64_t d = 0; d < D; ++d) s += qx[d] * kr[d];
-        sc[x * KC + c] = s;
+    for (int hh = 0; hh < nh; ++hh) {
+      const int64_t hoff = (u.h0 + hh) * D;
+      const float *qh = qr + hh * rows_p * D;
+      if (tiled) {
+        for (int c = 0; c < nk; ++c)
+          for (int64_t d = 0; d < D; ++d) kt[d * KC + c] = krow[c][hoff + d];
+        for (int c = nk; c < KC; ++c)
+          for (int64_t d = 0; d < D; ++d) kt[d * KC + c] = 0.f;
+        scores_tiled<DC>(qh, rows_p, kt, sc, D);
+      } else {
+        scores_dot<DC>(qh, rows, krow, hoff, nk, sc, D);
       }
-    }
-    // online softmax per row, over the chunk keys this row sees: [max(jlo_i, j0), min(p_i, j0+nk-1)]
-    for (int i = 0; i < u.n; ++i) {
-      const int64_t p = p0 + i;
-      const int64_t a = std::max<int64_t>(j0, W > 0 ? p - W + 1 : 0);
-      const int64_t b = std::min<int64_t>(j0 + nk - 1, p);
-      const int ca = (int)(a - j0), cb = (int)(b - j0);  // inclusive chunk columns
-      for (int64_t g = 0; g < G; ++g) {
-        const int x = i * (int)G + (int)g;
-        float *s = sc + x * KC;
-        if (a > b) {  // nothing visible in this chunk
-          for (int c = 0; c < nk; ++c) s[c] = 0.f;
-          continue;
-        }
-        float m = mx[x];
-        for (int c = ca; c <= cb; ++c) m = std::max(m, s[c]);
-        const float scale = fast_exp(mx[x] - m);  // mx = -inf -> 0
-        float l = 0.f;
+      // online softmax per row over the chunk keys it sees: [max(first_i, j0), min(p_i, j0+nk-1)]
+      float *m_h = mx + hh * rows, *l_h = sum + hh * rows, *acc_h = acc + hh * rows_p * D;
+      for (int i = 0; i < u.n; ++i) {
+        const int64_t p = p0 + i;
+        const int64_t a = std::max<int64_t>(j0, W > 0 ? p - W + 1 : 0);
+        const int64_t b = std::min<int64_t>(j0 + nk - 1, p);
+        const int ca = (int)(a - j0), cb = (int)(b - j0);  // inclusive chunk columns
+        for (int64_t g = 0; g < G; ++g) {
+          const int x = i * (int)G + (int)g;
+          float *s = sc + x * KC;
+          if (a > b) {  // nothing visible in this chunk
+            for (int c = 0; c < nk; ++c) s[c] = 0.f;
+            continue;
+          }
+          float m = m_h[x];
+          for (int c = ca; c <= cb; ++c) m = std::max(m, s[c]);
+          const float scale = fast_exp(m_h[x] - m);  // first visible chunk: m_h = -inf -> ~0 (acc, sum are 0)
+          float l = 0.f;
 #pragma omp simd reduction(+ : l)
-        for (int c = 0; c < nk; ++c) {
-          const float e = (c >= ca && c <= cb) ? fast_exp(s[c] - m) : 0.f;
-          s[c] = e;
-          l += e;
-        }
-        sum[x] = sum[x] * scale + l;
-        mx[x] = m;
-        if (scale != 1.f) {
-          float *ax = acc + x * D;
+          for (int c = 0; c < nk; ++c) {
+            const float e = (c >= ca && c <= cb) ? fast_exp(s[c] - m) : 0.f;
+            s[c] = e;
+            l += e;
+          }
+          l_h[x] = l_h[x] * scale + l;
+          m_h[x] = m;
+          if (scale != 1.f) {
+            float *ax = acc_h + x * D;
 #pragma omp simd
-          for (int64_t d = 0; d < D; ++d) ax[d] *= scale;
+            for (int64_t d = 0; d < D; ++d) ax[d] *= scale;
+          }
         }
       }
-    }
-    // acc += P V: each value row loaded once for all rows
-    for (int c = 0; c < nk; ++c) {
-      const float *vr = vrow[c];
-      for (int x = 0; x < rows; ++x) {
-        const float pw = sc[x * KC + c];
-        if (pw == 0.f) continue;
-        float *ax = acc + x * D;
-#pragma omp simd
-        for (int64_t d = 0; d < D; ++d) ax[d] += pw * vr[d];
-      }
+      for (int x = rows; x < rows_p; ++x)
+        for (int c = 0; c < KC; ++c) sc[x * KC + c] = 0.f;
+      accumulate_pv<DC>(acc_h, sc, rows_p, vrow, hoff, nk, D);
     }
   }
-  for (int i = 0; i < u.n; ++i) {
-    const int64_t t = u.t0 + i;
-    for (int64_t g = 0; g < G; ++g) {
-      const int x = i * (int)G + (int)g;
-      const float inv = sum[x] > 0.f ? 1.f / sum[x] : 0.f;
-      float *o = out + t * HD + (u.kvh * G + g) * D;
-      const float *ax = acc + x * D;
+  for (int hh = 0; hh < nh; ++hh) {
+    for (int i = 0; i < u.n; ++i) {
+      const int64_t t = u.t0 + i;
+      for (int64_t g = 0; g < G; ++g) {
+        const int x = i * (int)G + (int)g;
+        const float l = sum[hh * rows + x];
+        const float inv = l > 0.f ? 1.f / l : 0.f;
+        float *o = out + t * HD + ((u.h0 + hh) * G + g) * D;
+        const float *ax = acc + (hh * rows_p + x) * D;
 #pragma omp simd
-      for (int64_t d = 0; d < D; ++d) o[d] = ax[d] * inv;
+        for (int64_t d = 0; d < D; ++d) o[d] = ax[d] * inv;
+      }
     }
   }
 }
 
-// Threads. MindSpore's CPU budget here is 2 threads; MS_PA_THREADS overrides (1 disables
-// OpenMP). Small work runs on the calling thread: waking the team costs more than it saves.
-// Wait policy: see ms_models/kernels/__init__.py (OMP_WAIT_POLICY / GOMP_SPINCOUNT are read
-// by libgomp at load, so the loader documents and the worker sets them before importing).
-int pa_num_threads(int64_t work) {
+PA_CLONES void attend(const Dims &dm, const Unit &u, const float *q, const float *cos_sin, const float *k_cache,
+                      const float *v_cache, const int32_t *seq_lens, const int32_t *qsl, const int32_t *block_tables,
+                      float *out, float *ws) {
+  if (dm.D == 64)
+    attend_unit<64>(dm, u, q, cos_sin, k_cache, v_cache, seq_lens, qsl, block_tables, out, ws);
+  else if (dm.D == 128)
+    attend_unit<128>(dm, u, q, cos_sin, k_cache, v_cache, seq_lens, qsl, block_tables, out, ws);
+  else
+    attend_unit<0>(dm, u, q, cos_sin, k_cache, v_cache, seq_lens, qsl, block_tables, out, ws);
+}
+
+// Threads. MindSpore's CPU budget here is 2 threads; MS_PA_THREADS overrides (1: no OpenMP team).
+// Small work runs on the calling thread. Wait policy: see ms_models/kernels/__init__.py.
+int pa_num_threads(int64_t work, int64_t units) {
   static int max_threads = [] {
     const char *e = getenv("MS_PA_THREADS");
     int n = e ? atoi(e) : 2;
     return n < 1 ? 1 : n;
   }();
-  if (work < (int64_t)1 << 17) return 1;
-  return max_threads;
+  // ~1M cost units is ~0.1 ms on one thread (decode B=4 at 256 context, Qwen2.5-0.5B heads)
+  if (work < ((int64_t)1 << 20) || units < 2) return 1;
+  return (int)std::min<int64_t>(max_threads, units);
 }
+
+// MS_PA_PROFILE=1: the kernel's own wall time (count, mean) to stderr at exit, to tell kernel time from
+// MindSpore's launch overhead when benchmarking.
+struct Profile {
+  bool on = getenv("MS_PA_PROFILE") != nullptr;
+  int64_t n = 0;
+  double total_us = 0;
+  ~Profile() {
+    if (on && n) fprintf(stderr, "PagedAttentionFlat: %lld calls, mean %.1f us\n", (long long)n, total_us / n);
+  }
+} g_profile;
 
 bool is(const char *dtype, const char *want) { return dtype && strcmp(dtype, want) == 0; }
 
 }  // namespace
 
+// With MS_PA_PROFILE set: calls and total kernel time since the last reset (for bench.py, which
+// opens the same library MindSpore loaded, through ctypes).
+extern "C" void PagedAttentionFlatProfile(int64_t *calls, double *total_us, int reset) {
+  *calls = g_profile.n;
+  *total_us = g_profile.total_us;
+  if (reset) {
+    g_profile.n = 0;
+    g_profile.total_us = 0;
+  }
+}
+
 extern "C" int PagedAttentionFlat(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                                   void *stream, void *extra) {
   (void)stream;
   (void)extra;
+  const auto t_start = std::chrono::steady_clock::now();
   if (nparam != 12) return 1;
   static const char *want_dtype[12] = {"float32", "float32", "float32", "float32", "float32", "float32",
                                        "int32",   "int32",   "int32",   "int32",   "int32",   "float32"};
@@ -303,16 +431,21 @@ extern "C" int PagedAttentionFlat(int nparam, void **params, int *ndims, int64_t
       const int n = (int)std::min<int64_t>(QT, qlen - i0);
       int64_t keys = (int64_t)seq_lens[r] - qlen + i0 + n;
       if (dm.window > 0) keys = std::min<int64_t>(keys, dm.window + n);
-      for (int64_t h = 0; h < dm.KVH; ++h) {
-        Unit u{r, (int32_t)h, (int32_t)(qsl[r] + i0), n, keys * (n * dm.G + 2) * dm.D};
+      // few rows per kv head (decode): one unit takes all kv heads, so it uses every byte of the
+      // cache rows it loads ([KVH, D] per slot); many rows: one unit per kv head
+      const int64_t hstep = n * dm.G < TILED_MIN_ROWS ? dm.KVH : 1;
+      for (int64_t h = 0; h < dm.KVH; h += hstep) {
+        Unit u{r, (int32_t)h, (int32_t)(h + hstep), (int32_t)(qsl[r] + i0), n,
+               keys * hstep * (n * dm.G + 2) * dm.D};
         work += u.cost;
         units.push_back(u);
       }
     }
   }
   std::sort(units.begin(), units.end(), [](const Unit &a, const Unit &b) { return a.cost > b.cost; });
-  const int nthreads = pa_num_threads(work);
-  const size_t ws_floats = (size_t)QT * dm.G * (2 * dm.D + KC + 2);
+  const int nthreads = pa_num_threads(work, (int64_t)units.size());
+  const int64_t rows_max = ((int64_t)QT * dm.G + 3) & ~3;
+  const size_t ws_floats = (size_t)(dm.KVH * rows_max * (2 * dm.D + 2) + rows_max * KC + dm.D * KC);
   const int64_t nunits = (int64_t)units.size();
 
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
@@ -325,7 +458,7 @@ extern "C" int PagedAttentionFlat(int nparam, void **params, int *ndims, int64_t
     // (implicit barrier: every write lands before any read)
 #pragma omp for schedule(dynamic, 1) nowait
     for (int64_t i = 0; i < nunits; ++i)
-      attend_unit(dm, units[i], q, cos_sin, k_cache, v_cache, seq_lens, qsl, bt, out, ws.data());
+      attend(dm, units[i], q, cos_sin, k_cache, v_cache, seq_lens, qsl, bt, out, ws.data());
   }
   // zero the rows outside every request and the padding rows (slot -1)
   const int64_t HD = dm.H * dm.D;
@@ -333,5 +466,9 @@ extern "C" int PagedAttentionFlat(int nparam, void **params, int *ndims, int64_t
   if (last < dm.T) memset(out + last * HD, 0, sizeof(float) * (dm.T - last) * HD);
   for (int64_t t = first; t < last; ++t)
     if (slots[t] < 0) memset(out + t * HD, 0, sizeof(float) * HD);
+  if (g_profile.on) {
+    g_profile.n++;
+    g_profile.total_us += std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t_start).count();
+  }
   return 0;
 }
