@@ -7,18 +7,14 @@ Written for MindSpore 2.10's CPU backend (see shared/notes/mindspore_cpu.md):
 * linear weights stored [in, out] and multiplied with ``ops.matmul`` (no per-call
   transpose); the lm head keeps the HF [vocab, hidden] layout with a
   ``MatMul(transpose_b=True)`` (measured as fast, and tied embeddings need no copy);
-* per-step tensors (RoPE cos/sin, KV write indices, attention mask bias) are built once
-  per step on the host at full shape and shared by all layers: MindSpore's broadcasting
-  element-wise kernels and strided copies are slow on CPU;
-* KV cache: one Parameter per layer for K and one for V, memory layout
-  [kv_heads, num_blocks + 1, block_size, head_dim] held as 2-D rows
-  [kv_heads * (num_blocks + 1) * block_size, head_dim]; row = (h * (num_blocks + 1) +
-  block) * block_size + offset. Writes use ``ScatterUpdate`` on rows (in place, cost
-  independent of the cache size: ``scatter_nd_update`` copies the whole cache on every
-  call on CPU, ~5 ms per 25 MB); reads gather rows with host-computed indices
-  [B, kv_heads, L] giving [B, kv_heads, L, head_dim] directly (for decode, the query
-  [B, heads*hd] is then [B, kv_heads, group, hd] without a transpose). The extra last
-  block is scratch: padding tokens write there and padding block-table entries read it.
+* attention is one custom operator per layer (ms_models.kernels, C++ through ``ops.Custom``):
+  RoPE on q and k, the K/V write into the paged cache and causal attention over each
+  request's blocks, for the whole flat token batch of a step; its per-step inputs (cos/sin,
+  slots, query start offsets, sequence lengths, block tables) are built once on the host and
+  shared by all layers;
+* KV cache: one Parameter per layer for K and one for V, [num_blocks + 1, block_size,
+  kv_heads, head_dim] (vLLM's layout) on both devices; the extra last block is scratch
+  (padding tokens write there on the fused path; the CPU kernel skips them).
 
 The blocks are plain functions of tensors (weights included), called from an
 architecture's layer Cell, which owns the Parameters. Functions, unlike nested Cells,
@@ -135,8 +131,8 @@ class DeviceOps:
     """The single place where the device chooses kernels, dtype and KV-cache layout.
 
     cpu (what runs here): fp32; plain-op RMSNorm whose gamma the model builder folds into the following
-    linear weights (``fold_norm``), RoPE as a rotate_half matmul, the KV cache as kv-head-major rows written
-    with ``ScatterUpdate`` and attention as gathers + batched matmuls (paged_attention).
+    linear weights (``fold_norm``); RoPE, cache write and attention in one custom kernel (``attention_kernel``,
+    ms_models.kernels).
     ascend (``fused``): MindSpore's fused kernels (``kernels``, FusedKernels) in fp16/bf16 (default bf16):
     RmsNorm (gamma kept), RotaryPositionEmbedding, ReshapeAndCache into vLLM's [blocks, block_size,
     kv_heads, head_dim] cache, then per step (build_fused_attention_metadata) FlashAttentionScore (TND, actual
