@@ -7,6 +7,8 @@ PYTHON ?= python3
 PORT ?= 8000
 MODEL ?= models/SmolLM2-135M-Instruct
 SERVE_ARGS ?=
+# The quick start's KV cache (bytes); without it vLLM's rule takes --gpu-memory-utilization (0.92) of host RAM.
+KV_CACHE_BYTES ?= 2147483648
 PIP_QUIET := --disable-pip-version-check -q
 # pip's local index mirrors print one harmless warning per package; keep the log readable.
 FILTER := { grep -v "is ignored: it is neither a file nor a directory" || true; }
@@ -15,7 +17,7 @@ FILTER := { grep -v "is ignored: it is neither a file nor a directory" || true; 
 
 serve: envs model
 	.venv/bin/vllm serve $(MODEL) --distributed-executor-backend ms_rpc --host 127.0.0.1 --port $(PORT) \
-		--dtype float32 $(SERVE_ARGS)
+		--dtype float32 --kv-cache-memory-bytes $(KV_CACHE_BYTES) $(SERVE_ARGS)
 
 test: envs model deploy-tools
 	.venv/bin/python -m pytest $(PYTEST_ARGS)
