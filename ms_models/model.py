@@ -98,8 +98,8 @@ class CausalLM:
         self.num_blocks, self.block_size = num_blocks, block_size
         max_len = int(max_model_len or self.config.max_position_embeddings)
         self.max_blocks = -(-max_len // block_size)
-        self.max_num_seqs = max(int(max_num_seqs), 1)
         self.buckets = token_buckets(min(int(max_num_batched_tokens), MAX_GRAPH_TOKENS))
+        self.max_num_seqs = max(min(int(max_num_seqs), self.buckets[-1]), 1)   # a step has a token per request
         self.max_logits_rows = logits_bucket(min(self.max_num_seqs, LOGITS_BUCKETS[-1]))
         body, head = _Body(self.net), _Head(self.net)
         body.set_train(False)

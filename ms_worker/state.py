@@ -173,7 +173,7 @@ class BatchState:
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.requests: dict[str, RequestState] = {}
-        rows = max(max_num_seqs, 8)
+        rows = min(max(max_num_seqs, 8), 1024)   # a hint: the rows grow (see _take_row)
         self.token_ids = np.zeros((rows, max_model_len), np.int32)
         self.num_tokens = np.zeros(rows, np.int32)
         self.block_ids = np.zeros((rows, self.max_blocks), np.int32)
