@@ -61,25 +61,37 @@ class FlatBatch:
         return int(self.seq_lens.shape[0])
 
     @classmethod
+    def gather(cls, token_ids: np.ndarray, block_ids: np.ndarray, rows, starts, counts, block_size: int,
+               logits_indices=None) -> "FlatBatch":
+        """The batch in which request r computes tokens ``starts[r] .. starts[r] + counts[r] - 1`` of row
+        ``rows[r]`` of the tables ``token_ids`` [N, L] and ``block_ids`` [N, M'] (array operations only); logits
+        of each request's last row unless ``logits_indices`` is given."""
+        rows, starts, counts = (np.asarray(a, np.int64) for a in (rows, starts, counts))
+        qsl = np.zeros(counts.size + 1, np.int64)
+        np.cumsum(counts, out=qsl[1:])
+        req = np.repeat(np.arange(counts.size), counts)
+        pos = starts[req] + np.arange(int(qsl[-1])) - qsl[req]
+        slots = block_ids[rows[req], pos // block_size] * block_size + pos % block_size
+        ends = starts + counts
+        m = int(-(-ends.max() // block_size))
+        li = qsl[1:] - 1 if logits_indices is None else logits_indices
+        return cls(token_ids[rows[req], pos].astype(np.int32), pos.astype(np.int32), slots.astype(np.int32),
+                   qsl.astype(np.int32), ends.astype(np.int32), block_ids[rows, :m].astype(np.int32),
+                   np.asarray(li, np.int32))
+
+    @classmethod
     def build(cls, token_ids: list, starts, counts, block_tables: list, block_size: int,
               logits_indices=None) -> "FlatBatch":
-        """From per-request lists (tests and tools): request r computes tokens ``starts[r] .. starts[r] +
-        counts[r] - 1`` of ``token_ids[r]`` with blocks ``block_tables[r]``; logits of each request's last row
-        unless ``logits_indices`` is given."""
-        counts = np.asarray(counts, np.int32)
-        starts = np.asarray(starts, np.int32)
-        qsl = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
-        pos = np.concatenate([np.arange(s, s + c) for s, c in zip(starts, counts)]).astype(np.int32)
-        ids = np.concatenate([np.asarray(t, np.int32)[s:s + c] for t, s, c in zip(token_ids, starts, counts)])
-        m = max(len(b) for b in block_tables)
-        bt = np.full((len(counts), m), -1, np.int32)
-        for r, b in enumerate(block_tables):
-            bt[r, :len(b)] = b
-        req = np.repeat(np.arange(len(counts)), counts)
-        slots = bt[req, pos // block_size] * block_size + pos % block_size
-        li = qsl[1:] - 1 if logits_indices is None else logits_indices
-        return cls(ids.astype(np.int32), pos, slots.astype(np.int32), qsl, (starts + counts).astype(np.int32), bt,
-                   np.asarray(li, np.int32))
+        """``gather`` from per-request lists (tests and tools): request r's tokens ``token_ids[r]`` and blocks
+        ``block_tables[r]``."""
+        def table(lists):
+            out = np.full((len(lists), max(len(x) for x in lists)), -1, np.int32)
+            for r, x in enumerate(lists):
+                out[r, :len(x)] = x
+            return out
+
+        return cls.gather(table(token_ids), table(block_tables), np.arange(len(token_ids)), starts, counts,
+                          block_size, logits_indices)
 
     def split(self, max_tokens: int) -> list["FlatBatch"]:
         """Consecutive batches of at most ``max_tokens`` rows that compute the same as this one (a request cut in

@@ -47,6 +47,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
 
     from . import load_model, runtime
+    from .batch import FlatBatch, token_bucket
 
     t0 = time.perf_counter()
     runtime.setup(a.device, tp_rank=a.tp_rank, tp_size=a.tp_size, dist_addr=a.dist_addr, join_timeout_s=300)
@@ -62,8 +63,6 @@ def main(argv=None):
           f"kv/block {model.kv_cache_bytes_per_block(bs)} B  rss {_rss_mib()} MiB  pid {os.getpid()}")
     rng = np.random.default_rng(0)
     vocab = model.config.vocab_size
-    from .batch import FlatBatch, token_bucket
-
     for B, Q, ctx in cases:
         M = -(-ctx // bs)
         if B * M > nb:

@@ -40,18 +40,9 @@ def build_batch(plan: StepPlan, state: BatchState) -> tuple[FlatBatch, np.ndarra
     """The flat batch of ``plan``; also the logits row of each scheduled request's sample (-1: none) and, per
     request, the logits rows of its prompt-logprob positions (None: not asked)."""
     sched = plan.scheduled
-    rows = np.fromiter((s.req.row for s in sched), np.int64, len(sched))
-    starts = np.fromiter((s.start for s in sched), np.int64, len(sched))
-    counts = np.fromiter((s.count for s in sched), np.int64, len(sched))
-    qsl = np.zeros(len(sched) + 1, np.int64)
-    np.cumsum(counts, out=qsl[1:])
-    T = int(qsl[-1])
-    req = np.repeat(np.arange(len(sched)), counts)
-    pos = starts[req] + np.arange(T) - qsl[req]
-    bs = state.block_size
-    slots = state.block_ids[rows[req], pos // bs] * bs + pos % bs
-    ends = starts + counts
-    M = int(-(-ends.max() // bs))
+    batch = FlatBatch.gather(state.token_ids, state.block_ids, [s.req.row for s in sched],
+                             [s.start for s in sched], [s.count for s in sched], state.block_size)
+    qsl = batch.query_start_loc
     samples = np.fromiter((s.samples for s in sched), bool, len(sched))
 
     # logits rows: each sampling request's last row, plus prompt-logprob rows (rare: per request)
@@ -66,9 +57,7 @@ def build_batch(plan: StepPlan, state: BatchState) -> tuple[FlatBatch, np.ndarra
     sample_row = np.full(len(sched), -1, np.int64)
     sample_row[samples] = np.searchsorted(li, qsl[1:][samples] - 1)
     lp_rows = [None if r is None else np.searchsorted(li, r) for r in lp_rows]
-    batch = FlatBatch(state.token_ids[rows[req], pos].astype(np.int32), pos.astype(np.int32), slots.astype(np.int32),
-                      qsl.astype(np.int32), ends.astype(np.int32), state.block_ids[rows, :M].astype(np.int32),
-                      li.astype(np.int32))
+    batch.logits_indices = li.astype(np.int32)
     return batch, sample_row, lp_rows
 
 
