@@ -11,9 +11,9 @@ import torch
 from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.outputs import LogprobsLists, LogprobsTensors, ModelRunnerOutput
 
+from ms_rpc.v1 import PROTOCOL_VERSION
 from ms_rpc.v1 import worker_pb2 as pb
 
-PROTOCOL_VERSION = pb.PROTOCOL_VERSION_CURRENT
 
 _LOGPROBS_MODES = {
     "raw_logprobs": pb.LOGPROBS_MODE_RAW_LOGPROBS, "raw_logits": pb.LOGPROBS_MODE_RAW_LOGITS,
@@ -59,7 +59,8 @@ def encode_step(so: SchedulerOutput, step_id: int, logprobs_mode: str = "raw_log
     if so.scheduled_spec_decode_tokens:
         raise UnsupportedRequestError("speculative decoding is not supported by ms_rpc workers")
     msg = pb.StepRequest(protocol_version=PROTOCOL_VERSION, step_id=step_id,
-                         total_num_scheduled_tokens=so.total_num_scheduled_tokens, defer_sampling=defer_sampling)
+                         total_num_scheduled_tokens=so.total_num_scheduled_tokens, defer_sampling=defer_sampling,
+                         refuse_alone=True)
     msg.finished_req_ids.extend(sorted(so.finished_req_ids))
     n = so.num_scheduled_tokens
     for r in so.scheduled_new_reqs:
