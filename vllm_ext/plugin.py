@@ -6,6 +6,9 @@ own names as an import path (`pkg.module.Class`); a bare `ms_rpc` has no dot, so
 `Executor.get_class` to map the name `ms_rpc` to `vllm_ext.executor.MsRpcExecutor`. The full import path
 `vllm_ext.executor.MsRpcExecutor` keeps working without the plugin.
 
+When a config names ms_rpc, `get_class` first refuses the engine flags ms_rpc cannot serve (vllm_ext.support),
+and wraps the platform's `validate_request` so that vLLM refuses the request fields it cannot serve (a 400).
+
 It also hands the engine core's scheduler to an executor that asks for it (`await_scheduler`): when the
 workers are lost, the executor ends the requests they held through the scheduler's own error path and resets
 its prefix cache, so vLLM keeps serving once the workers are back (see MsRpcExecutor).
