@@ -105,6 +105,16 @@ SELECTIONS = {
         "v1/sample/test_logprobs.py::test_all_logprobs",
         "v1/sample/test_logprobs.py::test_logprobs_mode",
     ],
+    # make test (tests/test_upstream.py) runs these on ms_rpc alone: each passed on native vLLM CPU in the
+    # two-backend quick run of 2026-12-03 (native's engines compile for ~85 s each: both backends take ~25 min).
+    "smoke": [
+        "v1/sample/test_logprobs.py::test_get_logprobs_and_prompt_logprobs[False-0.0-BatchLogprobsComposition.NONE]",
+        "v1/sample/test_logprobs.py::test_get_logprobs_and_prompt_logprobs[False-0.0-BatchLogprobsComposition.SAMPLE]",
+        "v1/sample/test_logprobs.py::test_get_logprobs_and_prompt_logprobs[False-0.0-BatchLogprobsComposition.PROMPT]",
+        "v1/sample/test_logprobs.py::"
+        "test_get_logprobs_and_prompt_logprobs[False-0.0-BatchLogprobsComposition.SAMPLE_PROMPT]",
+        "v1/sample/test_logprobs.py::test_all_logprobs",
+    ],
     "full": [
         "v1/sample/test_logprobs.py",
         "v1/sample/test_sampling_params_e2e.py",

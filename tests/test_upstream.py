@@ -1,6 +1,7 @@
-"""vLLM's own tests (the installed release's sdist) pass on ms_rpc wherever they pass on native vLLM CPU:
-scripts/vllm_upstream_tests.py with its quick selection (logprobs: all four modes, the whole vocabulary, prompt
-logprobs over 16-token prefill chunks) exits 0 only when no test fails on ms_rpc alone."""
+"""vLLM's own tests (the installed release's sdist) on ms_rpc: scripts/vllm_upstream_tests.py's smoke selection
+(logprobs and prompt logprobs in every batch composition, the whole vocabulary), each case one that passes on
+native vLLM CPU (the script's two-backend runs, README), must pass on ms_rpc. The two-backend comparison takes
+~25 minutes here (native compiles each engine for ~85 s), so make test runs the ms_rpc side only."""
 
 from __future__ import annotations
 
@@ -11,12 +12,10 @@ import sys
 from conftest import ROOT
 
 
-def test_vllm_upstream_quick_selection_has_no_ms_rpc_only_failure(default_model):
-    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "vllm_upstream_tests.py"), "--select", "quick"],
-                         capture_output=True, text=True, timeout=1500)
-    summary = re.search(r"^(\d+) tests: both pass (\d+), ms_rpc only fails (\d+), native only fails (\d+), "
-                        r"both fail (\d+)$", out.stdout, re.M)
-    assert summary, f"no summary line:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
-    total, ours_only = int(summary.group(1)), int(summary.group(3))
-    assert ours_only == 0 and out.returncode == 0, out.stdout
-    assert total >= 10, out.stdout     # the selection ran (not collected empty or all skipped)
+def test_vllm_upstream_smoke_selection_passes_on_ms_rpc(default_model):
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "vllm_upstream_tests.py"), "--select", "smoke",
+                          "--backends", "ms_rpc"], capture_output=True, text=True, timeout=1500)
+    rows = re.findall(r"^\| (v1/\S+) \| (\w+) \|$", out.stdout, re.M)
+    assert len(rows) >= 5, f"the selection did not run:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    failed = [node for node, result in rows if result != "passed"]
+    assert not failed, out.stdout
