@@ -22,6 +22,7 @@ from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCache
 from vllm.v1.outputs import DraftTokenIds, ModelRunnerOutput
 
 from ms_rpc.v1 import worker_pb2 as pb
+from ms_worker import spec   # numpy only: the method's name and the worker's feature flag
 from vllm_ext.client import WorkerError
 from vllm_ext.codec import decode_result, encode_grammar, encode_step
 from vllm_ext.group import ConfigError, WorkerGroup, group_addresses
@@ -76,18 +77,15 @@ def rpc_settings(vllm_config) -> dict:
     return settings
 
 
-SPEC_FEATURE = "spec_decode_ngram"   # WorkerInfo.features: verifies ngram drafts and proposes them
-
-
 def speculative_config(vllm_config) -> pb.SpeculativeConfig | None:
     """vLLM's --speculative-config as the workers serve it: method ngram, drafts proposed and verified on the
     worker. Methods that need a draft model or MTP layers are refused at start-up."""
     sc = vllm_config.speculative_config
     if sc is None:
         return None
-    if sc.method != "ngram":
+    if sc.method != spec.METHOD:
         raise ConfigError(f"ms_rpc: --speculative-config method {sc.method!r} is not supported by ms_rpc workers; "
-                          f"supported: ngram (drafts from n-gram lookup in the request's own tokens)")
+                          f"supported: {spec.METHOD} (drafts from n-gram lookup in the request's own tokens)")
     return pb.SpeculativeConfig(method=sc.method, num_speculative_tokens=sc.num_speculative_tokens,
                                 prompt_lookup_min=sc.prompt_lookup_min, prompt_lookup_max=sc.prompt_lookup_max)
 
@@ -188,8 +186,8 @@ class MsRpcExecutor(Executor):
 
     def _check_model(self, info: pb.WorkerInfo, address: str) -> None:
         check_same_model(info, self.model_config, address)
-        if self._speculative is not None and SPEC_FEATURE not in info.features:
-            raise ConfigError(f"ms_rpc worker {address} does not implement speculative decoding ({SPEC_FEATURE}); "
+        if self._speculative is not None and spec.FEATURE not in info.features:
+            raise ConfigError(f"ms_rpc worker {address} does not implement speculative decoding ({spec.FEATURE}); "
                               f"upgrade it or drop --speculative-config")
 
     def register_failure_callback(self, callback) -> None:
