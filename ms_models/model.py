@@ -65,6 +65,7 @@ class CausalLM:
         self._gen = 0
         self._body = self._head = None
         self.compiled: set = set()       # graph keys run at least once with the current cache
+        self.compiling_since = 0.0       # time.monotonic() when the graph being compiled started; 0 = none
         self.graphs_compiled = 0         # for ever (metrics)
 
     # ------------------------------------------------------------------ sizes
@@ -167,7 +168,11 @@ class CausalLM:
         if key in self.compiled:
             return fn(*inputs)
         t0 = time.perf_counter()
-        out = fn(*inputs)
+        self.compiling_since = time.monotonic() if self.use_jit else 0.0
+        try:
+            out = fn(*inputs)
+        finally:
+            self.compiling_since = 0.0
         self.compiled.add(key)
         if self.use_jit:
             self.graphs_compiled += 1

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import grpc
 import numpy as np
 
+from ms_rpc.v1 import PROTOCOL_VERSION
 from ms_rpc.v1 import worker_pb2 as pb
 from ms_rpc.v1 import worker_pb2_grpc as pb_grpc
 from ms_worker import memory, spec
@@ -24,8 +25,6 @@ from ms_worker.sampler import Sampler
 from ms_worker.state import BatchState, StepError, StepPlan
 
 log = logging.getLogger("ms_worker")
-
-PROTOCOL_VERSION = pb.PROTOCOL_VERSION_CURRENT
 
 
 def decode_bitmask(request, vocab_size: int, scheduled: dict[str, int]) -> dict[str, np.ndarray]:
@@ -73,6 +72,7 @@ class WorkerService(pb_grpc.ModelWorkerServicer):
         self.runner: ModelRunner | None = None
         self.next_step = 0                 # 0 = no cache yet
         self.pending: _Deferred | None = None
+        self.running = (0, 0.0)            # (step id, time.monotonic() at its start) of the step call in flight
         self.stopping = threading.Event()
 
     # -- helpers --------------------------------------------------------------------------------------------
@@ -235,16 +235,20 @@ class WorkerService(pb_grpc.ModelWorkerServicer):
             except StepError as e:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"step {request.step_id} refused: {e}")
             self.next_step += 1
-            t1 = time.perf_counter()
-            out = self._on_model_thread(self.runner.forward, plan) if plan.scheduled else None
-            step = _Deferred(request.step_id, plan, out, t0, t1 - t0, time.perf_counter() - t1)
-            if request.defer_sampling:
-                self.pending = step
-                reply = pb.StepResult(step_id=request.step_id, worker_id=self.worker_id)
-                for s in plan.scheduled:
-                    reply.results.add(req_id=s.req.req_id)
-                return reply
-            return self._sample(step, None)
+            self.running = (request.step_id, time.monotonic())
+            try:
+                t1 = time.perf_counter()
+                out = self._on_model_thread(self.runner.forward, plan) if plan.scheduled else None
+                step = _Deferred(request.step_id, plan, out, t0, t1 - t0, time.perf_counter() - t1)
+                if request.defer_sampling:
+                    self.pending = step
+                    reply = pb.StepResult(step_id=request.step_id, worker_id=self.worker_id)
+                    for s in plan.scheduled:
+                        reply.results.add(req_id=s.req.req_id)
+                    return reply
+                return self._sample(step, None)
+            finally:
+                self.running = (0, 0.0)
 
     def Sample(self, request, context):
         self._check_version(request, context)
@@ -256,11 +260,16 @@ class WorkerService(pb_grpc.ModelWorkerServicer):
                               f"{step.step_id if step else 'none'}")
             try:
                 allowed = decode_bitmask(request, self.model.config.vocab_size,
-                                         {s.req.req_id: 1 + len(s.drafts) for s in step.plan.scheduled})
+                                         {**dict.fromkeys(step.plan.refused, 1),
+                                          **{s.req.req_id: 1 + len(s.drafts) for s in step.plan.scheduled}})
             except ValueError as e:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"Sample for step {step.step_id} refused: {e}")
             self.pending = None
-            return self._sample(step, allowed)
+            self.running = (step.step_id, time.monotonic())
+            try:
+                return self._sample(step, allowed)
+            finally:
+                self.running = (0, 0.0)
 
     def _sample(self, step: "_Deferred", allowed) -> pb.StepResult:
         t1 = time.perf_counter()
@@ -268,6 +277,9 @@ class WorkerService(pb_grpc.ModelWorkerServicer):
         reply = pb.StepResult(step_id=step.step_id, worker_id=self.worker_id)
         for s, o in zip(step.plan.scheduled, outputs):
             _add_result(reply.results.add(req_id=s.req.req_id), o)
+        for req_id, why in step.plan.refused.items():
+            log.warning("step %d: refused alone: %s", step.step_id, why)
+            reply.results.add(req_id=req_id, error=f"worker {self.worker_id} step {step.step_id} refused {why}")
         t = reply.timings
         t.prepare_s, t.forward_s = step.prepare_s, step.forward_s
         t.sample_s = time.perf_counter() - t1
@@ -278,6 +290,15 @@ class WorkerService(pb_grpc.ModelWorkerServicer):
         self._check_version(request, context)
         self.stopping.set()
         return pb.ShutdownReply()
+
+    def Heartbeat(self, request, context):
+        """Answered at once, without the model lock: the step in flight and whether a graph is compiling."""
+        self._check_version(request, context)
+        now = time.monotonic()
+        step_id, started = self.running
+        compiling = self.model.compiling_since
+        return pb.HeartbeatReply(worker_id=self.worker_id, step_id=step_id, step_s=now - started if step_id else 0.0,
+                                 compiling=bool(compiling), compiling_s=now - compiling if compiling else 0.0)
 
     def CheckLiveness(self, request, context):
         """A real one-token forward, like TGI's health check. It writes nothing (slot -1) and reads only the

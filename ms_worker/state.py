@@ -122,6 +122,7 @@ class StepPlan:
     """What a step computes, in the order the front scheduled it."""
 
     scheduled: list[Scheduled]
+    refused: dict[str, str] = field(default_factory=dict)   # req_id -> why, for requests refused alone
 
     @property
     def num_tokens(self) -> int:
@@ -276,10 +277,14 @@ class BatchState:
 
     # -- the delta ----------------------------------------------------------------------------------------
     def apply(self, step) -> StepPlan:
-        """Validate `step` fully, then write it into the rows. Returns the step's plan in scheduling order."""
+        """Validate `step` fully, then write it into the rows. Returns the step's plan in scheduling order.
+
+        A request whose delta is invalid refuses the whole step (StepError, nothing changes), or with
+        step.refuse_alone only itself: it is left out of the plan, its state dropped, and the others go on."""
         # Phase 1: validate and stage the new per-request values without touching state.
         finished = set(step.finished_req_ids)
         seen: set[str] = set()
+        refused: dict[str, str] = {}
         staged_new = []      # (req_id, tokens, blocks, sampling, start, count, drafts)
         staged_cached = []   # (req, tokens or None, blocks, resumed, start, count, drafts)
         for nr in step.new_requests:
@@ -287,56 +292,30 @@ class BatchState:
             if rid in seen:
                 raise StepError(f"request {rid!r} scheduled twice in one step")
             seen.add(rid)
-            if rid in self.requests and rid not in finished:
-                raise StepError(f"request {rid!r} is already known to the worker; a new request must have a new id")
-            tokens = self._check_tokens(rid, nr.prompt_token_ids)
-            if not tokens:
-                raise StepError(f"request {rid!r} has an empty prompt")
-            self._check_length(rid, len(tokens), len(tokens))
-            check_sampling(rid, nr.sampling)
-            sampling = Sampling.from_proto(nr.sampling)
-            self._check_tokens(rid, sampling.token_ids_used())
-            blocks = self._check_blocks(rid, nr.block_ids)
-            drafts = self._check_drafts(rid, nr.draft_token_ids, len(tokens), nr.num_computed_tokens,
-                                        nr.num_scheduled_tokens)
-            self._check_span(rid, len(tokens) + len(drafts), nr.num_computed_tokens, nr.num_scheduled_tokens,
-                             len(blocks))
-            staged_new.append((rid, tokens, blocks, sampling, nr.num_computed_tokens, nr.num_scheduled_tokens,
-                               drafts))
-
+            try:
+                staged_new.append(self._stage_new(nr, finished))
+            except StepError as e:
+                if not step.refuse_alone:
+                    raise
+                refused[rid] = str(e)
         for cr in step.cached_requests:
             rid = cr.req_id
             if rid in seen:
                 raise StepError(f"request {rid!r} scheduled twice in one step")
             seen.add(rid)
-            old = None if rid in finished else self.requests.get(rid)
-            if old is None:
-                raise StepError(f"request {rid!r} is not known to the worker (never sent, or already finished)")
-            tokens = None
-            if cr.all_token_ids:
-                tokens = self._check_tokens(rid, cr.all_token_ids)
-            if cr.new_token_ids:
-                new = self._check_tokens(rid, cr.new_token_ids)
-                base = tokens if tokens is not None else old.token_ids.tolist()
-                tokens = base[: cr.num_computed_tokens] + new if cr.num_computed_tokens < len(base) else base + new
-            n_tokens = old.num_tokens if tokens is None else len(tokens)
-            if tokens is not None:
-                self._check_length(rid, n_tokens, old.num_prompt_tokens)
-            already = 0 if cr.resumed else int(self.num_blocks_of[old.row])
-            blocks = self._check_blocks(rid, cr.new_block_ids, already)
-            drafts = self._check_drafts(rid, cr.draft_token_ids, n_tokens, cr.num_computed_tokens,
-                                        cr.num_scheduled_tokens)
-            self._check_span(rid, n_tokens + len(drafts), cr.num_computed_tokens, cr.num_scheduled_tokens,
-                             already + len(blocks))
-            staged_cached.append((old, tokens, blocks, cr.resumed, cr.num_computed_tokens, cr.num_scheduled_tokens,
-                                  drafts))
+            try:
+                staged_cached.append(self._stage_cached(cr, finished))
+            except StepError as e:
+                if not step.refuse_alone:
+                    raise
+                refused[rid] = str(e)
 
-        total = sum(s[5] for s in staged_new) + sum(u[5] for u in staged_cached)
+        total = sum(r.num_scheduled_tokens for r in (*step.new_requests, *step.cached_requests))
         if step.total_num_scheduled_tokens and total != step.total_num_scheduled_tokens:
             raise StepError(
                 f"per-request scheduled tokens add up to {total}, the step says {step.total_num_scheduled_tokens}"
             )
-        n = len(staged_new) + len(staged_cached)
+        n = len(step.new_requests) + len(step.cached_requests)
         if self.max_num_seqs and n > self.max_num_seqs:
             raise StepError(f"{n} requests scheduled in one step, more than max_num_seqs {self.max_num_seqs}")
         if self.max_num_batched_tokens and total > self.max_num_batched_tokens:
@@ -344,7 +323,7 @@ class BatchState:
                             f"{self.max_num_batched_tokens}")
 
         # Phase 2: commit.
-        for rid in step.finished_req_ids:
+        for rid in (*step.finished_req_ids, *refused):
             self._drop(rid)
         scheduled: list[Scheduled] = []
         for rid, tokens, blocks, sampling, start, count, drafts in staged_new:
@@ -362,7 +341,51 @@ class BatchState:
             self._write_blocks(req.row, blocks, append=not resumed)
             self._write_drafts(req.row, drafts)
             scheduled.append(Scheduled(req, start, count, drafts))
-        return StepPlan(scheduled)
+        return StepPlan(scheduled, refused)
+
+    def _stage_new(self, nr, finished: set[str]) -> tuple:
+        """A new request's validated values, (req_id, tokens, blocks, sampling, start, count, drafts);
+        StepError if bad."""
+        rid = nr.req_id
+        if rid in self.requests and rid not in finished:
+            raise StepError(f"request {rid!r} is already known to the worker; a new request must have a new id")
+        tokens = self._check_tokens(rid, nr.prompt_token_ids)
+        if not tokens:
+            raise StepError(f"request {rid!r} has an empty prompt")
+        self._check_length(rid, len(tokens), len(tokens))
+        check_sampling(rid, nr.sampling)
+        sampling = Sampling.from_proto(nr.sampling)
+        self._check_tokens(rid, sampling.token_ids_used())
+        blocks = self._check_blocks(rid, nr.block_ids)
+        drafts = self._check_drafts(rid, nr.draft_token_ids, len(tokens), nr.num_computed_tokens,
+                                    nr.num_scheduled_tokens)
+        self._check_span(rid, len(tokens) + len(drafts), nr.num_computed_tokens, nr.num_scheduled_tokens,
+                         len(blocks))
+        return rid, tokens, blocks, sampling, nr.num_computed_tokens, nr.num_scheduled_tokens, drafts
+
+    def _stage_cached(self, cr, finished: set[str]) -> tuple:
+        """A cached request's validated values, (req, tokens or None, blocks, resumed, start, count, drafts)."""
+        rid = cr.req_id
+        old = None if rid in finished else self.requests.get(rid)
+        if old is None:
+            raise StepError(f"request {rid!r} is not known to the worker (never sent, or already finished)")
+        tokens = None
+        if cr.all_token_ids:
+            tokens = self._check_tokens(rid, cr.all_token_ids)
+        if cr.new_token_ids:
+            new = self._check_tokens(rid, cr.new_token_ids)
+            base = tokens if tokens is not None else old.token_ids.tolist()
+            tokens = base[: cr.num_computed_tokens] + new if cr.num_computed_tokens < len(base) else base + new
+        n_tokens = old.num_tokens if tokens is None else len(tokens)
+        if tokens is not None:
+            self._check_length(rid, n_tokens, old.num_prompt_tokens)
+        already = 0 if cr.resumed else int(self.num_blocks_of[old.row])
+        blocks = self._check_blocks(rid, cr.new_block_ids, already)
+        drafts = self._check_drafts(rid, cr.draft_token_ids, n_tokens, cr.num_computed_tokens,
+                                    cr.num_scheduled_tokens)
+        self._check_span(rid, n_tokens + len(drafts), cr.num_computed_tokens, cr.num_scheduled_tokens,
+                         already + len(blocks))
+        return old, tokens, blocks, cr.resumed, cr.num_computed_tokens, cr.num_scheduled_tokens, drafts
 
     def append_token(self, req: RequestState, token: int) -> None:
         """Records a token the worker sampled (the front sends only tokens it did not sample itself)."""

@@ -1,12 +1,16 @@
-"""Fault script: kill -9 a worker during 16 concurrent streams, then check that the front recovers.
+"""Fault script: kill -9 (or SIGSTOP: a hung worker) a worker during 16 concurrent streams, then check that the
+front recovers.
 
 Prints how each stream ended and when (after the kill), whether any hung, how long the executor took to
 restart the worker and serve again, and whether a greedy request after the restart gives the same text as
 before the kill (prefix cache reset: the same prompt must not reuse the dead worker's KV blocks).
 
-Usage: .venv/bin/python scripts/fault_kill_worker.py [--streams 16] [--external]
+Usage: .venv/bin/python scripts/fault_kill_worker.py [--streams 16] [--external] [--signal KILL|STOP] [--tp 3]
   --external: the worker runs outside the front (as under systemd/Kubernetes): the script kills it and
   starts a new one on the same port, and the front reconnects.
+  --signal STOP: the worker is stopped, not killed (a hang: the front finds it by its heartbeat, whatever the
+  step deadline); an external one is then killed and started again, as a supervisor would.
+  --tp N: an embedded tensor-parallel group of N ranks; the signal goes to rank 1 alone.
 """
 
 import argparse
@@ -60,10 +64,10 @@ def stream(server, results: dict, i: int) -> None:
         results[i] = ("exception", time.monotonic(), repr(e)[:120])
 
 
-def run(streams: int, external: bool, log_path: str) -> dict:
+def run(streams: int, external: bool, log_path: str, sig: signal.Signals = signal.SIGKILL, tp: int = 1) -> dict:
     """Returns the figures (also printed)."""
     worker = port = None
-    extra = ["--max-model-len", "512", "--kv-cache-memory-bytes", str(1 << 30)]
+    extra = ["--max-model-len", "512", "--kv-cache-memory-bytes", str(1 << 30), "--tensor-parallel-size", str(tp)]
     if external:
         port = free_port()
         worker, address = start_worker(DEFAULT_MODEL, ["--port", str(port)], log_path=log_path + ".worker")
@@ -78,10 +82,12 @@ def run(streams: int, external: bool, log_path: str) -> dict:
         for t in threads:
             t.start()
         time.sleep(8)
-        pid = worker.pid if external else [p for p in descendants(server.proc.pid)
-                                          if "ms_worker serve" in cmdline(p)][0]
+        ranks = [p for p in descendants(server.proc.pid) if "ms_worker serve" in cmdline(p)]
+        if tp > 1:
+            ranks = [p for p in ranks if "--rank 1 " in cmdline(p) + " "]
+        pid = worker.pid if external else ranks[0]
         t0 = time.monotonic()
-        os.kill(pid, signal.SIGKILL)
+        os.kill(pid, sig)
         for t in threads:
             t.join(max(0.0, t0 + 60 - time.monotonic()))
         figures["hung"] = sum(t.is_alive() for t in threads)
@@ -94,6 +100,7 @@ def run(streams: int, external: bool, log_path: str) -> dict:
             how, when, what = results[i]
             print(f"stream {i:2d}: {how} after {when - t0:.2f} s: {what}")
         if external:
+            worker.kill()
             worker.wait()
             worker, _ = start_worker(DEFAULT_MODEL, ["--port", str(port)], log_path=log_path + ".worker2")
         after = (0, "")
@@ -121,9 +128,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--streams", type=int, default=16)
     ap.add_argument("--external", action="store_true")
+    ap.add_argument("--signal", choices=("KILL", "STOP"), default="KILL")
     ap.add_argument("--log", default="/tmp/fault_kill_worker.log")
+    ap.add_argument("--tp", type=int, default=1)
     a = ap.parse_args()
-    run(a.streams, a.external, a.log)
+    run(a.streams, a.external, a.log, signal.Signals["SIG" + a.signal], a.tp)
 
 
 if __name__ == "__main__":

@@ -205,15 +205,17 @@ class Server:
             self.log.close()
 
 
-def start_worker(model_dir, extra: list[str] | None = None, log_path: Path | None = None, env: dict | None = None):
-    """A real worker process in the worker env on a free loopback port. Returns (proc, address)."""
+def start_worker(model_dir, extra: list[str] | None = None, log_path: Path | None = None, env: dict | None = None,
+                 entry: list[str] | None = None):
+    """A real worker process in the worker env on a free loopback port (`entry`: how Python starts it, `-m
+    ms_worker` by default). Returns (proc, address)."""
     import tempfile
 
     ready = Path(tempfile.mkdtemp()) / "port"
     log = open(log_path, "w") if log_path else subprocess.DEVNULL
-    proc = subprocess.Popen([str(WORKER_PY), "-m", "ms_worker", "serve", "--model", str(model_dir), "--port", "0",
-                             "--ready-file", str(ready), *(extra or [])], stdout=log, stderr=subprocess.STDOUT,
-                            env={**os.environ, **(env or {})})
+    proc = subprocess.Popen([str(WORKER_PY), *(entry or ["-m", "ms_worker"]), "serve", "--model", str(model_dir),
+                             "--port", "0", "--ready-file", str(ready), *(extra or [])], stdout=log,
+                            stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
     end = time.monotonic() + 300
     while not ready.exists():
         if proc.poll() is not None or time.monotonic() > end:

@@ -37,7 +37,8 @@ def run(llm, cases):
 if __name__ == "__main__":
     model, backend, mode, cases = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
     kwargs = dict(model=model, dtype="float32", max_model_len=512, enforce_eager=True, seed=0, logprobs_mode=mode,
-                  max_num_batched_tokens=64)      # long prompts arrive in chunks
+                  max_num_batched_tokens=64,      # long prompts arrive in chunks
+                  max_logprobs=-1)                # logprobs=-1 (the whole vocabulary) allowed
     kwargs["kv_cache_memory_bytes"] = 512 * 2**20        # both backends (vLLM's default is 0.92 of host RAM)
     if backend == "ms_rpc":
         kwargs["distributed_executor_backend"] = "ms_rpc"

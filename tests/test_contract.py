@@ -19,21 +19,24 @@ def test_generated_code_is_up_to_date(tmp_path):
             f"{name} is stale: run scripts/gen_proto.sh")
 
 
-def test_plugin_maps_ms_rpc_and_import_path_still_works():
+def test_plugin_maps_ms_rpc_and_import_path_still_works(default_model):
     code = """
 from vllm.plugins import load_general_plugins
 load_general_plugins()
-from types import SimpleNamespace as NS
+import sys
+from vllm.engine.arg_utils import EngineArgs
 from vllm.v1.executor.abstract import Executor
 from vllm_ext.executor import MsRpcExecutor
-cfg = lambda b: NS(parallel_config=NS(distributed_executor_backend=b))
+cfg = lambda b: EngineArgs(model=sys.argv[1], dtype="float32", distributed_executor_backend=b,
+                           max_model_len=128).create_engine_config()
 assert Executor.get_class(cfg("ms_rpc")) is MsRpcExecutor
 assert Executor.get_class(cfg("vllm_ext.executor.MsRpcExecutor")) is MsRpcExecutor
 from vllm.v1.executor.multiproc_executor import MultiprocExecutor
 assert Executor.get_class(cfg("mp")) is MultiprocExecutor
 print("ok")
 """
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, "-c", code, str(default_model)], capture_output=True, text=True,
+                         timeout=300)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
 
 

@@ -101,6 +101,37 @@ def test_bad_steps_are_refused_and_change_nothing(worker):
     assert code == grpc.StatusCode.FAILED_PRECONDITION
 
 
+def test_a_request_refused_alone_leaves_the_others(worker):
+    """With refuse_alone (what the front sends), a request the worker cannot serve gets an error in its own result,
+    its state is dropped, and the step's other requests are served and go on in the next steps."""
+    _, _, stub = worker
+    stub.InitializeCache(pb.CacheConfig(protocol_version=V, num_blocks=16, block_size=4), timeout=60)
+    step1 = _step(1, refuse_alone=True, total_num_scheduled_tokens=6,
+                  new_requests=[_new("good"), _new("bad", prompt=(1, 5000, 2), blocks=(1,))])
+    r1 = stub.Execute(step1, timeout=60)
+    by_id = {r.req_id: r for r in r1.results}
+    assert set(by_id) == {"good", "bad"}
+    assert len(by_id["good"].sampled_token_ids) == 1 and not by_id["good"].error
+    bad = by_id["bad"]
+    assert not bad.sampled_token_ids and "step 1" in bad.error and "'bad'" in bad.error and "vocabulary" in bad.error
+    # Step 2: the good request decodes on; a cached delta for the refused one is refused alone too (its state is
+    # gone), and so is one whose blocks lie outside the cache.
+    step2 = _step(2, refuse_alone=True, total_num_scheduled_tokens=5, new_requests=[_new("big", blocks=(99,))],
+                  cached_requests=[pb.CachedRequest(req_id="good", num_computed_tokens=3, num_scheduled_tokens=1),
+                                   pb.CachedRequest(req_id="bad", num_computed_tokens=3, num_scheduled_tokens=1)])
+    r2 = stub.Execute(step2, timeout=60)
+    by_id = {r.req_id: r for r in r2.results}
+    assert len(by_id["good"].sampled_token_ids) == 1 and not by_id["good"].error
+    assert "not known" in by_id["bad"].error and "outside the KV cache" in by_id["big"].error
+    # The same good request in a fresh run of the worker state gives the same tokens: the refusals changed nothing.
+    stub.InitializeCache(pb.CacheConfig(protocol_version=V, num_blocks=16, block_size=4), timeout=60)
+    a = stub.Execute(_step(1, new_requests=[_new("good")], total_num_scheduled_tokens=3), timeout=60)
+    b = stub.Execute(_step(2, cached_requests=[pb.CachedRequest(req_id="good", num_computed_tokens=3,
+                                                                num_scheduled_tokens=1)]), timeout=60)
+    assert list(a.results[0].sampled_token_ids) == list(r1.results[0].sampled_token_ids)
+    assert list(b.results[0].sampled_token_ids) == list(by_id["good"].sampled_token_ids)
+
+
 def _engine_error(model, additional: str, env: dict | None = None) -> subprocess.CompletedProcess:
     code = textwrap.dedent(f"""
         import json
@@ -124,3 +155,62 @@ def test_worker_with_another_model_is_refused(default_model, worker):
     assert out.returncode != 0
     assert f"ms_rpc worker {worker[1]} serves a different model" in out.stderr, out.stderr[-3000:]
     assert "vocab_size: front 49152 vs worker 131" in out.stderr
+
+
+def test_unsupported_flags_are_refused_at_start_up(default_model):
+    """Each engine flag ms_rpc cannot serve stops vLLM's own config building (what `vllm serve` runs first) with one
+    line naming the flag and ms_rpc, before any worker starts."""
+    flags = {"--kv-cache-dtype": dict(kv_cache_dtype="fp8"),
+             "--enable-prompt-embeds": dict(enable_prompt_embeds=True),
+             "--kv-transfer-config": dict(kv_transfer_config={"kv_connector": "ExampleConnector",
+                                                              "kv_role": "kv_both"}),
+             "--logits-processors": dict(logits_processors=["vllm.v1.sample.logits_processor.MinPLogitsProcessor"]),
+             "--enable-lora": dict(enable_lora=True)}
+    code = textwrap.dedent(f"""
+        import json, sys
+        from vllm.config import KVTransferConfig
+        from vllm.engine.arg_utils import EngineArgs
+        for flag, kw in json.loads(sys.argv[1]).items():
+            if "kv_transfer_config" in kw:
+                kw["kv_transfer_config"] = KVTransferConfig(**kw["kv_transfer_config"])
+            try:
+                EngineArgs(model={str(default_model)!r}, dtype="float32", distributed_executor_backend="ms_rpc",
+                           max_model_len=128, **kw).create_engine_config()
+                print(flag, "ACCEPTED")
+            except Exception as e:
+                print(flag, "->", " | ".join(str(e).splitlines()) or repr(e))
+    """)
+    import json
+
+    out = subprocess.run([sys.executable, "-c", code, json.dumps(flags)], capture_output=True, text=True,
+                         timeout=300, cwd=ROOT)
+    lines = {line.split(" ", 1)[0]: line for line in out.stdout.splitlines() if line.startswith("--")}
+    assert set(lines) == set(flags), out.stdout + out.stderr[-3000:]
+    for flag, line in lines.items():
+        assert f"{flag} " in line.split("->", 1)[-1] and "by --distributed-executor-backend ms_rpc" in line, line
+
+
+def test_worker_of_another_protocol_version_is_refused(default_model, tiny_model, tmp_path):
+    """A worker whose Describe reports another protocol version (here a real worker patched to report v+1) is one
+    clear start-up error naming the worker and both versions: the front checks too, not only the worker."""
+    entry = tmp_path / "newer_worker.py"
+    entry.write_text(textwrap.dedent("""
+        import ms_worker.service as service
+        describe = service.WorkerService.Describe
+        def Describe(self, request, context):
+            info = describe(self, request, context)
+            info.protocol_version += 1
+            return info
+        service.WorkerService.Describe = Describe
+        from ms_worker.cli import main
+        raise SystemExit(main())
+    """))
+    proc, address = start_worker(tiny_model, ["--no-jit"], log_path=tmp_path / "worker.log", entry=[str(entry)])
+    try:
+        out = _engine_error(default_model, f'{{"ms_rpc": {{"workers": ["{address}"]}}}}')
+    finally:
+        proc.kill()
+        proc.wait()
+    assert out.returncode != 0
+    assert f"ms_rpc worker {address} speaks protocol version {V + 1}, this front speaks {V}" in out.stderr, \
+        out.stderr[-3000:]

@@ -1,7 +1,8 @@
 """Faults end to end: a worker killed or hung under load, with the real `vllm serve`, real worker processes and
 real streams (scripts/fault_kill_worker.py measures the same and prints the figures).
 
-What must hold: every stream ends (with an error or complete), none hangs; the first error comes within 5 s;
+What must hold: every stream ends (with an error or complete), none hangs; the first error comes within 5 s of a
+kill, within 10 s of a SIGSTOP (the heartbeat, whatever the step deadline);
 then the executor brings the worker back (the embedded default restarts it; an external one is reconnected
 when restarted on its port) and a new request succeeds, with the same greedy text as before the fault (the
 prefix cache was reset), without restarting vLLM. After repeated loss, the executor gives up through vLLM's
@@ -11,13 +12,11 @@ failure callback and the server stops.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sys
-import threading
 import time
 
-from conftest import ROOT, Server, cmdline, descendants, free_port, start_worker
+from conftest import ROOT, Server, free_port, start_worker
 
 sys.path.insert(0, str(ROOT / "scripts"))
 import fault_kill_worker  # noqa: E402
@@ -40,37 +39,17 @@ def test_external_worker_killed_and_restarted_is_reconnected(tmp_path):
     _check_recovery(fault_kill_worker.run(16, external=True, log_path=str(tmp_path / "serve.log")))
 
 
-def test_hung_worker_misses_its_step_deadline(default_model, tmp_path):
-    """SIGSTOP the embedded worker: the step deadline (floor 3 s here) fails the stream, names the worker and the
-    step, and the executor replaces the hung worker."""
+def test_hung_worker_is_found_by_its_heartbeat(tmp_path):
+    """SIGSTOP the embedded worker under 4 streams, with the default step deadline (>= 120 s): its heartbeat stops,
+    every stream ends with an error within 10 s naming the worker, the executor kills and replaces it, and the
+    same greedy text is served again."""
     log = tmp_path / "serve.log"
-    cfg = {"ms_rpc": {"step_deadline_floor_s": 3, "step_deadline_factor": 5}}
-    server = Server(default_model, ["--max-model-len", "512", "--kv-cache-memory-bytes", str(1 << 30),
-                                    "--additional-config", json.dumps(cfg)], log_path=log)
-    try:
-        server.wait_healthy()
-        out: dict = {}
-        t = threading.Thread(target=fault_kill_worker.stream, args=(server, out, 0))
-        t.start()
-        time.sleep(6)
-        worker = [p for p in descendants(server.proc.pid) if "ms_worker serve" in cmdline(p)][0]
-        t0 = time.monotonic()
-        os.kill(worker, signal.SIGSTOP)
-        t.join(60)
-        assert not t.is_alive(), "the stream hung"
-        how, when, _ = out[0]
-        assert how in ("error event", "finish_reason error") and when - t0 < 3 + 5, (how, when - t0)
-        text = log.read_text()
-        assert "missed its deadline" in text and "ms_rpc worker 127.0.0.1:" in text, server.tail()
-        status, _ = fault_kill_worker.complete(server, "Hello", 4)
-        for _ in range(40):                                    # bounded: the replacement worker loads
-            if status == 200:
-                break
-            time.sleep(3)
-            status, _ = fault_kill_worker.complete(server, "Hello", 4)
-        assert status == 200, server.tail()
-    finally:
-        server.stop()
+    f = fault_kill_worker.run(4, external=False, log_path=str(log), sig=signal.SIGSTOP)
+    assert f["hung"] == 0 and f["completed"] == 0 and f["errored"] == 4, f
+    assert f["last_error_s"] <= 10.0, f
+    assert f["front_alive"] and f["served_again_s"] is not None and f["same_text_after_restart"], f
+    text = log.read_text()
+    assert "no heartbeat for" in text and "ms_rpc worker 127.0.0.1:" in text, text[-3000:]
 
 
 def test_gives_up_when_an_external_worker_stays_away(default_model, tmp_path):

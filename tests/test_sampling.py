@@ -142,3 +142,45 @@ def test_sampler_follows_the_distribution():
         obs, exp = obs[exp > 0], exp[exp > 0]
         stat = ((obs - exp) ** 2 / exp).sum()
         assert stat < chi2.ppf(1 - 1e-6, len(obs) - 1), (sampling, stat)   # fails by chance once in 10^6 runs
+
+
+def hf_scores(model_dir, ids: list[int], mode: str) -> np.ndarray:
+    """[len(ids), vocab] HF transformers (torch, fp32) scores of each next token: log-softmax, or the logits for
+    the *_logits modes."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0].float()
+    return (logits if mode.endswith("_logits") else torch.log_softmax(logits, -1)).numpy()
+
+
+@pytest.mark.parametrize("mode", ["raw_logprobs", "processed_logits"])
+def test_prompt_logprobs_over_a_one_token_last_chunk_and_whole_vocabulary_logprobs(default_model, tok, mode):
+    """A 65-token prompt with max_num_batched_tokens=64 prefills as 64 + 1 tokens: its prompt logprobs still cover
+    every prompt token; logprobs=-1 returns the whole vocabulary for every sampled token; both equal HF's."""
+    prompt = _ids(tok, "Explain gravity to a child in one paragraph. " * 12)[:65]
+    assert len(prompt) == 65
+    params = {"temperature": 0, "max_tokens": 2, "ignore_eos": True, "logprobs": -1, "prompt_logprobs": 3}
+    got = offline(default_model, "ms_rpc", mode, [{"prompt": prompt, "params": params}])["batched"][0]
+    ref = hf_scores(default_model, prompt + got["tokens"][:-1], mode)
+    vocab = ref.shape[1]
+
+    plps = got["prompt_logprobs"]
+    assert plps is not None and len(plps) == len(prompt) and plps[0] is None, plps and len(plps)
+    for j in range(1, len(prompt)):
+        row, want = plps[j], ref[j - 1]
+        top3 = set(np.argsort(-want, kind="stable")[:3].tolist())
+        assert {int(t) for t in row} == top3 | {prompt[j]}, f"prompt position {j}: {sorted(row)} vs {top3}"
+        for t, v in row.items():
+            assert abs(v - want[int(t)]) <= 1e-3, f"prompt position {j} token {t}: {v} vs HF {want[int(t)]}"
+
+    assert len(got["logprobs"]) == 2
+    for step, row in enumerate(got["logprobs"]):
+        want = ref[len(prompt) - 1 + step]
+        assert len(row) == vocab, f"step {step}: {len(row)} logprobs, not the vocabulary's {vocab}"
+        vals = np.array([row[str(t)] for t in range(vocab)], np.float32)
+        assert int(np.argmax(vals)) == got["tokens"][step]
+        err = np.abs(vals - want).max()
+        assert err <= 2e-3, f"step {step}: max |ms_rpc - HF| over the vocabulary {err}"

@@ -157,6 +157,20 @@ def test_bad_request_fails_alone(server, default_model):
     assert ok.choices[0].text
 
 
+def test_unsupported_request_field_gets_a_400_alone(server, default_model):
+    """A request field the workers cannot serve (logprob_token_ids) is refused for that request with a 400 naming
+    it and ms_rpc, through vLLM's platform validate_request (plugin.py); the server goes on serving."""
+    import openai
+
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="none")
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=str(default_model), prompt="Hi", max_tokens=4, logprobs=1,
+                                  extra_body={"logprob_token_ids": [1, 2]})
+    assert "logprob_token_ids" in str(e.value) and "ms_rpc" in str(e.value), e.value
+    ok = client.completions.create(model=str(default_model), prompt="Hi", max_tokens=4, temperature=0)
+    assert ok.choices[0].text
+
+
 def test_front_refuses_what_vllm_refuses(server, default_model):
     """Bad input on the front is vLLM's to refuse, and still is with ms_rpc: a prompt longer than the context and
     max_tokens past it get 400s that say why, and the server keeps serving."""

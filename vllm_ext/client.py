@@ -13,10 +13,9 @@ from dataclasses import dataclass, field
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from ms_rpc.v1 import PROTOCOL_VERSION
 from ms_rpc.v1 import worker_pb2 as pb
 from ms_rpc.v1 import worker_pb2_grpc as pb_grpc
-
-PROTOCOL_VERSION = pb.PROTOCOL_VERSION_CURRENT
 
 
 class WorkerError(RuntimeError):
@@ -90,22 +89,26 @@ class WorkerClient:
         else:
             self.channel = grpc.insecure_channel(address, options=options)
         self.metadata = (("authorization", f"Bearer {security.token}"),) if security.token else None
+        self.closed = False
         self.stub = pb_grpc.ModelWorkerStub(self.channel)
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)
 
     def call(self, name: str, request, timeout: float):
+        return self._rpc(name, getattr(self.stub, name), request, timeout)
+
+    def _rpc(self, name: str, method, request, timeout: float):
         try:
-            return getattr(self.stub, name)(request, timeout=timeout, metadata=self.metadata)
+            return method(request, timeout=timeout, metadata=self.metadata)
         except grpc.RpcError as e:
             raise WorkerError(self.address, name, e.code(), e.details() or str(e)) from None
+        except ValueError:
+            if not self.closed:
+                raise
+            raise WorkerError(self.address, name, grpc.StatusCode.CANCELLED, "the front closed the channel") from None
 
     def health(self, service: str = "", timeout: float = 5.0) -> str:
         """The worker's grpc.health.v1 status for `service` ("SERVING", "NOT_SERVING", ...)."""
-        try:
-            r = self.health_stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout,
-                                       metadata=self.metadata)
-        except grpc.RpcError as e:
-            raise WorkerError(self.address, "Health.Check", e.code(), e.details() or str(e)) from None
+        r = self._rpc("Health.Check", self.health_stub.Check, health_pb2.HealthCheckRequest(service=service), timeout)
         return health_pb2.HealthCheckResponse.ServingStatus.Name(r.status)
 
     def wait_ready(self, timeout: float) -> None:
@@ -139,6 +142,10 @@ class WorkerClient:
         """Deep liveness: the worker runs a real one-token forward."""
         return self.call("CheckLiveness", pb.LivenessRequest(protocol_version=PROTOCOL_VERSION), timeout)
 
+    def heartbeat(self, timeout: float) -> pb.HeartbeatReply:
+        """The step in flight and whether the worker is compiling; answered without waiting for the model."""
+        return self.call("Heartbeat", pb.HeartbeatRequest(protocol_version=PROTOCOL_VERSION), timeout)
+
     def describe(self, timeout: float = 10.0) -> pb.WorkerInfo:
         return self.call("Describe", pb.DescribeRequest(protocol_version=PROTOCOL_VERSION), timeout)
 
@@ -169,4 +176,6 @@ class WorkerClient:
         self.call("Shutdown", pb.ShutdownRequest(protocol_version=PROTOCOL_VERSION), timeout)
 
     def close(self) -> None:
+        """Closes the channel: calls in flight end CANCELLED, later ones too."""
+        self.closed = True
         self.channel.close()

@@ -11,9 +11,9 @@ import torch
 from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.outputs import LogprobsLists, LogprobsTensors, ModelRunnerOutput
 
+from ms_rpc.v1 import PROTOCOL_VERSION
 from ms_rpc.v1 import worker_pb2 as pb
 
-PROTOCOL_VERSION = pb.PROTOCOL_VERSION_CURRENT
 
 _LOGPROBS_MODES = {
     "raw_logprobs": pb.LOGPROBS_MODE_RAW_LOGPROBS, "raw_logits": pb.LOGPROBS_MODE_RAW_LOGITS,
@@ -33,12 +33,19 @@ def _only_group(block_ids, req_id: str) -> list[int]:
     return list(block_ids[0])
 
 
+ALL_LOGPROBS = 2**32 - 1   # vLLM's -1 (the whole vocabulary) on the wire; the worker caps counts at its vocabulary
+
+
+def _logprob_count(n: int | None) -> int:
+    return ALL_LOGPROBS if n == -1 else max(n or 0, 0)
+
+
 def encode_sampling(sp, logprobs_mode: str = "raw_logprobs") -> pb.SamplingParams:
     if sp is None:
         raise UnsupportedRequestError("pooling requests are not supported by ms_rpc workers")
     out = pb.SamplingParams(
         temperature=sp.temperature, top_k=max(sp.top_k or 0, 0), top_p=sp.top_p, min_p=sp.min_p,
-        logprobs=max(sp.logprobs or 0, 0), want_logprobs=sp.logprobs is not None,
+        logprobs=_logprob_count(sp.logprobs), want_logprobs=sp.logprobs is not None,
         logprobs_mode=_LOGPROBS_MODES[logprobs_mode],
         presence_penalty=sp.presence_penalty, frequency_penalty=sp.frequency_penalty,
         repetition_penalty=sp.repetition_penalty, logit_bias={int(k): float(v) for k, v in (sp.logit_bias or {}).items()},
@@ -50,7 +57,7 @@ def encode_sampling(sp, logprobs_mode: str = "raw_logprobs") -> pb.SamplingParam
     if sp.seed is not None:
         out.seed = sp.seed & (2**64 - 1)
     if sp.prompt_logprobs is not None:
-        out.prompt_logprobs = sp.prompt_logprobs if sp.prompt_logprobs >= 0 else 2**32 - 1   # -1: all
+        out.prompt_logprobs = _logprob_count(sp.prompt_logprobs)
     return out
 
 
@@ -58,7 +65,8 @@ def encode_step(so: SchedulerOutput, step_id: int, logprobs_mode: str = "raw_log
                 defer_sampling: bool = False) -> pb.StepRequest:
     drafts = so.scheduled_spec_decode_tokens
     msg = pb.StepRequest(protocol_version=PROTOCOL_VERSION, step_id=step_id,
-                         total_num_scheduled_tokens=so.total_num_scheduled_tokens, defer_sampling=defer_sampling)
+                         total_num_scheduled_tokens=so.total_num_scheduled_tokens, defer_sampling=defer_sampling,
+                         refuse_alone=True)
     msg.finished_req_ids.extend(sorted(so.finished_req_ids))
     n = so.num_scheduled_tokens
     for r in so.scheduled_new_reqs:

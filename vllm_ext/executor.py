@@ -26,6 +26,7 @@ from ms_worker import spec   # numpy only: the method's name and the worker's fe
 from vllm_ext.client import WorkerError
 from vllm_ext.codec import decode_result, encode_grammar, encode_step
 from vllm_ext.group import ConfigError, WorkerGroup, group_addresses
+from vllm_ext.heartbeat import HangDetector
 from vllm_ext.launcher import default_worker_python
 from vllm_ext.stats import StepStats
 
@@ -45,7 +46,10 @@ _NUMBERS = {
     "reconnect_timeout_s": 300.0,     # external workers: how long to wait for a lost worker to come back
     "max_restarts": 5,                # local workers: restarts within restart_window_s before giving up
     "restart_window_s": 600.0,
-    "watch_interval_s": 2.0,          # how often idle workers are checked (local process alive, health)
+    "watch_interval_s": 2.0,          # how often the workers' health is checked (SERVING, not draining)
+    "heartbeat_interval_s": 1.0,      # how often each rank's heartbeat is polled, during steps and between them
+    "hang_timeout_s": 5.0,            # a rank that answers no heartbeat this long is hung (step_deadline_floor_s
+                                      # while it said it was compiling)
     "stats_interval_s": 30.0,         # how often the step breakdown is logged (0 = never)
 }
 
@@ -177,8 +181,7 @@ class MsRpcExecutor(Executor):
         from vllm_ext.plugin import await_scheduler
 
         await_scheduler(self)
-        self._watchdog = threading.Thread(target=self._watch, name="ms_rpc_watch", daemon=True)
-        self._watchdog.start()
+        self._watchdog: threading.Thread | None = None   # started once the workers are warm
 
     @property
     def info(self) -> pb.WorkerInfo:
@@ -272,6 +275,9 @@ class MsRpcExecutor(Executor):
 
     def compile_or_warm_up_model(self) -> None:
         self.vllm_config.compilation_config.compilation_time = self.group.warmup()
+        if self._watchdog is None:
+            self._watchdog = threading.Thread(target=self._watch, name="ms_rpc_watch", daemon=True)
+            self._watchdog.start()
 
     @cached_property
     def supported_tasks(self):
@@ -293,8 +299,10 @@ class MsRpcExecutor(Executor):
         deadline = self._deadline()
         t0 = time.perf_counter()
         try:
-            res = self.group.call_all(lambda c: getattr(c, rpc)(msg, deadline))
+            res = self.group.call_all(lambda c: getattr(c, rpc)(msg, deadline), abort_on_error=True)
         except WorkerError as e:
+            if self._down is not None:     # the watchdog found the workers lost and ended this call
+                raise WorkerLost(f"step {step_id}: {self._down}") from None
             how = "missed its deadline of %.0f s: " % deadline if e.code and e.code.name == "DEADLINE_EXCEEDED" else ""
             raise WorkerLost(f"step {step_id}: {how}{e}") from None
         dt = time.perf_counter() - t0
@@ -339,6 +347,12 @@ class MsRpcExecutor(Executor):
     def _decode(self, res: pb.StepResult) -> ModelRunnerOutput:
         t0 = time.perf_counter()
         out = decode_result(res)
+        refused = [r for r in res.results if r.error]
+        if refused:   # refused alone by the workers (their state for it is gone): only these end with an error
+            for r in refused:
+                log.error("ms_rpc worker %s: %s", self.group.address, r.error)
+            self._live.difference_update(r.req_id for r in refused)
+            self._end_with_error({r.req_id for r in refused})
         if self._speculative is not None:
             self._drafts = DraftTokenIds([r.req_id for r in res.results],
                                          [list(r.draft_token_ids) for r in res.results])
@@ -384,19 +398,29 @@ class MsRpcExecutor(Executor):
             raise RuntimeError(why)
         if doomed:
             log.error("ms_rpc: %s: ending %d request(s) with an error", why, len(doomed))
-            self._scheduler.grammar_compile_error_reqs.update(doomed)
+            self._end_with_error(doomed)
             self._reset_prefix_cache = True
         return ModelRunnerOutput(req_ids=ids, req_id_to_index={r: i for i, r in enumerate(ids)},
                                  sampled_token_ids=[[] for _ in ids])
 
-    def _lost(self, why: str) -> None:
-        """Mark the workers lost (once) and start bringing them back in the background."""
+    def _end_with_error(self, req_ids: set[str]) -> None:
+        """These requests end with vLLM's FINISHED_ERROR when the engine applies this step's output (the
+        scheduler's own per-request error path, as for a grammar that failed to compile)."""
+        if self._scheduler is None:
+            raise RuntimeError(f"ms_rpc: cannot end requests {sorted(req_ids)[:3]} alone without the plugin's "
+                               f"scheduler hook")
+        self._scheduler.grammar_compile_error_reqs.update(req_ids)
+
+    def _lost(self, why: str, hung: bool = False) -> None:
+        """Mark the workers lost (once), end the calls in flight to them (a step waiting on a hung worker fails
+        now), and start bringing them back in the background (hung local workers are killed, not asked to stop)."""
         with self._lock:
             if self._down is not None or self._closing.is_set():
                 return
             self._down = why
         log.error("ms_rpc: lost the workers: %s", why)
-        threading.Thread(target=self._recover, name="ms_rpc_recover", daemon=True).start()
+        self.group.abort()
+        threading.Thread(target=self._recover, args=(hung,), name="ms_rpc_recover", daemon=True).start()
 
     def _give_up(self, why: str) -> None:
         self._gave_up = f"ms_rpc: giving up on the workers: {why}"
@@ -405,7 +429,7 @@ class MsRpcExecutor(Executor):
         if self._failure_callback is not None:
             self._failure_callback()
 
-    def _recover(self) -> None:
+    def _recover(self, hung: bool = False) -> None:
         """Bring the workers back: local ones are restarted (all ranks; backoff 1, 2, 4 .. 30 s; give up after
         max_restarts within restart_window_s), external ones are waited for (give up after reconnect_timeout_s).
         Then the full handshake again (the new workers hold no requests and an empty KV cache)."""
@@ -421,7 +445,7 @@ class MsRpcExecutor(Executor):
                         return self._give_up(f"the local workers were restarted {len(self._restarts)} times in "
                                              f"{s['restart_window_s']:.0f} s; last: {last}")
                     self._restarts.append(now)
-                    self.group.stop_local()
+                    self.group.stop_local(kill=hung)
                     log.warning("ms_rpc: restarting the local workers (restart %d of at most %d in %.0f s)",
                                 len(self._restarts), s["max_restarts"], s["restart_window_s"])
                     self.group.launch()
@@ -445,20 +469,31 @@ class MsRpcExecutor(Executor):
                 backoff = min(2 * backoff, 30.0)
 
     def _watch(self) -> None:
-        """Notice a lost worker while no step runs: a local process that exited, or health not SERVING."""
-        while not self._closing.wait(self.settings["watch_interval_s"]):
+        """Notice a lost worker, whether a step runs or not: a local process that exited, a rank that answers no
+        heartbeat for hang_timeout_s (heartbeat.py), or health not SERVING (draining)."""
+        s = self.settings
+        hang = HangDetector(s["hang_timeout_s"], s["step_deadline_floor_s"])
+        next_health = 0.0
+        while not self._closing.wait(s["heartbeat_interval_s"]):
             if self._down is not None or self._gave_up:
+                hang.reset()
                 continue
             dead = self.group.local_dead()
             if dead:
                 self._lost(f"local worker {', '.join(dead)} exited")
                 continue
+            why, hung = hang.poll(list(self.group.beats))
+            if why and self._down is None:
+                self._lost(why, hung=hung)
+                continue
+            if time.monotonic() < next_health:
+                continue
+            next_health = time.monotonic() + s["watch_interval_s"]
             for c in list(self.group.clients):
                 try:
-                    status = c.health(timeout=5.0)
+                    status = c.health(timeout=1.0)
                 except WorkerError as e:
-                    # Refused or reset: the process is gone. A slow answer is not a loss (a worker compiling a
-                    # new shape may answer late); the step deadline judges those.
+                    # Refused or reset: the process is gone. A slow answer is left to the heartbeat.
                     if e.code is not None and e.code.name == "UNAVAILABLE":
                         self._lost(str(e))
                         break

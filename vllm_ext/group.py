@@ -11,8 +11,9 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 
+from ms_rpc.v1 import PROTOCOL_VERSION
 from ms_rpc.v1 import worker_pb2 as pb
 from vllm_ext.client import ChannelSecurity, WorkerClient, WorkerError
 from vllm_ext.launcher import LocalWorker
@@ -83,6 +84,7 @@ class WorkerGroup:
         self.external = list(addresses)
         self.local: list[LocalWorker] = []
         self.clients: list[WorkerClient] = []
+        self.beats: list[WorkerClient] = []     # one more channel per rank, for heartbeats only
         self.infos: list[pb.WorkerInfo] = []
         self._pool = ThreadPoolExecutor(max_workers=tp_size, thread_name_prefix="ms_rpc_rank")
 
@@ -136,8 +138,12 @@ class WorkerGroup:
         self.close_clients()
         for addr in self.addresses():
             self.clients.append(connect_worker(self.settings, addr, timeout))
+            self.beats.append(WorkerClient(addr, security=self.clients[-1].security))
         self.infos = [c.describe() for c in self.clients]
         for i, (c, inf) in enumerate(zip(self.clients, self.infos)):
+            if inf.protocol_version != PROTOCOL_VERSION:
+                raise ConfigError(f"ms_rpc worker {c.address} speaks protocol version {inf.protocol_version}, this "
+                                  f"front speaks {PROTOCOL_VERSION}: run a worker and a front of the same release")
             if inf.world_size != self.size or inf.rank != i:
                 raise ConfigError(f"ms_rpc worker {c.address} was started as rank {inf.rank} of {inf.world_size}; "
                                   f"this front expects rank {i} of {self.size} there (tensor parallel size "
@@ -148,13 +154,19 @@ class WorkerGroup:
                                   f"({self.info.model_path} vs {inf.model_path})")
 
     def close_clients(self) -> None:
+        for c in self.clients + self.beats:
+            c.close()
+        self.clients, self.beats, self.infos = [], [], []
+
+    def abort(self) -> None:
+        """Ends every call in flight on the ranks' step channels at once (they fail CANCELLED); connect() makes
+        new ones."""
         for c in self.clients:
             c.close()
-        self.clients, self.infos = [], []
 
-    def stop_local(self) -> None:
+    def stop_local(self, kill: bool = False) -> None:
         for w in self.local:
-            w.stop()
+            w.stop(kill=kill)
         self.local = []
 
     def local_dead(self) -> list[str]:
@@ -167,12 +179,21 @@ class WorkerGroup:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     # -- calls on every rank ---------------------------------------------------------------------------------
-    def call_all(self, fn):
+    def call_all(self, fn, abort_on_error: bool = False):
         """fn(client) on every rank at once; rank 0's result. The first failure (in rank order) is raised, after
-        every rank answered or failed: ranks of one model move together or not at all."""
+        every rank answered or failed: ranks of one model move together or not at all. With abort_on_error, the
+        first rank to fail ends the others' calls at once (they would wait in a collective for the failed rank)
+        and its own error is raised."""
         if len(self.clients) == 1:
             return fn(self.clients[0])
         futures = [self._pool.submit(fn, c) for c in self.clients]
+        if abort_on_error:
+            done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+            first = next((f.exception() for f in futures if f in done and f.exception() is not None), None)
+            if first is not None:
+                self.abort()
+                wait(futures)
+                raise first
         errors = [f.exception() for f in futures]
         for e in errors:
             if e is not None:

@@ -79,9 +79,10 @@ class LocalWorker:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
-    def stop(self, timeout: float = 10.0) -> None:
+    def stop(self, timeout: float = 10.0, kill: bool = False) -> None:
+        """SIGTERM (the worker drains), SIGKILL after `timeout`; at once with `kill` (a hung worker)."""
         if self.proc.poll() is None:
-            self.proc.terminate()
+            self.proc.kill() if kill else self.proc.terminate()
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:

@@ -6,6 +6,9 @@ own names as an import path (`pkg.module.Class`); a bare `ms_rpc` has no dot, so
 `Executor.get_class` to map the name `ms_rpc` to `vllm_ext.executor.MsRpcExecutor`. The full import path
 `vllm_ext.executor.MsRpcExecutor` keeps working without the plugin.
 
+When a config names ms_rpc, `get_class` first refuses the engine flags ms_rpc cannot serve (vllm_ext.support),
+and wraps the platform's `validate_request` so that vLLM refuses the request fields it cannot serve (a 400).
+
 It also hands the engine core's scheduler to an executor that asks for it (`await_scheduler`): when the
 workers are lost, the executor ends the requests they held through the scheduler's own error path and resets
 its prefix cache, so vLLM keeps serving once the workers are back (see MsRpcExecutor).
@@ -31,13 +34,39 @@ def register() -> None:
     def get_class(vllm_config):
         if vllm_config.parallel_config.distributed_executor_backend == BACKEND_NAME:
             from vllm_ext.executor import MsRpcExecutor
+            from vllm_ext.support import check_engine_config
 
+            check_engine_config(vllm_config)
+            _refuse_unsupported_requests()
             return MsRpcExecutor
         return original(vllm_config)
 
     get_class._ms_rpc_wrapped = True
     Executor.get_class = staticmethod(get_class)
     _hand_scheduler_to_executor()
+
+
+def _refuse_unsupported_requests() -> None:
+    # vLLM validates every request with its platform's validate_request(engine_input, params) before it reaches
+    # the engine (a raise is a 400 for that request); once this process serves ms_rpc (vLLM resolves the executor
+    # class in the front process too), that check also refuses the request fields ms_rpc cannot serve.
+    from vllm.platforms import current_platform
+
+    platform = type(current_platform)
+    validate = platform.validate_request
+    if getattr(validate, "_ms_rpc_wrapped", False):
+        return
+
+    def validate_request(cls, processed_inputs, params):
+        from vllm.sampling_params import SamplingParams
+        from vllm_ext.support import check_request
+
+        validate.__func__(cls, processed_inputs, params)
+        if isinstance(params, SamplingParams):
+            check_request(params)
+
+    validate_request._ms_rpc_wrapped = True
+    platform.validate_request = classmethod(validate_request)
 
 
 _awaiting_scheduler: list = []   # executors of this process that asked for the scheduler built after them

@@ -263,7 +263,7 @@ class CachedRequest(_message.Message):
     def __init__(self, req_id: _Optional[str] = ..., resumed: _Optional[bool] = ..., all_token_ids: _Optional[_Iterable[int]] = ..., new_token_ids: _Optional[_Iterable[int]] = ..., new_block_ids: _Optional[_Iterable[int]] = ..., num_computed_tokens: _Optional[int] = ..., num_scheduled_tokens: _Optional[int] = ..., draft_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class StepRequest(_message.Message):
-    __slots__ = ("protocol_version", "step_id", "new_requests", "cached_requests", "finished_req_ids", "total_num_scheduled_tokens", "defer_sampling")
+    __slots__ = ("protocol_version", "step_id", "new_requests", "cached_requests", "finished_req_ids", "total_num_scheduled_tokens", "defer_sampling", "refuse_alone")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     NEW_REQUESTS_FIELD_NUMBER: _ClassVar[int]
@@ -271,6 +271,7 @@ class StepRequest(_message.Message):
     FINISHED_REQ_IDS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_NUM_SCHEDULED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     DEFER_SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    REFUSE_ALONE_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     step_id: int
     new_requests: _containers.RepeatedCompositeFieldContainer[NewRequest]
@@ -278,7 +279,8 @@ class StepRequest(_message.Message):
     finished_req_ids: _containers.RepeatedScalarFieldContainer[str]
     total_num_scheduled_tokens: int
     defer_sampling: bool
-    def __init__(self, protocol_version: _Optional[int] = ..., step_id: _Optional[int] = ..., new_requests: _Optional[_Iterable[_Union[NewRequest, _Mapping]]] = ..., cached_requests: _Optional[_Iterable[_Union[CachedRequest, _Mapping]]] = ..., finished_req_ids: _Optional[_Iterable[str]] = ..., total_num_scheduled_tokens: _Optional[int] = ..., defer_sampling: _Optional[bool] = ...) -> None: ...
+    refuse_alone: bool
+    def __init__(self, protocol_version: _Optional[int] = ..., step_id: _Optional[int] = ..., new_requests: _Optional[_Iterable[_Union[NewRequest, _Mapping]]] = ..., cached_requests: _Optional[_Iterable[_Union[CachedRequest, _Mapping]]] = ..., finished_req_ids: _Optional[_Iterable[str]] = ..., total_num_scheduled_tokens: _Optional[int] = ..., defer_sampling: _Optional[bool] = ..., refuse_alone: _Optional[bool] = ...) -> None: ...
 
 class SampleRequest(_message.Message):
     __slots__ = ("protocol_version", "step_id", "structured_req_ids", "grammar_bitmask", "bitmask_words")
@@ -317,18 +319,20 @@ class PromptLogprobs(_message.Message):
     def __init__(self, width: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[float]] = ..., ranks: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class RequestResult(_message.Message):
-    __slots__ = ("req_id", "sampled_token_ids", "logprobs", "prompt_logprobs", "draft_token_ids")
+    __slots__ = ("req_id", "sampled_token_ids", "logprobs", "prompt_logprobs", "error", "draft_token_ids")
     REQ_ID_FIELD_NUMBER: _ClassVar[int]
     SAMPLED_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
     DRAFT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     req_id: str
     sampled_token_ids: _containers.RepeatedScalarFieldContainer[int]
     logprobs: TopLogprobs
     prompt_logprobs: PromptLogprobs
+    error: str
     draft_token_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, req_id: _Optional[str] = ..., sampled_token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Union[TopLogprobs, _Mapping]] = ..., prompt_logprobs: _Optional[_Union[PromptLogprobs, _Mapping]] = ..., draft_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    def __init__(self, req_id: _Optional[str] = ..., sampled_token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Union[TopLogprobs, _Mapping]] = ..., prompt_logprobs: _Optional[_Union[PromptLogprobs, _Mapping]] = ..., error: _Optional[str] = ..., draft_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class StepTimings(_message.Message):
     __slots__ = ("prepare_s", "forward_s", "sample_s", "total_s")
@@ -381,3 +385,23 @@ class LivenessReply(_message.Message):
     next_step_id: int
     requests_active: int
     def __init__(self, worker_id: _Optional[str] = ..., forward_s: _Optional[float] = ..., next_step_id: _Optional[int] = ..., requests_active: _Optional[int] = ...) -> None: ...
+
+class HeartbeatRequest(_message.Message):
+    __slots__ = ("protocol_version",)
+    PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    protocol_version: int
+    def __init__(self, protocol_version: _Optional[int] = ...) -> None: ...
+
+class HeartbeatReply(_message.Message):
+    __slots__ = ("worker_id", "step_id", "step_s", "compiling", "compiling_s")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    STEP_ID_FIELD_NUMBER: _ClassVar[int]
+    STEP_S_FIELD_NUMBER: _ClassVar[int]
+    COMPILING_FIELD_NUMBER: _ClassVar[int]
+    COMPILING_S_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    step_id: int
+    step_s: float
+    compiling: bool
+    compiling_s: float
+    def __init__(self, worker_id: _Optional[str] = ..., step_id: _Optional[int] = ..., step_s: _Optional[float] = ..., compiling: _Optional[bool] = ..., compiling_s: _Optional[float] = ...) -> None: ...

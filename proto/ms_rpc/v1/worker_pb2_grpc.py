@@ -74,6 +74,11 @@ class ModelWorkerStub:
                 request_serializer=ms__rpc_dot_v1_dot_worker__pb2.LivenessRequest.SerializeToString,
                 response_deserializer=ms__rpc_dot_v1_dot_worker__pb2.LivenessReply.FromString,
                 _registered_method=True)
+        self.Heartbeat = channel.unary_unary(
+                '/ms_rpc.v1.ModelWorker/Heartbeat',
+                request_serializer=ms__rpc_dot_v1_dot_worker__pb2.HeartbeatRequest.SerializeToString,
+                response_deserializer=ms__rpc_dot_v1_dot_worker__pb2.HeartbeatReply.FromString,
+                _registered_method=True)
 
 
 class ModelWorkerServicer:
@@ -130,6 +135,14 @@ class ModelWorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Heartbeat(self, request, context):
+        """Cheap and lock-free: answered while a step runs. The front polls it on its own channel to tell a hung worker
+        (no answer within its hang timeout) from a long step; a worker compiling a graph says so.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ModelWorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -172,6 +185,11 @@ def add_ModelWorkerServicer_to_server(servicer, server):
                     servicer.CheckLiveness,
                     request_deserializer=ms__rpc_dot_v1_dot_worker__pb2.LivenessRequest.FromString,
                     response_serializer=ms__rpc_dot_v1_dot_worker__pb2.LivenessReply.SerializeToString,
+            ),
+            'Heartbeat': grpc.unary_unary_rpc_method_handler(
+                    servicer.Heartbeat,
+                    request_deserializer=ms__rpc_dot_v1_dot_worker__pb2.HeartbeatRequest.FromString,
+                    response_serializer=ms__rpc_dot_v1_dot_worker__pb2.HeartbeatReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -390,6 +408,33 @@ class ModelWorker:
             '/ms_rpc.v1.ModelWorker/CheckLiveness',
             ms__rpc_dot_v1_dot_worker__pb2.LivenessRequest.SerializeToString,
             ms__rpc_dot_v1_dot_worker__pb2.LivenessReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Heartbeat(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ms_rpc.v1.ModelWorker/Heartbeat',
+            ms__rpc_dot_v1_dot_worker__pb2.HeartbeatRequest.SerializeToString,
+            ms__rpc_dot_v1_dot_worker__pb2.HeartbeatReply.FromString,
             options,
             channel_credentials,
             insecure,
