@@ -84,10 +84,12 @@ class CausalLM:
 
     # ------------------------------------------------------------------ cache
     def allocate_kv_cache(self, num_blocks: int, block_size: int, max_num_seqs: int = 256,
-                          max_model_len: int | None = None, max_num_batched_tokens: int = MAX_GRAPH_TOKENS) -> None:
+                          max_model_len: int | None = None, max_num_batched_tokens: int = MAX_GRAPH_TOKENS,
+                          rows_per_seq: int = 1) -> None:
         """Creates per-layer K/V caches (see kv_caches) and fixes the graphs' shapes: token buckets up to
-        min(max_num_batched_tokens, MAX_GRAPH_TOKENS), at most ``max_num_seqs`` requests per step, block tables
-        of ceil(max_model_len / block_size) entries. Calling it again replaces the caches and drops all graphs."""
+        min(max_num_batched_tokens, MAX_GRAPH_TOKENS), at most ``max_num_seqs`` requests per step, each with up to
+        ``rows_per_seq`` logits rows (1 + speculative drafts), block tables of ceil(max_model_len / block_size)
+        entries. Calling it again replaces the caches and drops all graphs."""
         num_blocks, block_size = int(num_blocks), int(block_size)
         if num_blocks <= 0 or block_size <= 0:
             raise ValueError(f"num_blocks and block_size must be positive (got {num_blocks}, {block_size})")
@@ -101,7 +103,8 @@ class CausalLM:
         self.max_blocks = -(-max_len // block_size)
         self.buckets = token_buckets(min(int(max_num_batched_tokens), MAX_GRAPH_TOKENS))
         self.max_num_seqs = max(min(int(max_num_seqs), self.buckets[-1]), 1)   # a step has a token per request
-        self.max_logits_rows = logits_bucket(min(self.max_num_seqs, LOGITS_BUCKETS[-1]))
+        rows = min(self.max_num_seqs * max(int(rows_per_seq), 1), self.buckets[-1])
+        self.max_logits_rows = logits_bucket(min(rows, LOGITS_BUCKETS[-1]))
         body, head = _Body(self.net), _Head(self.net)
         body.set_train(False)
         head.set_train(False)

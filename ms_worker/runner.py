@@ -3,7 +3,9 @@
 Every scheduled token of every request (decodes, prefill chunks, resumed requests) is one row of a single flat
 batch, built with array operations from the requests' rows in BatchState; the model runs it as one forward (two
 compiled graphs: body and head) and returns the logits of the rows that sample, plus every prompt row of requests
-that asked for prompt logprobs.
+that asked for prompt logprobs. A request with speculative drafts samples at each draft and after the last one
+(its last 1 + drafts rows); it emits the accepted drafts and one more token (ms_worker.spec), and with a
+speculative config every request that sampled gets its next drafts proposed from its tokens.
 """
 
 from __future__ import annotations
@@ -14,13 +16,15 @@ import numpy as np
 
 from ms_models.batch import FlatBatch
 from ms_worker.sampler import SampleResult, Sampler, prompt_logprobs_chunk
+from ms_worker.spec import Position, accept, propose_ngram
 from ms_worker.state import BatchState, StepPlan
 
 
 @dataclass
 class ForwardOutput:
-    """The model's output for a plan: ``logits`` rows, and per scheduled request (by index) the row of its
-    sampling logits (-1 if it does not sample) and its completed prompt logprobs (None if none)."""
+    """The model's output for a plan: ``logits`` rows, and per scheduled request (by index) the first row of its
+    sampling logits (-1 if it does not sample; 1 + its drafts rows from there) and its completed prompt logprobs
+    (None if none)."""
 
     logits: np.ndarray
     sample_row: np.ndarray
@@ -29,25 +33,30 @@ class ForwardOutput:
 
 @dataclass
 class RequestOutput:
-    """A scheduled request's result: the sampled token (None for a partial prefill) and its logprobs."""
+    """A scheduled request's result: the tokens it emits (none for a partial prefill; the accepted drafts and
+    one more with drafts) with their samples (logprobs), and the drafts proposed for its next step."""
 
-    token: int | None
-    sample: SampleResult | None
+    tokens: list[int]
+    samples: list[SampleResult]
     prompt_logprobs: tuple | None
+    drafts: list[int] | None = None
 
 
 def build_batch(plan: StepPlan, state: BatchState) -> tuple[FlatBatch, np.ndarray, list]:
-    """The flat batch of ``plan``; also the logits row of each scheduled request's sample (-1: none) and, per
-    request, the logits rows of its prompt-logprob positions (None: not asked)."""
+    """The flat batch of ``plan``; also the first logits row of each scheduled request's samples (-1: none; one
+    row per draft and one after them) and, per request, the logits rows of its prompt-logprob positions (None: not
+    asked)."""
     sched = plan.scheduled
     batch = FlatBatch.gather(state.token_ids, state.block_ids, [s.req.row for s in sched],
                              [s.start for s in sched], [s.count for s in sched], state.block_size)
     qsl = batch.query_start_loc
     samples = np.fromiter((s.samples for s in sched), bool, len(sched))
 
-    # logits rows: each sampling request's last row, plus prompt-logprob rows (rare: per request)
+    # logits rows: each sampling request's last 1 + drafts rows, plus prompt-logprob rows (rare: per request)
     lp_rows: list = [None] * len(sched)
-    picks = [qsl[1:][samples] - 1]
+    n_rows = np.fromiter((len(s.drafts) + 1 for s in sched), np.int64, len(sched))[samples]
+    first = qsl[1:][samples] - n_rows
+    picks = [np.repeat(first, n_rows) + np.arange(int(n_rows.sum())) - np.repeat(np.cumsum(n_rows) - n_rows, n_rows)]
     for i, s in enumerate(sched):
         if s.wants_prompt_logprobs:
             k = min(s.count, s.req.num_prompt_tokens - 1 - s.start)
@@ -55,17 +64,19 @@ def build_batch(plan: StepPlan, state: BatchState) -> tuple[FlatBatch, np.ndarra
             picks.append(lp_rows[i])
     li = np.unique(np.concatenate(picks)) if len(picks) > 1 else picks[0]
     sample_row = np.full(len(sched), -1, np.int64)
-    sample_row[samples] = np.searchsorted(li, qsl[1:][samples] - 1)
+    sample_row[samples] = np.searchsorted(li, first)
     lp_rows = [None if r is None else np.searchsorted(li, r) for r in lp_rows]
     batch.logits_indices = li.astype(np.int32)
     return batch, sample_row, lp_rows
 
 
 class ModelRunner:
-    def __init__(self, model, state: BatchState, sampler: Sampler):
+    def __init__(self, model, state: BatchState, sampler: Sampler, speculative=None):
+        """``speculative``: ms_rpc.v1.SpeculativeConfig (method ngram) or None."""
         self.model = model
         self.state = state
         self.sampler = sampler
+        self.speculative = speculative
 
     def forward(self, plan: StepPlan) -> ForwardOutput:
         batch, sample_row, lp_rows = build_batch(plan, self.state)
@@ -77,18 +88,35 @@ class ModelRunner:
     def sample(self, plan: StepPlan, out: ForwardOutput,
                allowed: dict[str, np.ndarray] | None = None) -> list[RequestOutput]:
         """Samples every request whose prefill is complete, records the tokens in the state and returns one
-        output per scheduled request, in order."""
-        idx = np.flatnonzero(out.sample_row >= 0)
+        output per scheduled request, in order. ``allowed[req_id]``: its grammar masks, [1 + drafts, vocab]."""
+        idx = np.flatnonzero(out.sample_row >= 0).tolist()
+        rows, reqs, drafts, masks = [], [], [], []
+        for i in idx:
+            s = plan.scheduled[i]
+            mask = allowed.get(s.req.req_id) if allowed else None
+            n = s.req.num_tokens
+            for j in range(len(s.drafts) + 1):
+                rows.append(out.sample_row[i] + j)
+                reqs.append(Position(s.req, n + j) if s.drafts else s.req)
+                drafts.append(s.drafts[j] if j < len(s.drafts) else -1)
+                masks.append(None if mask is None else mask[j])
         results: list[SampleResult] = []
-        if idx.size:
-            reqs = [plan.scheduled[i].req for i in idx]
-            masks = [(allowed or {}).get(r.req_id) for r in reqs] if allowed else None
-            results = self.sampler.sample(out.logits[out.sample_row[idx]], reqs, masks)
-        sampled = dict(zip(idx.tolist(), results))
-        outputs = []
-        for i, s in enumerate(plan.scheduled):
-            res = sampled.get(i)
-            if res is not None:
-                self.state.append_token(s.req, res.token)
-            outputs.append(RequestOutput(None if res is None else res.token, res, out.prompt_logprobs[i]))
+        if rows:
+            results = self.sampler.sample(out.logits[rows], reqs, masks if allowed else None,
+                                          drafts if len(rows) > len(idx) else None)
+        outputs = [RequestOutput([], [], p) for p in out.prompt_logprobs]
+        k = 0
+        for i in idx:
+            s = plan.scheduled[i]
+            res = results[k:k + len(s.drafts) + 1]
+            k += len(res)
+            res = res[:accept(s.drafts, [r.token for r in res])]
+            for r in res:
+                self.state.append_token(s.req, r.token)
+            o = outputs[i]
+            o.tokens, o.samples = [r.token for r in res], res
+            if self.speculative is not None:
+                sc = self.speculative
+                o.drafts = propose_ngram(s.req.token_ids, sc.prompt_lookup_min, sc.prompt_lookup_max,
+                                         sc.num_speculative_tokens, self.state.max_model_len).tolist()
         return outputs

@@ -157,9 +157,15 @@ class Sampler:
         self.rng = np.random.default_rng(seed or None)
 
     def sample(self, logits: np.ndarray, reqs: list[RequestState],
-               allowed: list[np.ndarray | None] | None = None) -> list[SampleResult]:
+               allowed: list[np.ndarray | None] | None = None, drafts: list[int] | None = None) -> list[SampleResult]:
         """logits: [N, vocab] float32, one row per request that samples this step; `allowed[i]` is a boolean
-        grammar mask for row i (None = unconstrained). A request's token_ids may be a list or a 1-D int array."""
+        grammar mask for row i (None = unconstrained). A request's token_ids may be a list or a 1-D int array.
+
+        `drafts[i]` >= 0: row i verifies that speculative draft by vLLM's rejection rule for drafts without
+        probabilities (ngram): a greedy row returns its argmax as always (the draft is accepted if equal); a random
+        row returns the draft with its target probability p(draft) (one uniform draw from the row's generator),
+        else a token drawn from the target with the draft excluded -- so the row's token has the target
+        distribution either way."""
         n = len(reqs)
         x = np.asarray(logits, dtype=np.float32)[:n]
         vocab = x.shape[-1]
@@ -228,11 +234,20 @@ class Sampler:
                                 [ss[i] for i in rand])
             p = np.exp(xt.astype(np.float64) - xt.max(axis=-1, keepdims=True))
             e = np.empty_like(p)
+            accepted = {}
             for j, i in enumerate(rand):
                 rng = reqs[i].generator if reqs[i].generator is not None else self.rng
                 # Exponential race (as vLLM): argmax p / E with E ~ Exp(1) draws the token with probability p.
                 e[j] = rng.exponential(size=vocab)
+                d = -1 if drafts is None else drafts[i]
+                if d >= 0:
+                    if p[j, d] / p[j].sum() >= rng.random():
+                        accepted[i] = d
+                    else:
+                        p[j, d] = 0.0
             tokens[rand] = np.argmax(p / e, axis=-1)
+            for i, d in accepted.items():
+                tokens[i] = d
 
         out = [SampleResult(int(t)) for t in tokens]
         if want:

@@ -19,7 +19,7 @@ import numpy as np
 from ms_rpc.v1 import PROTOCOL_VERSION
 from ms_rpc.v1 import worker_pb2 as pb
 from ms_rpc.v1 import worker_pb2_grpc as pb_grpc
-from ms_worker import memory
+from ms_worker import memory, spec
 from ms_worker.runner import ModelRunner, RequestOutput
 from ms_worker.sampler import Sampler
 from ms_worker.state import BatchState, StepError, StepPlan
@@ -27,24 +27,28 @@ from ms_worker.state import BatchState, StepError, StepPlan
 log = logging.getLogger("ms_worker")
 
 
-def decode_bitmask(request, vocab_size: int, scheduled: set[str]) -> dict[str, np.ndarray]:
-    """The packed grammar bitmask of a SampleRequest -> {req_id: boolean mask over the vocabulary}."""
-    n, words = len(request.structured_req_ids), request.bitmask_words
+def decode_bitmask(request, vocab_size: int, scheduled: dict[str, int]) -> dict[str, np.ndarray]:
+    """The packed grammar bitmask of a SampleRequest -> {req_id: boolean masks [rows, vocabulary]}; a request
+    has one row per position it samples (``scheduled[req_id]``: 1 + its drafts), in the order of
+    structured_req_ids."""
+    words = request.bitmask_words
+    ids = list(request.structured_req_ids)
+    unknown = set(ids) - set(scheduled)
+    if unknown:
+        raise ValueError(f"grammar bitmask for requests not in the step: {sorted(unknown)[:3]}")
+    n = sum(scheduled[r] for r in ids)
     if len(request.grammar_bitmask) != n * words * 4 or (n and words * 32 < vocab_size):
         raise ValueError(f"grammar bitmask of {len(request.grammar_bitmask)} bytes does not hold {n} rows of "
                          f"{words} words covering {vocab_size} tokens")
     if n == 0:
         return {}
-    ids = list(request.structured_req_ids)
-    if len(set(ids)) != n:
+    if len(set(ids)) != len(ids):
         twice = sorted({r for r in ids if ids.count(r) > 1})
         raise ValueError(f"grammar bitmask names requests more than once: {twice[:3]}")
-    unknown = set(request.structured_req_ids) - scheduled
-    if unknown:
-        raise ValueError(f"grammar bitmask for requests not in the step: {sorted(unknown)[:3]}")
     packed = np.frombuffer(request.grammar_bitmask, dtype="<i4").reshape(n, words)
     bits = np.unpackbits(packed.view(np.uint8).reshape(n, words * 4), axis=1, bitorder="little")
-    return {rid: bits[i, :vocab_size].astype(bool) for i, rid in enumerate(request.structured_req_ids)}
+    starts = np.cumsum([0] + [scheduled[r] for r in ids])
+    return {rid: bits[starts[i]:starts[i + 1], :vocab_size].astype(bool) for i, rid in enumerate(ids)}
 
 
 class WorkerService(pb_grpc.ModelWorkerServicer):
@@ -99,7 +103,7 @@ class WorkerService(pb_grpc.ModelWorkerServicer):
         return pb.WorkerInfo(
             protocol_version=PROTOCOL_VERSION, worker_id=self.worker_id, framework=self.framework,
             device=self.device, dtype=self.model.config.dtype, model_path=self.model_path,
-            model=self._model_info(), rank=self.rank, world_size=self.world_size,
+            model=self._model_info(), rank=self.rank, world_size=self.world_size, features=[spec.FEATURE],
         )
 
     def _activation_peak(self, tokens: int, seqs: int) -> int:
@@ -166,6 +170,13 @@ class WorkerService(pb_grpc.ModelWorkerServicer):
                           f"cache config is for {request.num_layers} layers, the model has {c.num_layers}")
         if request.num_blocks <= 0 or request.block_size <= 0:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "num_blocks and block_size must be positive")
+        sc = request.speculative if request.HasField("speculative") else None
+        if sc is not None and (sc.method != spec.METHOD or not sc.num_speculative_tokens
+                               or not 0 < sc.prompt_lookup_min <= sc.prompt_lookup_max):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"speculative decoding: method {sc.method!r} with {sc.num_speculative_tokens} tokens and "
+                          f"prompt lookup {sc.prompt_lookup_min}..{sc.prompt_lookup_max}: this worker serves method "
+                          f"{spec.METHOD!r} with at least one token and 0 < prompt_lookup_min <= prompt_lookup_max")
         need = request.num_blocks * self.model.kv_cache_bytes_per_block(request.block_size)
         total, free = memory.device_memory(self.device)
         if need > free:
@@ -177,11 +188,13 @@ class WorkerService(pb_grpc.ModelWorkerServicer):
             t0 = time.perf_counter()
             max_len = min(request.max_model_len or c.max_position_embeddings, c.max_position_embeddings)
             max_seqs = request.max_num_seqs or 256
+            # with drafts a request samples at 1 + num_speculative_tokens rows: the head graphs cover them
             self._on_model_thread(self.model.allocate_kv_cache, request.num_blocks, request.block_size, max_seqs,
-                                  max_len, request.max_num_batched_tokens or max_len)
+                                  max_len, request.max_num_batched_tokens or max_len,
+                                  1 + (sc.num_speculative_tokens if sc is not None else 0))
             self.state = BatchState(request.num_blocks, request.block_size, c.vocab_size, max_len,
                                     request.max_num_seqs, request.max_num_batched_tokens)
-            self.runner = ModelRunner(self.model, self.state, Sampler(request.sampling_seed))
+            self.runner = ModelRunner(self.model, self.state, Sampler(request.sampling_seed), sc)
             self.next_step = 1
             self.pending = None
             log.info("KV cache: %d blocks of %d tokens (%.1f MiB) in %.2f s", request.num_blocks,
@@ -247,7 +260,8 @@ class WorkerService(pb_grpc.ModelWorkerServicer):
                               f"{step.step_id if step else 'none'}")
             try:
                 allowed = decode_bitmask(request, self.model.config.vocab_size,
-                                         {s.req.req_id for s in step.plan.scheduled} | set(step.plan.refused))
+                                         {**dict.fromkeys(step.plan.refused, 1),
+                                          **{s.req.req_id: 1 + len(s.drafts) for s in step.plan.scheduled}})
             except ValueError as e:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"Sample for step {step.step_id} refused: {e}")
             self.pending = None
@@ -334,11 +348,11 @@ def _add_result(r: pb.RequestResult, o: RequestOutput) -> None:
         r.prompt_logprobs.token_ids.extend(ids.ravel().tolist())
         r.prompt_logprobs.logprobs.extend(lps.ravel().tolist())
         r.prompt_logprobs.ranks.extend(ranks.tolist())
-    if o.token is None:
-        return
-    r.sampled_token_ids.append(o.token)
-    res = o.sample
-    if res.logprob_token_ids is not None:
-        r.logprobs.token_ids.extend(res.logprob_token_ids)
-        r.logprobs.logprobs.extend(res.logprobs)
-        r.logprobs.ranks.append(res.rank)
+    r.sampled_token_ids.extend(o.tokens)
+    for res in o.samples:
+        if res.logprob_token_ids is not None:
+            r.logprobs.token_ids.extend(res.logprob_token_ids)
+            r.logprobs.logprobs.extend(res.logprobs)
+            r.logprobs.ranks.append(res.rank)
+    if o.drafts:
+        r.draft_token_ids.extend(o.drafts)

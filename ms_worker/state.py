@@ -98,11 +98,13 @@ class RequestState:
 
 @dataclass
 class Scheduled:
-    """One request's share of a step: compute tokens [start, start + count) of its row."""
+    """One request's share of a step: compute tokens [start, start + count) of its row; the last len(drafts) of
+    them are speculative drafts, written in the row after its num_tokens tokens (-1 padding as token 0)."""
 
     req: RequestState
     start: int
     count: int
+    drafts: list[int] = field(default_factory=list)
 
     @property
     def samples(self) -> bool:
@@ -200,6 +202,13 @@ class BatchState:
         self.token_ids[row, :len(tokens)] = tokens
         self.num_tokens[row] = len(tokens)
 
+    def _write_drafts(self, row: int, drafts: list[int]) -> None:
+        """Drafts go after the row's tokens, uncounted: the forward reads them, accepted ones are appended in place
+        (append_token), rejected ones are overwritten later."""
+        if drafts:
+            n = int(self.num_tokens[row])
+            self.token_ids[row, n:n + len(drafts)] = np.maximum(drafts, 0)
+
     def _write_blocks(self, row: int, blocks, append: bool) -> None:
         n = int(self.num_blocks_of[row]) if append else 0
         self.block_ids[row, n:n + len(blocks)] = blocks
@@ -214,6 +223,24 @@ class BatchState:
         if already + len(ids) > self.max_blocks:
             raise StepError(f"request {req_id!r}: {already + len(ids)} blocks exceed max_model_len's "
                             f"{self.max_blocks} blocks of {self.block_size}")
+        return ids
+
+    def _check_drafts(self, req_id: str, drafts, num_tokens: int, start: int, count: int) -> list[int]:
+        """Drafts are the tail of the step's query, after the request's last token, within the vocabulary (or -1,
+        the scheduler's padding) and within max_model_len."""
+        ids = list(drafts)
+        if not ids:
+            return ids
+        bad = [t for t in ids if t < -1 or t >= self.vocab_size]
+        if bad:
+            raise StepError(f"request {req_id!r}: draft token ids {bad[:5]} outside the vocabulary "
+                            f"(0..{self.vocab_size - 1}, or -1)")
+        if start + count != num_tokens + len(ids):
+            raise StepError(f"request {req_id!r}: {len(ids)} drafts must end the step's tokens {start}..{start + count}"
+                            f" of a request with {num_tokens} tokens")
+        if num_tokens + len(ids) > self.max_model_len:
+            raise StepError(f"request {req_id!r}: {num_tokens} tokens and {len(ids)} drafts exceed max_model_len "
+                            f"{self.max_model_len}")
         return ids
 
     def _check_tokens(self, req_id: str, token_ids) -> list[int]:
@@ -258,8 +285,8 @@ class BatchState:
         finished = set(step.finished_req_ids)
         seen: set[str] = set()
         refused: dict[str, str] = {}
-        staged_new = []      # (req_id, tokens, blocks, sampling, start, count)
-        staged_cached = []   # (req, tokens or None, blocks, resumed, start, count)
+        staged_new = []      # (req_id, tokens, blocks, sampling, start, count, drafts)
+        staged_cached = []   # (req, tokens or None, blocks, resumed, start, count, drafts)
         for nr in step.new_requests:
             rid = nr.req_id
             if rid in seen:
@@ -299,23 +326,26 @@ class BatchState:
         for rid in (*step.finished_req_ids, *refused):
             self._drop(rid)
         scheduled: list[Scheduled] = []
-        for rid, tokens, blocks, sampling, start, count in staged_new:
+        for rid, tokens, blocks, sampling, start, count, drafts in staged_new:
             req = RequestState(rid, self._take_row(), len(tokens), sampling, self)
             if sampling.seed is not None:
                 req.generator = np.random.default_rng(sampling.seed)
             self._write_tokens(req.row, tokens)
             self._write_blocks(req.row, blocks, append=False)
+            self._write_drafts(req.row, drafts)
             self.requests[rid] = req
-            scheduled.append(Scheduled(req, start, count))
-        for req, tokens, blocks, resumed, start, count in staged_cached:
+            scheduled.append(Scheduled(req, start, count, drafts))
+        for req, tokens, blocks, resumed, start, count, drafts in staged_cached:
             if tokens is not None:
                 self._write_tokens(req.row, tokens)
             self._write_blocks(req.row, blocks, append=not resumed)
-            scheduled.append(Scheduled(req, start, count))
+            self._write_drafts(req.row, drafts)
+            scheduled.append(Scheduled(req, start, count, drafts))
         return StepPlan(scheduled, refused)
 
     def _stage_new(self, nr, finished: set[str]) -> tuple:
-        """A new request's validated values, (req_id, tokens, blocks, sampling, start, count); StepError if bad."""
+        """A new request's validated values, (req_id, tokens, blocks, sampling, start, count, drafts);
+        StepError if bad."""
         rid = nr.req_id
         if rid in self.requests and rid not in finished:
             raise StepError(f"request {rid!r} is already known to the worker; a new request must have a new id")
@@ -327,11 +357,14 @@ class BatchState:
         sampling = Sampling.from_proto(nr.sampling)
         self._check_tokens(rid, sampling.token_ids_used())
         blocks = self._check_blocks(rid, nr.block_ids)
-        self._check_span(rid, len(tokens), nr.num_computed_tokens, nr.num_scheduled_tokens, len(blocks))
-        return rid, tokens, blocks, sampling, nr.num_computed_tokens, nr.num_scheduled_tokens
+        drafts = self._check_drafts(rid, nr.draft_token_ids, len(tokens), nr.num_computed_tokens,
+                                    nr.num_scheduled_tokens)
+        self._check_span(rid, len(tokens) + len(drafts), nr.num_computed_tokens, nr.num_scheduled_tokens,
+                         len(blocks))
+        return rid, tokens, blocks, sampling, nr.num_computed_tokens, nr.num_scheduled_tokens, drafts
 
     def _stage_cached(self, cr, finished: set[str]) -> tuple:
-        """A cached request's validated values, (req, tokens or None, blocks, resumed, start, count)."""
+        """A cached request's validated values, (req, tokens or None, blocks, resumed, start, count, drafts)."""
         rid = cr.req_id
         old = None if rid in finished else self.requests.get(rid)
         if old is None:
@@ -348,8 +381,11 @@ class BatchState:
             self._check_length(rid, n_tokens, old.num_prompt_tokens)
         already = 0 if cr.resumed else int(self.num_blocks_of[old.row])
         blocks = self._check_blocks(rid, cr.new_block_ids, already)
-        self._check_span(rid, n_tokens, cr.num_computed_tokens, cr.num_scheduled_tokens, already + len(blocks))
-        return old, tokens, blocks, cr.resumed, cr.num_computed_tokens, cr.num_scheduled_tokens
+        drafts = self._check_drafts(rid, cr.draft_token_ids, n_tokens, cr.num_computed_tokens,
+                                    cr.num_scheduled_tokens)
+        self._check_span(rid, n_tokens + len(drafts), cr.num_computed_tokens, cr.num_scheduled_tokens,
+                         already + len(blocks))
+        return old, tokens, blocks, cr.resumed, cr.num_computed_tokens, cr.num_scheduled_tokens, drafts
 
     def append_token(self, req: RequestState, token: int) -> None:
         """Records a token the worker sampled (the front sends only tokens it did not sample itself)."""

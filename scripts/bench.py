@@ -3,7 +3,7 @@
 usage (front environment):
     .venv/bin/python scripts/bench.py [--model DIR] [--concurrency 1,8,32] [--num-prompts N] [--repeat 3]
                                       [--input-len L] [--output-len L] [--backends native,ms_rpc] [--offline]
-                                      [--prefill-heavy]
+                                      [--prefill-heavy] [--workload random|repetitive]
 
 Online (default): each backend runs as its own `vllm serve` subprocess on a free loopback port (never both at
 once), and is driven through the OpenAI completions API with the same workload: fixed random token-id prompts of
@@ -72,10 +72,18 @@ def pct(xs: list[float], q: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
 
 
-def make_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+def make_prompts(n: int, length: int, vocab: int, seed: int, workload: str = "random") -> list[list[int]]:
+    """Random token ids; "repetitive": a random passage of 24 tokens quoted over and over (text that quotes
+    itself, where n-gram drafts find their match)."""
     rng = random.Random(seed)
     # stay clear of the special tokens at the start of the vocabulary
-    return [[rng.randrange(100, vocab - 1) for _ in range(length)] for _ in range(n)]
+    out = [[rng.randrange(100, vocab - 1) for _ in range(length)] for _ in range(n)]
+    if workload == "repetitive":
+        out = [(p[:24] * (length // 24 + 1))[:length] for p in out]
+    return out
+
+
+NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 4, "prompt_lookup_min": 2}
 
 
 def vocab_size(model: str) -> int:
@@ -145,11 +153,13 @@ class Server:
         cmd = [str(VENV_BIN / "vllm"), "serve", model, "--dtype", "float32", "--host", "127.0.0.1",
                "--port", str(self.port), "--max-model-len", str(MAX_MODEL_LEN),
                "--kv-cache-memory-bytes", str(kv_bytes), "--seed", "0", *extra]
+        if backend.endswith("+ngram"):
+            cmd += ["--speculative-config", json.dumps(NGRAM)]
         env = dict(os.environ)
         self.metrics_port = None
         if backend.startswith("ms_rpc"):
             cmd += ["--distributed-executor-backend", "ms_rpc"]
-            tp = re.fullmatch(r"ms_rpc_tp(\d+)", backend)
+            tp = re.fullmatch(r"ms_rpc_tp(\d+)(\+ngram)?", backend)
             if tp:
                 cmd += ["--tensor-parallel-size", tp.group(1)]
             self.metrics_port = free_port()      # rank 0's (with TP, the other ranks get no metrics port)
@@ -330,7 +340,7 @@ def bench_online(backend: str, a, logdir: Path, out: dict) -> dict:
     srv = Server(backend, a.model, a.kv_cache_bytes, logdir, a.serve_arg)
     try:
         out["t_health"] = srv.wait_healthy()
-        warm = make_prompts(1, a.input_len, vocab, seed=999)
+        warm = make_prompts(1, a.input_len, vocab, seed=999, workload=a.workload)
         asyncio.run(run_level(srv.url, a.model, warm, a.output_len, 1))
         out["t_first"] = time.monotonic() - srv.t_start
         out["rss_idle"] = srv.rss.peaks_mib()
@@ -342,15 +352,15 @@ def bench_online(backend: str, a, logdir: Path, out: dict) -> dict:
         for c in a.concurrency:
             n = a.num_prompts or min(2 * c, 64)
             if a.warmup:
-                asyncio.run(run_level(srv.url, a.model, make_prompts(c, a.input_len, vocab, seed=10_000 + c),
-                                      a.output_len, c))
+                asyncio.run(run_level(srv.url, a.model, make_prompts(c, a.input_len, vocab, seed=10_000 + c,
+                                                                     workload=a.workload), a.output_len, c))
             m0 = srv.worker_metrics()
             log_at = srv.log_path.stat().st_size
             runs = out["levels"][c] = []
             for r in range(a.repeat):
                 srv.rss.reset()
-                res = asyncio.run(run_level(srv.url, a.model, make_prompts(n, a.input_len, vocab, seed=c + 1000 * r),
-                                            a.output_len, c))
+                prompts = make_prompts(n, a.input_len, vocab, seed=c + 1000 * r, workload=a.workload)
+                res = asyncio.run(run_level(srv.url, a.model, prompts, a.output_len, c))
                 res["rss_model"], res["rss_tree"] = srv.rss.peaks_mib()
                 res["n"] = n
                 runs.append(res)
@@ -422,7 +432,7 @@ def fmt_ratio(x: float, y: float) -> str:
 
 
 def print_online(results: dict, a):
-    hdr = (f"{'backend':10} {'conc':>4} {'n':>3} {'out tok/s':>9} {'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8} "
+    hdr = (f"{'backend':12} {'conc':>4} {'n':>3} {'out tok/s':>9} {'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8} "
            f"{'ITL p99':>8} {'model RSS':>9} {'tree RSS':>9} {'err':>3}")
     print(f"\nOnline: input {a.input_len} tokens, output {a.output_len} tokens (ignore_eos, greedy, streamed); "
           f"times in ms, RSS = peak polled RSS in MiB during the level; each figure the median of "
@@ -443,17 +453,18 @@ def print_online(results: dict, a):
             rows[(b, c)] = row
             tps = sorted(x["tps"] for x in per_run)
             spread = f"   (tok/s of {len(tps)} runs: {tps[0]:.1f}..{tps[-1]:.1f})" if len(tps) > 1 else ""
-            print(f"{b:10} {c:>4} {runs[0]['n']:>3} {row['tps']:>9.1f} {row['t50']:>9.1f} {row['t99']:>9.1f} "
+            print(f"{b:12} {c:>4} {runs[0]['n']:>3} {row['tps']:>9.1f} {row['t50']:>9.1f} {row['t99']:>9.1f} "
                   f"{row['i50']:>8.1f} {row['i99']:>8.1f} {row['rm']:>9.0f} {row['rt']:>9.0f} "
                   f"{sum(len(lv['errors']) + lv['short'] for lv in runs):>3}{spread}")
-    for b in [b for b in results if b.startswith("ms_rpc")] if "native" in results else []:
+    for b in [b for b in results if b.startswith("ms_rpc")]:
+        nb = "native+ngram" if b.endswith("+ngram") else "native"     # the same speculative config
         for c in a.concurrency:
-            n, m = rows.get(("native", c)), rows.get((b, c))
+            n, m = rows.get((nb, c)), rows.get((b, c))
             if n and m:
                 print(f"{'ratio':10} {c:>4} {'':>3} " + " ".join(
                     f"{fmt_ratio(m[k], n[k]):>{w}}" for k, w in
                     [("tps", 9), ("t50", 9), ("t99", 9), ("i50", 8), ("i99", 8), ("rm", 9), ("rt", 9)])
-                    + f"   ({b} / native)")
+                    + f"   ({b} / {nb})")
     print("(ratio = ms_rpc / native: >1 is better for tok/s, worse for latency and RSS)")
     print("\nStart-up (s): process start -> /health 200 -> first request served; VmHWM: sum over the model "
           "processes of their peak RSS over the whole run")
@@ -486,7 +497,10 @@ def main():
                     help="requests per level (default: 2 x concurrency, at most 64; offline: 64)")
     ap.add_argument("--input-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=64)
-    ap.add_argument("--backends", default="native,ms_rpc")
+    ap.add_argument("--backends", default="native,ms_rpc",
+                    help="native, ms_rpc, ms_rpc_tpN; a +ngram suffix adds --speculative-config " + json.dumps(NGRAM))
+    ap.add_argument("--workload", choices=("random", "repetitive"), default="random",
+                    help="prompts of random tokens, or a 24-token passage repeated (where ngram drafts match)")
     ap.add_argument("--kv-cache-mib", type=int, default=512, help="KV cache size, both backends (MiB)")
     ap.add_argument("--repeat", type=int, default=3, help="timed runs per level (figures: their median)")
     ap.add_argument("--no-warmup", dest="warmup", action="store_false",

@@ -63,8 +63,7 @@ def encode_sampling(sp, logprobs_mode: str = "raw_logprobs") -> pb.SamplingParam
 
 def encode_step(so: SchedulerOutput, step_id: int, logprobs_mode: str = "raw_logprobs",
                 defer_sampling: bool = False) -> pb.StepRequest:
-    if so.scheduled_spec_decode_tokens:
-        raise UnsupportedRequestError("speculative decoding is not supported by ms_rpc workers")
+    drafts = so.scheduled_spec_decode_tokens
     msg = pb.StepRequest(protocol_version=PROTOCOL_VERSION, step_id=step_id,
                          total_num_scheduled_tokens=so.total_num_scheduled_tokens, defer_sampling=defer_sampling,
                          refuse_alone=True)
@@ -78,13 +77,14 @@ def encode_step(so: SchedulerOutput, step_id: int, logprobs_mode: str = "raw_log
         msg.new_requests.add(
             req_id=r.req_id, prompt_token_ids=r.prompt_token_ids, sampling=encode_sampling(r.sampling_params, logprobs_mode),
             block_ids=_only_group(r.block_ids, r.req_id), num_computed_tokens=r.num_computed_tokens,
-            num_scheduled_tokens=n[r.req_id],
+            num_scheduled_tokens=n[r.req_id], draft_token_ids=drafts.get(r.req_id, ()),
         )
     c = so.scheduled_cached_reqs
     for i, rid in enumerate(c.req_ids):
         cr = msg.cached_requests.add(
             req_id=rid, resumed=rid in c.resumed_req_ids, new_block_ids=_only_group(c.new_block_ids[i], rid),
             num_computed_tokens=c.num_computed_tokens[i], num_scheduled_tokens=n[rid],
+            draft_token_ids=drafts.get(rid, ()),
         )
         if rid in c.all_token_ids:
             cr.all_token_ids.extend(c.all_token_ids[rid])
@@ -110,21 +110,24 @@ def decode_result(res: pb.StepResult) -> ModelRunnerOutput:
     logprobs = None
     with_lp = [r for r in res.results if r.logprobs.token_ids]
     if with_lp:
-        # vLLM's LogprobsLists: one row per sampled token, [sampled, top-1..top-N], padded to the widest request.
-        width = max(len(r.logprobs.token_ids) for r in with_lp)
-        rows = [r for r in res.results if r.sampled_token_ids]
-        ids = np.zeros((len(rows), width), np.int32)
-        lps = np.full((len(rows), width), -np.inf, np.float32)
-        ranks = np.zeros((len(rows),), np.int32)
-        for j, r in enumerate(rows):
-            k = len(r.logprobs.token_ids)
-            ids[j, :k] = r.logprobs.token_ids
-            lps[j, :k] = r.logprobs.logprobs
-            ranks[j] = r.logprobs.ranks[0] if r.logprobs.ranks else 0
-        cu = [0]
+        # vLLM's LogprobsLists: one row per sampled token, [sampled, top-1..top-N], padded to the widest request;
+        # a request's rows start at cu_num_generated_tokens[its index].
+        width = max(len(r.logprobs.token_ids) // len(r.sampled_token_ids) for r in with_lp)
+        total = sum(len(s) for s in sampled)
+        ids = np.zeros((total, width), np.int32)
+        lps = np.full((total, width), -np.inf, np.float32)
+        ranks = np.zeros((total,), np.int32)
+        cu, j = [], 0
         for r in res.results:
-            cu.append(cu[-1] + (1 if r.sampled_token_ids else 0))
-        logprobs = LogprobsLists(ids, lps, ranks, cu[:-1])
+            cu.append(j)
+            m = len(r.sampled_token_ids)
+            if r.logprobs.token_ids:
+                k = len(r.logprobs.token_ids) // m
+                ids[j:j + m, :k] = np.reshape(r.logprobs.token_ids, (m, k))
+                lps[j:j + m, :k] = np.reshape(r.logprobs.logprobs, (m, k))
+                ranks[j:j + m] = r.logprobs.ranks
+            j += m
+        logprobs = LogprobsLists(ids, lps, ranks, cu)
     prompt_lp = {}
     for r in res.results:
         p = r.prompt_logprobs

@@ -19,9 +19,10 @@ from functools import cached_property
 import torch
 from vllm.v1.executor.abstract import Executor
 from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheSpec, SlidingWindowSpec
-from vllm.v1.outputs import ModelRunnerOutput
+from vllm.v1.outputs import DraftTokenIds, ModelRunnerOutput
 
 from ms_rpc.v1 import worker_pb2 as pb
+from ms_worker import spec   # numpy only: the method's name and the worker's feature flag
 from vllm_ext.client import WorkerError
 from vllm_ext.codec import decode_result, encode_grammar, encode_step
 from vllm_ext.group import ConfigError, WorkerGroup, group_addresses
@@ -80,6 +81,19 @@ def rpc_settings(vllm_config) -> dict:
     return settings
 
 
+def speculative_config(vllm_config) -> pb.SpeculativeConfig | None:
+    """vLLM's --speculative-config as the workers serve it: method ngram, drafts proposed and verified on the
+    worker. Methods that need a draft model or MTP layers are refused at start-up."""
+    sc = vllm_config.speculative_config
+    if sc is None:
+        return None
+    if sc.method != spec.METHOD:
+        raise ConfigError(f"ms_rpc: --speculative-config method {sc.method!r} is not supported by ms_rpc workers; "
+                          f"supported: {spec.METHOD} (drafts from n-gram lookup in the request's own tokens)")
+    return pb.SpeculativeConfig(method=sc.method, num_speculative_tokens=sc.num_speculative_tokens,
+                                prompt_lookup_min=sc.prompt_lookup_min, prompt_lookup_max=sc.prompt_lookup_max)
+
+
 def check_same_model(info: pb.WorkerInfo, model_config, address: str) -> None:
     hf = model_config.hf_config
     expected = {
@@ -135,6 +149,8 @@ class MsRpcExecutor(Executor):
         if pc.pipeline_parallel_size != 1:
             raise ConfigError("ms_rpc serves pipeline parallel size 1 (tensor and data parallel are supported)")
         self.settings = rpc_settings(self.vllm_config)
+        self._speculative = speculative_config(self.vllm_config)
+        self._drafts: DraftTokenIds | None = None   # the drafts the last step's workers proposed
         self._failure_callback = None
         self._scheduler = None
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ms_rpc")
@@ -173,6 +189,9 @@ class MsRpcExecutor(Executor):
 
     def _check_model(self, info: pb.WorkerInfo, address: str) -> None:
         check_same_model(info, self.model_config, address)
+        if self._speculative is not None and spec.FEATURE not in info.features:
+            raise ConfigError(f"ms_rpc worker {address} does not implement speculative decoding ({spec.FEATURE}); "
+                              f"upgrade it or drop --speculative-config")
 
     def register_failure_callback(self, callback) -> None:
         self._failure_callback = callback
@@ -249,7 +268,7 @@ class MsRpcExecutor(Executor):
             max_num_seqs=sc.max_num_seqs, max_num_batched_tokens=sc.max_num_batched_tokens,
             max_model_len=self.model_config.max_model_len,
             # One seed for every rank: their unseeded random draws stay identical, and so do their request states.
-            sampling_seed=secrets.randbits(63) or 1,
+            sampling_seed=secrets.randbits(63) or 1, speculative=self._speculative,
         )
         self.group.handshake(self._cache, warmup=False)
         self._step = 0
@@ -334,10 +353,18 @@ class MsRpcExecutor(Executor):
                 log.error("ms_rpc worker %s: %s", self.group.address, r.error)
             self._live.difference_update(r.req_id for r in refused)
             self._end_with_error({r.req_id for r in refused})
+        if self._speculative is not None:
+            self._drafts = DraftTokenIds([r.req_id for r in res.results],
+                                         [list(r.draft_token_ids) for r in res.results])
         self.stats.add("decode", time.perf_counter() - t0)
         self.stats.step_ended()
         self.stats.maybe_log(log)
         return out
+
+    def take_draft_token_ids(self) -> DraftTokenIds | None:
+        """The drafts the workers proposed with the last step's tokens (vLLM asks once per step)."""
+        drafts, self._drafts = self._drafts, None
+        return drafts
 
     def execute_model(self, scheduler_output, non_block: bool = False):
         if non_block:
