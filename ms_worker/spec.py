@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ms_rpc.v1 import FEATURE_SPEC_DECODE_NGRAM as FEATURE, SPEC_METHOD_NGRAM as METHOD  # noqa: F401 (service)
 from ms_worker.state import RequestState
-
-METHOD = "ngram"
-FEATURE = "spec_decode_ngram"     # WorkerInfo.features
 
 
 def propose_ngram(tokens: np.ndarray, min_n: int, max_n: int, k: int, max_model_len: int) -> np.ndarray:

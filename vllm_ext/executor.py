@@ -21,8 +21,8 @@ from vllm.v1.executor.abstract import Executor
 from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheSpec, SlidingWindowSpec
 from vllm.v1.outputs import DraftTokenIds, ModelRunnerOutput
 
+from ms_rpc.v1 import FEATURE_SPEC_DECODE_NGRAM, SPEC_METHOD_NGRAM
 from ms_rpc.v1 import worker_pb2 as pb
-from ms_worker import spec   # numpy only: the method's name and the worker's feature flag
 from vllm_ext.client import WorkerError
 from vllm_ext.codec import decode_result, encode_grammar, encode_step
 from vllm_ext.group import ConfigError, WorkerGroup, group_addresses
@@ -87,9 +87,9 @@ def speculative_config(vllm_config) -> pb.SpeculativeConfig | None:
     sc = vllm_config.speculative_config
     if sc is None:
         return None
-    if sc.method != spec.METHOD:
+    if sc.method != SPEC_METHOD_NGRAM:
         raise ConfigError(f"ms_rpc: --speculative-config method {sc.method!r} is not supported by ms_rpc workers; "
-                          f"supported: {spec.METHOD} (drafts from n-gram lookup in the request's own tokens)")
+                          f"supported: {SPEC_METHOD_NGRAM} (drafts from n-gram lookup in the request's own tokens)")
     return pb.SpeculativeConfig(method=sc.method, num_speculative_tokens=sc.num_speculative_tokens,
                                 prompt_lookup_min=sc.prompt_lookup_min, prompt_lookup_max=sc.prompt_lookup_max)
 
@@ -189,8 +189,8 @@ class MsRpcExecutor(Executor):
 
     def _check_model(self, info: pb.WorkerInfo, address: str) -> None:
         check_same_model(info, self.model_config, address)
-        if self._speculative is not None and spec.FEATURE not in info.features:
-            raise ConfigError(f"ms_rpc worker {address} does not implement speculative decoding ({spec.FEATURE}); "
+        if self._speculative is not None and FEATURE_SPEC_DECODE_NGRAM not in info.features:
+            raise ConfigError(f"ms_rpc worker {address} does not implement speculative decoding ({FEATURE_SPEC_DECODE_NGRAM}); "
                               f"upgrade it or drop --speculative-config")
 
     def register_failure_callback(self, callback) -> None:

@@ -1,6 +1,10 @@
 """ms_rpc.v1, the wire contract. PROTOCOL_VERSION is the version both sides speak: the front sends it in every
-request and checks the worker's Describe; the worker refuses any other."""
+request and checks the worker's Describe; the worker refuses any other. Additions within a version are optional
+fields; a worker names the ones it implements in WorkerInfo.features (the FEATURE_* strings)."""
 
 from ms_rpc.v1.worker_pb2 import PROTOCOL_VERSION_CURRENT as PROTOCOL_VERSION
 
-__all__ = ["PROTOCOL_VERSION"]
+SPEC_METHOD_NGRAM = "ngram"                     # the speculative method workers verify (vLLM's method name)
+FEATURE_SPEC_DECODE_NGRAM = "spec_decode_ngram"  # drafts in the step, verified by the worker
+
+__all__ = ["PROTOCOL_VERSION", "SPEC_METHOD_NGRAM", "FEATURE_SPEC_DECODE_NGRAM"]
