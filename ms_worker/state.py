@@ -287,28 +287,19 @@ class BatchState:
         refused: dict[str, str] = {}
         staged_new = []      # (req_id, tokens, blocks, sampling, start, count, drafts)
         staged_cached = []   # (req, tokens or None, blocks, resumed, start, count, drafts)
-        for nr in step.new_requests:
-            rid = nr.req_id
-            if rid in seen:
-                raise StepError(f"request {rid!r} scheduled twice in one step")
-            seen.add(rid)
-            try:
-                staged_new.append(self._stage_new(nr, finished))
-            except StepError as e:
-                if not step.refuse_alone:
-                    raise
-                refused[rid] = str(e)
-        for cr in step.cached_requests:
-            rid = cr.req_id
-            if rid in seen:
-                raise StepError(f"request {rid!r} scheduled twice in one step")
-            seen.add(rid)
-            try:
-                staged_cached.append(self._stage_cached(cr, finished))
-            except StepError as e:
-                if not step.refuse_alone:
-                    raise
-                refused[rid] = str(e)
+        for deltas, stage, staged in ((step.new_requests, self._stage_new, staged_new),
+                                      (step.cached_requests, self._stage_cached, staged_cached)):
+            for delta in deltas:
+                rid = delta.req_id
+                if rid in seen:
+                    raise StepError(f"request {rid!r} scheduled twice in one step")
+                seen.add(rid)
+                try:
+                    staged.append(stage(delta, finished))
+                except StepError as e:
+                    if not step.refuse_alone:
+                        raise
+                    refused[rid] = str(e)
 
         total = sum(r.num_scheduled_tokens for r in (*step.new_requests, *step.cached_requests))
         if step.total_num_scheduled_tokens and total != step.total_num_scheduled_tokens:
