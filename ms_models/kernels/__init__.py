@@ -19,22 +19,19 @@ first and raises a RuntimeError naming both paths; build into the white-listed d
 Threads: the kernel uses OpenMP, at most ``MS_PA_THREADS`` (default 2) threads, one for small work
 (under ~0.1 ms) or a single work unit. libgomp reads ``OMP_WAIT_POLICY`` / ``GOMP_SPINCOUNT`` when it
 is loaded (MindSpore itself does not load libgomp; this library does, at its first launch), so
-``paged_attention_op()`` sets ``GOMP_SPINCOUNT=10000`` unless already set: an idle team thread spins
-at most ~10k iterations (some µs) before sleeping, instead of libgomp's default 300k, so it does not
-hold a core that MindSpore's next kernels want. Measured with ``python -m ms_models.kernels.bench
---spin`` (AMD EPYC, 2 vCPUs, shared with other jobs; per layer of attention + an MLP-sized
-matmul/silu/matmul, 8 layers a graph, best of 2 rounds, ms):
+``paged_attention_op()`` sets ``GOMP_SPINCOUNT=0`` unless already set: a team thread sleeps as soon as
+the parallel region ends instead of spinning on a core that MindSpore's own thread pool needs for the
+layer's next kernels. Measured on the whole model (``.venv-worker/bin/python -m ms_models.bench
+models/SmolLM2-135M-Instruct --decode-batches 1,8,32 --prefill 128,512 --block-size 128``, 2-vCPU AMD
+EPYC, nothing else running, two interleaved rounds, median ms per forward):
 
-    case            1 thread  spin 0  spin 10k  spin 300k  ACTIVE
-    decode B=1        2.28     2.22     3.49      2.40      1.95   (B=1 runs on one thread anyway)
-    decode B=8        5.16     4.29     6.23      4.09      7.81
-    decode B=32      10.91     7.51     6.48      8.55      7.19
-    prefill 1x512    78.4     79.5     66.3      78.4      78.2
+    setting                      B=1     B=8      B=32     prefill 128  prefill 512
+    MS_PA_THREADS=1              48-50   74-87    177-183  198-207      811-877
+    2 threads, spin 10,000       53-58   142-177  260-294  436-448      981-993
+    2 threads, spin 0 (default)  50-54   72-77    137-141  193-195      690-732
 
-Two threads beat one; between the wait settings the differences are within this VM's run-to-run
-noise (an earlier run under heavier load had 1 thread ahead everywhere). The attention alone, in
-the graph, 3 interleaved rounds: 1 thread 0.69-0.81 / 2.16-2.33 / 8.8-10.2 ms, 2 threads with spin
-10k 0.45-0.59 / 1.17-1.47 / 4.6-5.1 ms (decode B=8 / decode B=32 / prefill 512).
+The kernel alone (``python -m ms_models.kernels.bench --spin``: attention + an MLP-sized matmul per
+layer) cannot show this: the contention is with the rest of the model's kernels.
 """
 from __future__ import annotations
 
@@ -52,7 +49,7 @@ SOURCE = os.path.join(HERE, "paged_attention.cc")
 FUNC_NAME = "PagedAttentionFlat"
 CXX_FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 # libgomp's spin before an idle thread sleeps (see the module docstring for the measurement).
-_SPINCOUNT = "10000"
+_SPINCOUNT = "0"
 
 
 class KernelBuildError(RuntimeError):

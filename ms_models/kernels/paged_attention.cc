@@ -35,9 +35,8 @@
 // head_dim 64 and 128 (any even head_dim works, slower).
 //
 // Threads: OpenMP, at most MS_PA_THREADS (default 2), 1 for small work (waking the team costs more
-// than it saves). Wait policy: the loader sets GOMP_SPINCOUNT=10000 (figures in
-// ms_models/kernels/__init__.py: 2 threads ~1.7-1.9x faster than 1 in the graph for decode B=32 and
-// a 512-token prefill; spin settings within noise).
+// than it saves). Wait policy: the loader sets GOMP_SPINCOUNT=0, so idle team threads sleep at once
+// and leave the cores to MindSpore's thread pool (figures in ms_models/kernels/__init__.py).
 
 #include <omp.h>
 #include <stdint.h>
