@@ -18,6 +18,10 @@ import time
 
 import numpy as np
 
+from ms_models.kernels import set_omp_wait_policy
+
+set_omp_wait_policy()  # before MindSpore is imported
+
 
 def _rss_mib() -> int:
     try:

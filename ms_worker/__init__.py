@@ -2,3 +2,7 @@
 
 Never imports torch or vllm.
 """
+
+from ms_models.kernels import set_omp_wait_policy
+
+set_omp_wait_policy()  # before anything in this process imports MindSpore

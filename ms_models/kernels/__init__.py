@@ -18,8 +18,9 @@ first and raises a RuntimeError naming both paths; build into the white-listed d
 
 Threads: the kernel uses OpenMP, at most ``MS_PA_THREADS`` (default 2) threads, one for small work
 (under ~0.1 ms) or a single work unit. libgomp reads ``OMP_WAIT_POLICY`` / ``GOMP_SPINCOUNT`` when it
-is loaded (MindSpore itself does not load libgomp; this library does, at its first launch), so
-``paged_attention_op()`` sets ``GOMP_SPINCOUNT=0`` unless already set: a team thread sleeps as soon as
+is loaded, and ``import mindspore`` loads it, so ``set_omp_wait_policy()`` (called by ``ms_worker`` and
+the benchmarks before anything imports MindSpore) sets ``GOMP_SPINCOUNT=0`` unless already set, and
+``paged_attention_op()`` warns when libgomp was loaded before that: a team thread sleeps as soon as
 the parallel region ends instead of spinning on a core that MindSpore's own thread pool needs for the
 layer's next kernels. Measured on the whole model (``.venv-worker/bin/python -m ms_models.bench
 models/SmolLM2-135M-Instruct --decode-batches 1,8,32 --prefill 128,512 --block-size 128``, 2-vCPU AMD
@@ -42,7 +43,7 @@ import shutil
 import subprocess
 import sys
 
-__all__ = ["build", "paged_attention_op", "KernelBuildError", "SOURCE", "FUNC_NAME"]
+__all__ = ["build", "paged_attention_op", "set_omp_wait_policy", "KernelBuildError", "SOURCE", "FUNC_NAME"]
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCE = os.path.join(HERE, "paged_attention.cc")
@@ -50,6 +51,24 @@ FUNC_NAME = "PagedAttentionFlat"
 CXX_FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 # libgomp's spin before an idle thread sleeps (see the module docstring for the measurement).
 _SPINCOUNT = "0"
+
+
+def set_omp_wait_policy() -> None:
+    """Call before MindSpore is imported (it loads libgomp, which reads GOMP_SPINCOUNT once)."""
+    os.environ.setdefault("GOMP_SPINCOUNT", _SPINCOUNT)
+    global _POLICY_BEFORE_LIBGOMP
+    _POLICY_BEFORE_LIBGOMP = _POLICY_BEFORE_LIBGOMP or not _libgomp_loaded()
+
+
+def _libgomp_loaded() -> bool:
+    try:
+        with open("/proc/self/maps") as f:
+            return any("libgomp" in line for line in f)
+    except OSError:
+        return False
+
+
+_POLICY_BEFORE_LIBGOMP = False
 
 
 class KernelBuildError(RuntimeError):
@@ -118,7 +137,13 @@ def paged_attention_op():
     """The PagedAttentionFlat ops.Custom (one per process; usable in PyNative and inside ms.jit)."""
     global _OP
     if _OP is None:
-        os.environ.setdefault("GOMP_SPINCOUNT", _SPINCOUNT)
+        if not _POLICY_BEFORE_LIBGOMP and os.environ.get("GOMP_SPINCOUNT") != _SPINCOUNT:
+            import logging
+
+            logging.getLogger(__name__).warning(
+                "libgomp was loaded before GOMP_SPINCOUNT=%s was set: the attention kernel's idle threads spin "
+                "on cores MindSpore needs (about 2x slower forwards on 2 cores); call "
+                "ms_models.kernels.set_omp_wait_policy() before importing mindspore", _SPINCOUNT)
         from mindspore import ops
 
         path = build()

@@ -25,6 +25,10 @@ import time
 
 import numpy as np
 
+from ms_models.kernels import set_omp_wait_policy
+
+set_omp_wait_policy()  # before MindSpore is imported
+
 H, KVH, D, BS = 14, 2, 64, 16
 HIDDEN, FFN = 896, 4864
 # A jit call costs ~0.6-0.9 ms on its own here (an empty-ish graph: 0.87 ms), so each graph runs the
