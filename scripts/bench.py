@@ -383,7 +383,7 @@ def bench_online(backend: str, a, logdir: Path, out: dict) -> dict:
 # -- offline ----------------------------------------------------------------------------------------------------
 OFFLINE_CHILD = r"""
 import json, sys, time
-a = json.loads(sys.argv[1])
+a = json.loads(sys.stdin.readline())
 t0 = time.monotonic()
 from vllm import LLM, SamplingParams, TokensPrompt
 kw = dict(model=a["model"], dtype="float32", max_model_len=a["max_model_len"], seed=0,
@@ -412,9 +412,11 @@ def bench_offline(backend: str, a, logdir: Path) -> dict:
     print(f"[{backend}] offline LLM.generate, {n} prompts (log: {log_path})", flush=True)
     t0 = time.monotonic()
     with open(log_path, "w") as log:
-        p = subprocess.Popen([str(VENV_BIN / "python"), "-c", OFFLINE_CHILD, json.dumps(arg)], stdout=subprocess.PIPE,
-                             stderr=log, text=True, cwd=ROOT, start_new_session=True)
+        p = subprocess.Popen([str(VENV_BIN / "python"), "-c", OFFLINE_CHILD], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=log, text=True, cwd=ROOT, start_new_session=True)
         rss = RssSampler(p.pid, backend)
+        p.stdin.write(json.dumps(arg) + "\n")   # the prompts (too long for an argument)
+        p.stdin.close()
         lines = list(p.stdout)
         p.wait()
     rss.stop()

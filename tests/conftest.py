@@ -9,6 +9,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -75,6 +76,39 @@ def perturb_norms_and_biases(model, bias_std: float = 0.1):
             elif name.endswith(".bias"):
                 p.normal_(0.0, bias_std)
     return model
+
+
+def toy_logits(size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Fixed random logits [size] for the sampler's distribution tests, their softmax p, and token ids by falling p."""
+    logits = np.random.default_rng(0).normal(0, 1.5, size=size).astype(np.float32)
+    p = np.exp(logits - logits.max())
+    p /= p.sum()
+    return logits, p, np.argsort(-p)
+
+
+def one_row_request(sampling, req_id: str = "r"):
+    """The per-request view ms_worker's Sampler reads, for a one-token request with these Sampling settings."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(req_id=req_id, token_ids=np.array([1], np.int32), num_prompt_tokens=1, sampling=sampling,
+                           generator=None)
+
+
+def assert_draws_follow(draws, expected: np.ndarray, what) -> None:
+    """Chi-square goodness of fit of integer draws to the probabilities `expected` (renormalised); fails by chance
+    once in 10^6 runs. A token of probability 0 must never be drawn."""
+    from scipy.stats import chi2
+
+    expected = expected / expected.sum()
+    n = len(draws)
+    counts = np.bincount(np.asarray(draws), minlength=len(expected))
+    assert counts[expected == 0].sum() == 0, f"{what}: drew a token of probability 0"
+    big = expected * n >= 5                                   # chi-square needs expected counts >= 5
+    obs = np.append(counts[big], counts[~big].sum())
+    exp = np.append(expected[big] * n, expected[~big].sum() * n)
+    obs, exp = obs[exp > 0], exp[exp > 0]
+    stat = ((obs - exp) ** 2 / exp).sum()
+    assert stat < chi2.ppf(1 - 1e-6, len(obs) - 1), (what, stat)
 
 
 def descendants(pid: int) -> list[int]:

@@ -14,7 +14,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, assert_draws_follow, one_row_request, toy_logits
 
 MAX_NEW = 16
 
@@ -109,39 +109,20 @@ def test_greedy_params_and_logprobs_match_native(default_model, tok, mode):
 
 def test_sampler_follows_the_distribution():
     """Chi-square goodness of fit of the worker's sampler at temperature 1, with top-k, and with top-p."""
-    from scipy.stats import chi2
-
-    from types import SimpleNamespace
-
     from ms_worker.sampler import Sampler
     from ms_worker.state import Sampling
 
-    rng = np.random.default_rng(0)
-    logits = rng.normal(0, 1.5, size=64).astype(np.float32)
-    p = np.exp(logits - logits.max())
-    p /= p.sum()
-    order = np.argsort(-p)
+    logits, p, order = toy_logits(64)
     top_k = np.zeros_like(p)
     top_k[order[:8]] = p[order[:8]]
     keep = np.cumsum(p[order]) - p[order] < 0.7
     top_p = np.zeros_like(p)
     top_p[order[keep]] = p[order[keep]]
-    n = 20000
     for sampling, expected in [(Sampling(temperature=1.0), p), (Sampling(temperature=1.0, top_k=8), top_k),
                                (Sampling(temperature=1.0, top_p=0.7), top_p)]:
-        expected = expected / expected.sum()
-        req = SimpleNamespace(req_id="r", token_ids=np.array([1], np.int32), num_prompt_tokens=1, sampling=sampling,
-                              generator=None)
-        sampler = Sampler(seed=1)
-        draws = [sampler.sample(logits[None, :], [req])[0].token for _ in range(n)]
-        counts = np.bincount(draws, minlength=64)
-        assert counts[expected == 0].sum() == 0, "drew a token that top-k/top-p excludes"
-        big = expected * n >= 5                                   # chi-square needs expected counts >= 5
-        obs = np.append(counts[big], counts[~big].sum())
-        exp = np.append(expected[big] * n, expected[~big].sum() * n)
-        obs, exp = obs[exp > 0], exp[exp > 0]
-        stat = ((obs - exp) ** 2 / exp).sum()
-        assert stat < chi2.ppf(1 - 1e-6, len(obs) - 1), (sampling, stat)   # fails by chance once in 10^6 runs
+        sampler, req = Sampler(seed=1), one_row_request(sampling)
+        assert_draws_follow([sampler.sample(logits[None, :], [req])[0].token for _ in range(20000)], expected,
+                            sampling)
 
 
 def hf_scores(model_dir, ids: list[int], mode: str) -> np.ndarray:

@@ -19,7 +19,7 @@ import urllib.request
 import numpy as np
 import pytest
 
-from conftest import Server, concurrent_greedy, hf_greedy, metric
+from conftest import Server, assert_draws_follow, concurrent_greedy, hf_greedy, metric, one_row_request, toy_logits
 
 K = 3
 
@@ -47,42 +47,22 @@ def test_ngram_proposer_matches_vllm():
 def test_draft_verification_keeps_the_distribution():
     """A random row verifying draft d returns d with probability p(d) and otherwise a token drawn from p without
     d: the token follows p (chi-square), at temperature 1 and with top-k; a greedy row returns its argmax."""
-    from types import SimpleNamespace
-
-    from scipy.stats import chi2
-
     from ms_worker.sampler import Sampler
     from ms_worker.spec import accept
     from ms_worker.state import Sampling
 
-    rng = np.random.default_rng(0)
-    logits = rng.normal(0, 1.5, size=48).astype(np.float32)
-    p = np.exp(logits - logits.max())
-    p /= p.sum()
-    order = np.argsort(-p)
+    logits, p, order = toy_logits(48)
     top_k = np.zeros_like(p)
     top_k[order[:6]] = p[order[:6]]
-    n = 20000
     for sampling, expected, draft in [(Sampling(temperature=1.0), p, int(order[0])),
                                       (Sampling(temperature=1.0), p, int(order[10])),
                                       (Sampling(temperature=1.0, top_k=6), top_k, int(order[2])),
                                       (Sampling(temperature=1.0, top_k=6), top_k, int(order[20]))]:
-        expected = expected / expected.sum()
-        req = SimpleNamespace(req_id="r", token_ids=np.array([1], np.int32), num_prompt_tokens=1, sampling=sampling,
-                              generator=None)
-        sampler = Sampler(seed=3)
-        draws = np.array([sampler.sample(logits[None, :], [req], drafts=[draft])[0].token for _ in range(n)])
-        counts = np.bincount(draws, minlength=48)
-        assert counts[expected == 0].sum() == 0, "drew a token that top-k excludes"
-        big = expected * n >= 5
-        obs = np.append(counts[big], counts[~big].sum())
-        exp = np.append(expected[big] * n, expected[~big].sum() * n)
-        obs, exp = obs[exp > 0], exp[exp > 0]
-        stat = ((obs - exp) ** 2 / exp).sum()
-        assert stat < chi2.ppf(1 - 1e-6, len(obs) - 1), (sampling, draft, stat)
+        sampler, req = Sampler(seed=3), one_row_request(sampling)
+        draws = [sampler.sample(logits[None, :], [req], drafts=[draft])[0].token for _ in range(20000)]
+        assert_draws_follow(draws, expected, (sampling, draft))
 
-    greedy = SimpleNamespace(req_id="g", token_ids=np.array([1], np.int32), num_prompt_tokens=1,
-                             sampling=Sampling(), generator=None)
+    greedy = one_row_request(Sampling(), "g")
     best = int(np.argmax(logits))
     for draft in (best, int(order[5]), -1):
         assert Sampler(seed=1).sample(logits[None, :], [greedy], drafts=[draft])[0].token == best
