@@ -15,7 +15,7 @@ from .report import expect
 from .session import Session
 
 INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT
-HELD_TOKENS = 3          # tokens the held request generates around the refused step
+HELD_TOKENS = 2          # tokens the held request generates around the refused step
 BAD_ID = "bad-new"
 
 

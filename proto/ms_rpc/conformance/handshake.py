@@ -96,7 +96,7 @@ def available_memory(s: Session) -> None:
                                                                   requested_bytes=2**20),
                      INVALID_ARGUMENT, "block_size 0")
     probe = s.wire.call("DetermineAvailableMemory", pb.MemoryRequest(
-        protocol_version=PROTOCOL_VERSION, block_size=L.block_size, requested_bytes=2**20,
+        protocol_version=PROTOCOL_VERSION, block_size=L.block_size, requested_bytes=2**28,
         max_num_batched_tokens=L.max_num_batched_tokens, max_num_seqs=L.max_num_seqs))
     m = s.info.model
     kv_heads = math.ceil(m.num_kv_heads / s.info.world_size)
@@ -159,9 +159,9 @@ def liveness(s: Session) -> None:
 def liveness_changes_nothing(s: Session) -> None:
     """A request decoding around liveness probes gives the tokens it gives alone; the probe counts it."""
     p = s.prompt(24, seed=11)
-    want = s.reference(p, 6)
+    want = s.reference(p, 4)
     r = s.new_req(p)
-    while len(r.out) < 6:
+    while len(r.out) < 4:
         s.advance([r])
         live = s.worker_state()
         expect(live == (s.next_step, 1), f"liveness says (next step, active requests) {live}, expected "

@@ -12,7 +12,7 @@ from .report import expect
 from .session import Session
 from .wire import unknown_field
 
-N = 3
+N = 2
 
 
 def size_limit(s: Session) -> None:

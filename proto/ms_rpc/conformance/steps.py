@@ -13,7 +13,7 @@ from ms_rpc.v1 import worker_pb2 as pb
 from .report import expect
 from .session import Session
 
-N = 8              # output tokens per request
+N = 5              # output tokens per request
 PROMPT_LEN = 40    # more than two blocks of 16, not a whole number of blocks
 FAILED_PRECONDITION = grpc.StatusCode.FAILED_PRECONDITION
 INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT
