@@ -107,7 +107,8 @@ def test_kit_fails_a_worker_that_accepts_out_of_order_steps(tiny_llama, tmp_path
     checks, (passed, failed) = _lines(out)
     assert out.returncode == 1 and failed >= 1, out.stdout + out.stderr[-3000:]
     for name in ("step_id.gap_refused", "step_id.replay_refused", "step_id.reorder_refused"):
-        assert re.match(rf"FAIL {re.escape(name)}: .*accepted.*expected FAILED_PRECONDITION", checks[name]), checks[name]
+        line = checks[name]
+        assert re.match(rf"FAIL {re.escape(name)}: .*accepted.*expected FAILED_PRECONDITION", line), line
     # the checks the proxy does not touch still pass: the kit names what is wrong, not everything
     for name in ("handshake.describe", "handshake.initialize_cache", "bounds.block_id_beyond_cache"):
         assert checks[name].startswith("PASS"), checks[name]
