@@ -23,9 +23,9 @@ import threading
 import time
 from concurrent import futures
 
+from ms_rpc.v1 import MAX_MESSAGE_MB as DEFAULT_MAX_MESSAGE_MB
 from ms_worker.memory import DEFAULT_UTILIZATION
 
-DEFAULT_MAX_MESSAGE_MB = 64
 DEFAULT_DIST_TIMEOUT_S = 300.0
 ENV_PREFIX = "MS_WORKER_"
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from ms_rpc.v1 import PROTOCOL_VERSION
+from ms_rpc.v1 import MAX_MESSAGE_MB, PROTOCOL_VERSION
 from ms_rpc.v1 import worker_pb2 as pb
 from ms_rpc.v1 import worker_pb2_grpc as pb_grpc
 
@@ -73,7 +73,7 @@ class ChannelSecurity:
 
 
 class WorkerClient:
-    def __init__(self, address: str, max_message_mb: int = 64, security: ChannelSecurity | None = None):
+    def __init__(self, address: str, max_message_mb: int = MAX_MESSAGE_MB, security: ChannelSecurity | None = None):
         self.address = address
         self.security = security = security or ChannelSecurity()
         mb = max_message_mb * 2**20

@@ -6,5 +6,6 @@ from ms_rpc.v1.worker_pb2 import PROTOCOL_VERSION_CURRENT as PROTOCOL_VERSION
 
 SPEC_METHOD_NGRAM = "ngram"                     # the speculative method workers verify (vLLM's method name)
 FEATURE_SPEC_DECODE_NGRAM = "spec_decode_ngram"  # drafts in the step, verified by the worker
+MAX_MESSAGE_MB = 64      # the default limit on one gRPC message, each way (worker --max-message-mb, front's client)
 
-__all__ = ["PROTOCOL_VERSION", "SPEC_METHOD_NGRAM", "FEATURE_SPEC_DECODE_NGRAM"]
+__all__ = ["PROTOCOL_VERSION", "SPEC_METHOD_NGRAM", "FEATURE_SPEC_DECODE_NGRAM", "MAX_MESSAGE_MB"]
