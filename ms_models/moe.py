@@ -1,12 +1,12 @@
 """Mixture-of-experts decoder layers on the flat token batch (the CPU path).
 
 A sparse layer is the shared decoder's layer (attention unchanged) whose MLP is replaced by routed experts:
-the post-attention normed hidden states ``h`` [T, H] go through one custom operator per layer
-(``ms_models.kernels.moe_ffn_op``, moe_ffn.cc) that routes each real token (softmax over the router logits,
-top-k, optionally renormalised), counting-sorts the T x top_k (token, expert) pairs by expert into one
+the post-attention normed hidden states ``h`` [T, H] and their router logits (one matmul) go through one custom
+operator per layer (``ms_models.kernels.moe_ffn_op``, moe_ffn.cc) that routes each real token (softmax over the
+router logits, top-k, optionally renormalised), counting-sorts the T x top_k (token, expert) pairs by expert into one
 contiguous segment per expert, runs each expert's gate/up/down matmuls over its own segment only (experts no
 token chose cost nothing; padding rows of the token bucket are not routed) and sums each token's top-k rows
-with its routing weights. One op instead of a dozen MindSpore kernels (router matmul, softmax, top-k, sort,
+with its routing weights. One op instead of a dozen MindSpore kernels (softmax, top-k, sort,
 gathers, per-expert matmuls, scatter) matters on MindSpore CPU, where every kernel launch costs ~15 us and a
 static graph cannot skip an expert's matmul when its segment is empty. Qwen2-MoE adds a dense shared expert
 whose output is scaled by sigmoid(h @ shared_expert_gate) (plain ops, every token).
@@ -82,7 +82,8 @@ class MoeDecoderLayer(DecoderLayer):
                          block_tables, params)
         x = x + linear(o, self.wo, self.bo)
         h = rms_norm(x, self.eps, self.ln2, self.norm_op)
-        y = self.moe_op(h, self.router, self.eg, self.eu, self.ed, query_start_loc, params, self.moe_cfg)
+        logits = linear(h, self.router)
+        y = self.moe_op(h, logits, self.eg, self.eu, self.ed, query_start_loc, params, self.moe_cfg)
         if self.sg is not None:
             s = gated_mlp(h, self.sg, self.su, self.sd)
             y = y + s * expand_to(ops.sigmoid(linear(h, self.sgate)), s.shape)

@@ -14,7 +14,8 @@ Checks:
     config hash equals the worker's;
   * served: greedy tokens through vLLM's engine with the ms_rpc executor (tests/offline_generate.py, as
     test_models.py serves) equal HF's, for Qwen3-MoE at TP 1;
-  * tensor parallel > 1 is refused for MoE models at start-up, naming the reason (the worker's argument check).
+  * tensor parallel > 1 is refused for MoE models at start-up, naming the reason (the front's check before it
+    starts workers, and the worker's argument check).
 """
 import json
 import os
@@ -166,6 +167,13 @@ def test_tensor_parallel_refused_for_moe(ckpts, tmp_path):
     cfg = ModelConfig.from_model_dir(str(path))
     assert check_tensor_parallel(cfg, 1) is None
     assert "Qwen3MoeForCausalLM is a mixture-of-experts model" in check_tensor_parallel(cfg, 2)
+    # the front, before it starts any worker (MsRpcExecutor._init_executor)
+    from vllm_ext.executor import ConfigError, check_tensor_parallel_size
+
+    check_tensor_parallel_size(str(path), 1)
+    with pytest.raises(ConfigError, match=r"ms_rpc: tensor-parallel size 2: Qwen3MoeForCausalLM is a mixture-of-"):
+        check_tensor_parallel_size(str(path), 2)
+    # the worker, before it loads anything
     log = tmp_path / "worker.log"
     with open(log, "w") as f:
         p = subprocess.run([WORKER_PY, "-m", "ms_worker", "serve", "--model", str(path), "--port", "0",

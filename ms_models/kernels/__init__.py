@@ -166,7 +166,7 @@ _MOE_OP = None
 
 
 def moe_ffn_op():
-    """The MoeFFN ops.Custom (one per process): x [T, H], router [H, E], w_gate / w_up [E, H, I], w_down
+    """The MoeFFN ops.Custom (one per process): x [T, H], router logits [T, E], w_gate / w_up [E, H, I], w_down
     [E, I, H], query_start_loc, params (the attention kernel's), moe [2] = (top_k, norm_topk_prob) -> [T, H]."""
     global _MOE_OP
     if _MOE_OP is None:
