@@ -162,7 +162,9 @@ def _moe_features(hf: dict, num_layers: int, num_experts: int, expert_size: int,
 def _qwen_moe_features(hf: dict, num_layers: int) -> dict:
     """Qwen2-MoE / Qwen3-MoE: layer i is sparse iff num_experts > 0, (i + 1) % decoder_sparse_step == 0 and i is
     not in mlp_only_layers (as HF's decoder layer decides); the others are dense MLPs of intermediate_size."""
-    experts, step = int(hf.get("num_experts", 0)), int(hf.get("decoder_sparse_step", 1))
+    # transformers >= 5 writes num_experts as num_local_experts (its attribute map), the published configs num_experts
+    experts = int(hf.get("num_experts", hf.get("num_local_experts", 0)) or 0)
+    step = int(hf.get("decoder_sparse_step", 1))
     dense = set(hf.get("mlp_only_layers") or [])
     layers = [i for i in range(num_layers) if experts > 0 and (i + 1) % step == 0 and i not in dense]
     if not layers:

@@ -46,7 +46,7 @@ def _make(name, seed):
 
     torch.manual_seed(seed)
     common = dict(vocab_size=VOCAB, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
-                  max_position_embeddings=256, num_experts_per_tok=2, initializer_range=0.1,
+                  max_position_embeddings=512, num_experts_per_tok=2, initializer_range=0.1,
                   bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
     if name == "qwen3_moe":
         cfg = T.Qwen3MoeConfig(num_hidden_layers=2, head_dim=32, intermediate_size=96, moe_intermediate_size=32,
@@ -116,6 +116,49 @@ def ms_forward(ckpts, tmp_path_factory):
                        cwd=str(d), env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, f"MindSpore side failed:\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}"
     return dict(prompts=prompts, out={name: str(d / f"{name}.npz") for name in ckpts})
+
+
+KERNEL_CHECK = """
+import sys
+import numpy as np
+from ms_models.kernels import moe_ffn_op, set_omp_wait_policy
+set_omp_wait_policy()
+from ms_models import runtime
+runtime.setup("cpu")
+from mindspore import Tensor
+rng = np.random.default_rng(0)
+T, real, H, E, I, K = 512, 300, 64, 8, 96, 2
+x = rng.standard_normal((T, H), dtype=np.float32)
+logits = (rng.standard_normal((T, E)) * 3).astype(np.float32)
+wg, wu = (rng.standard_normal((E, H, I), dtype=np.float32) * 0.2 for _ in range(2))
+wd = rng.standard_normal((E, I, H), dtype=np.float32) * 0.2
+qsl = np.array([0, 100, real, real], np.int32)
+for norm in (0, 1):
+    out = moe_ffn_op()(Tensor(x), Tensor(logits), Tensor(wg), Tensor(wu), Tensor(wd), Tensor(qsl),
+                       Tensor(np.array([2, 0], np.int32)), Tensor(np.array([K, norm], np.int32))).asnumpy()
+    ref = np.zeros_like(out)
+    for t in range(real):
+        p = np.exp(logits[t] - logits[t].max())
+        p /= p.sum()
+        top = np.argsort(-p)[:K]
+        w = p[top] / p[top].sum() if norm else p[top]
+        for e, we in zip(top, w):
+            g, u = x[t] @ wg[e], x[t] @ wu[e]
+            ref[t] += we * ((g / (1 + np.exp(-g)) * u) @ wd[e])
+    err = float(np.abs(out - ref).max())
+    assert err < 1e-4 and not out[real:].any(), (norm, err)
+    print("norm", norm, "max err", err)
+"""
+
+
+def test_kernel_matches_numpy_on_a_multithreaded_step(tmp_path):
+    """The MoeFFN op alone, on a step large enough for its thread team (300 real tokens of a 512-row bucket, 8
+    experts): each token's top-2 experts' SwiGLU, weighted, equals a numpy loop over tokens; padding rows are
+    zero."""
+    env = dict(os.environ, GLOG_v="3", PYTHONPATH=REPO)
+    p = subprocess.run([WORKER_PY, "-c", KERNEL_CHECK], cwd=str(tmp_path), env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr[-4000:]
 
 
 def test_checkpoints_hold_per_expert_or_fused_tensors(ckpts):

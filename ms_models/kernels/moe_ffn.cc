@@ -241,6 +241,7 @@ extern "C" int MoeFFN(int nparam, void **params, int *ndims, int64_t **shapes, c
   static thread_local std::vector<float> act, y;
   if (act.size() < (size_t)(NK * I)) act.resize((size_t)(NK * I));
   if (y.size() < (size_t)(NK * H)) y.resize((size_t)(NK * H));
+  float *act_p = act.data(), *y_p = y.data();  // the caller's buffers (thread_local: other threads have their own)
   const int nthreads = num_threads(6 * NK * H * I, (int64_t)u1.size());
   const int64_t n1 = (int64_t)u1.size(), n2 = (int64_t)u2.size();
 
@@ -250,20 +251,20 @@ extern "C" int MoeFFN(int nparam, void **params, int *ndims, int64_t **shapes, c
     for (int64_t i = 0; i < n1; ++i) {
       const int64_t e = u1[i].e, c0 = u1[i].c0;
       gate_up(x, tok.data() + start[e], start[e + 1] - start[e], wg + e * H * I, wu + e * H * I, H, I, c0,
-              std::min<int64_t>(CW, I - c0), act.data() + start[e] * I);
+              std::min<int64_t>(CW, I - c0), act_p + start[e] * I);
     }
 #pragma omp for schedule(dynamic, 1)
     for (int64_t i = 0; i < n2; ++i) {
       const int64_t e = u2[i].e, c0 = u2[i].c0;
-      down(act.data() + start[e] * I, start[e + 1] - start[e], wd + e * I * H, I, H, c0,
-           std::min<int64_t>(CW, H - c0), y.data() + start[e] * H);
+      down(act_p + start[e] * I, start[e + 1] - start[e], wd + e * I * H, I, H, c0,
+           std::min<int64_t>(CW, H - c0), y_p + start[e] * H);
     }
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < n; ++t) {
       float *o = out + (t0 + t) * H;
       for (int k = 0; k < K; ++k) {
         const float wk = w[t * K + k];
-        const float *yr = y.data() + pos[t * K + k] * H;
+        const float *yr = y_p + pos[t * K + k] * H;
 #pragma omp simd
         for (int64_t h = 0; h < H; ++h) o[h] += wk * yr[h];
       }
