@@ -165,8 +165,7 @@ def test_unsupported_flags_are_refused_at_start_up(default_model):
              "--kv-transfer-config": dict(kv_transfer_config={"kv_connector": "ExampleConnector",
                                                               "kv_role": "kv_both"}),
              "--logits-processors": dict(logits_processors=["vllm.v1.sample.logits_processor.MinPLogitsProcessor"]),
-             "--enable-lora": dict(enable_lora=True),
-             "--enable-expert-parallel": dict(enable_expert_parallel=True)}
+             "--enable-lora": dict(enable_lora=True)}
     code = textwrap.dedent(f"""
         import json, sys
         from vllm.config import KVTransferConfig
