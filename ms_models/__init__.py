@@ -1,8 +1,9 @@
 """MindSpore implementations of HF decoder-only LLMs with a paged KV cache.
 
 Architectures (``SUPPORTED_ARCHITECTURES``): LlamaForCausalLM, MistralForCausalLM,
-Qwen2ForCausalLM, Qwen3ForCausalLM: one module each over the shared decoder
-(``decoder.py``) and blocks (``layers.py``).
+Qwen2ForCausalLM, Qwen3ForCausalLM, and the mixture-of-experts MixtralForCausalLM,
+Qwen2MoeForCausalLM, Qwen3MoeForCausalLM: one module each over the shared decoder
+(``decoder.py``), blocks (``layers.py``) and MoE layer (``moe.py``).
 
     from ms_models import load_model, ModelConfig, UnsupportedModelError
     model = load_model(model_dir, device="cpu", use_jit=True)   # -> CausalLM

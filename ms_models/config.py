@@ -119,10 +119,58 @@ def architecture_features(arch: str, hf: dict) -> dict:
             return dict(attention_bias=True, o_bias=False, sliding_window=window)
         bias = bool(hf.get("attention_bias", False))
         return dict(attention_bias=bias, o_bias=bias, qk_norm=True, sliding_window=window)
-    if arch == "MistralForCausalLM":  # every layer uses the window when one is set (0 / null: none)
-        window = hf.get("sliding_window") or None
-        return dict(sliding_window=_uniform_sliding_window(hf, num_layers, [window is not None] * num_layers))
+    if arch in ("MistralForCausalLM", "MixtralForCausalLM"):  # every layer uses the window when one is set
+        window = hf.get("sliding_window") or None                # (0 / null: none)
+        feats = dict(sliding_window=_uniform_sliding_window(hf, num_layers, [window is not None] * num_layers))
+        if arch == "MixtralForCausalLM":  # every layer is sparse; the experts' size is intermediate_size
+            feats.update(_moe_features(hf, num_layers, int(hf.get("num_local_experts", 8)),
+                                       int(hf["intermediate_size"]), norm_topk_prob=True))
+        return feats
+    if arch == "Qwen3MoeForCausalLM":  # Qwen3 attention; the window (use_sliding_window) is on every layer
+        window = hf.get("sliding_window") if hf.get("use_sliding_window") else None
+        bias = bool(hf.get("attention_bias", False))
+        return dict(attention_bias=bias, o_bias=bias, qk_norm=True,
+                    sliding_window=_uniform_sliding_window(hf, num_layers, [bool(window)] * num_layers),
+                    **_qwen_moe_features(hf, num_layers))
+    if arch == "Qwen2MoeForCausalLM":  # Qwen2 attention (qkv_bias, no o bias) and a gated shared expert
+        layer_types = hf.get("layer_types")
+        if isinstance(layer_types, list) and layer_types:
+            if len(layer_types) != num_layers:
+                raise ValueError(f"config.json: layer_types has {len(layer_types)} entries for {num_layers} layers")
+            sliding = [t == "sliding_attention" for t in layer_types]
+        else:  # HF's default layer_types for this architecture
+            first = int(hf.get("max_window_layers", 28))
+            sliding = [bool((i + 1) % 2) and i < first and bool(hf.get("use_sliding_window")) for i in
+                       range(num_layers)]
+        return dict(attention_bias=bool(hf.get("qkv_bias", True)), o_bias=False,
+                    sliding_window=_uniform_sliding_window(hf, num_layers, sliding),
+                    shared_expert_intermediate_size=int(hf.get("shared_expert_intermediate_size", 5632)),
+                    **_qwen_moe_features(hf, num_layers))
     raise UnsupportedModelError(f"no configuration rules for architecture {arch}")
+
+
+def _moe_features(hf: dict, num_layers: int, num_experts: int, expert_size: int, norm_topk_prob: bool,
+                  moe_layers=None) -> dict:
+    top_k = int(hf.get("num_experts_per_tok", 2))
+    if not 1 <= top_k <= num_experts:
+        raise ValueError(f"config.json: num_experts_per_tok {top_k} is not in 1..{num_experts} (the experts)")
+    layers = tuple(range(num_layers)) if moe_layers is None else tuple(moe_layers)
+    return dict(num_experts=num_experts, num_experts_per_tok=top_k, moe_intermediate_size=expert_size,
+                norm_topk_prob=bool(norm_topk_prob), moe_layers=layers)
+
+
+def _qwen_moe_features(hf: dict, num_layers: int) -> dict:
+    """Qwen2-MoE / Qwen3-MoE: layer i is sparse iff num_experts > 0, (i + 1) % decoder_sparse_step == 0 and i is
+    not in mlp_only_layers (as HF's decoder layer decides); the others are dense MLPs of intermediate_size."""
+    # transformers >= 5 writes num_experts as num_local_experts (its attribute map), the published configs num_experts
+    experts = int(hf.get("num_experts", hf.get("num_local_experts", 0)) or 0)
+    step = int(hf.get("decoder_sparse_step", 1))
+    dense = set(hf.get("mlp_only_layers") or [])
+    layers = [i for i in range(num_layers) if experts > 0 and (i + 1) % step == 0 and i not in dense]
+    if not layers:
+        return dict(moe_layers=())
+    return _moe_features(hf, num_layers, experts, int(hf["moe_intermediate_size"]),
+                         bool(hf.get("norm_topk_prob", False)), layers)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,6 +198,14 @@ class ModelConfig:
     mlp_bias: bool = False
     qk_norm: bool = False         # per-head RMSNorm of q and k before RoPE (Qwen3)
     sliding_window: Optional[int] = None  # every layer attends to the last N positions only (Mistral)
+    # mixture of experts (ms_models.moe): the layers in moe_layers route each token to num_experts_per_tok of
+    # num_experts experts of moe_intermediate_size; the other layers are dense MLPs of intermediate_size
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False  # the top-k routing weights are divided by their sum
+    shared_expert_intermediate_size: int = 0  # Qwen2-MoE: a dense expert every token uses, sigmoid-gated
+    moe_layers: tuple = ()
     dtype: str = "float32"  # compute / weight / KV-cache dtype of the MindSpore model
     config_hash: str = ""
 

@@ -212,7 +212,7 @@ class DecoderModel(nn.Cell):
         return logits
 
 
-def build_decoder(cfg: ModelConfig, weights, dev: DeviceOps) -> DecoderModel:
+def build_decoder(cfg: ModelConfig, weights, dev: DeviceOps, sparse_layer=None) -> DecoderModel:
     """Builds a DecoderModel from HF-named weights (``weights.get(name)`` -> a fresh fp32 numpy
     array in HF layout, which this function may modify).
 
@@ -227,6 +227,10 @@ def build_decoder(cfg: ModelConfig, weights, dev: DeviceOps) -> DecoderModel:
     their output (HF dim 0), o/down along their input (HF dim 1; a bias stays with rank 0),
     embedding and lm head by vocabulary rows, zero-padded to ceil(vocab / size); the layers are
     built with this rank's heads, KV heads and intermediate size.
+
+    ``sparse_layer(prefix, gamma)``: for the layers in ``cfg.moe_layers``, reads that layer's MLP weights
+    (``gamma``: the post-attention norm's, to fold, or None) and returns (layer class, weights), replacing the
+    dense MLP (ms_models.moe).
     """
     tp = dev.tp
     scale = cfg.head_dim ** -0.5
@@ -291,9 +295,14 @@ def build_decoder(cfg: ModelConfig, weights, dev: DeviceOps) -> DecoderModel:
         if cfg.qk_norm:
             w["qn"] = head_gamma(p + ".self_attn.q_norm.weight", lcfg.num_heads, scale)
             w["kn"] = head_gamma(p + ".self_attn.k_norm.weight", lcfg.num_kv_heads)
-        w["wg"], w["bg"] = lin(p + ".mlp.gate_proj", cfg.mlp_bias, g2, col=mlp_span)
-        w["wu"], w["bu"] = lin(p + ".mlp.up_proj", cfg.mlp_bias, g2, col=mlp_span)
-        w["wd"], w["bd"] = lin(p + ".mlp.down_proj", cfg.mlp_bias, row=mlp_span)
+        cls = FusedDecoderLayer if dev.fused else DecoderLayer
+        if sparse_layer is not None and i in cfg.moe_layers:
+            cls, mlp = sparse_layer(p, g2)
+            w.update(mlp)
+        else:
+            w["wg"], w["bg"] = lin(p + ".mlp.gate_proj", cfg.mlp_bias, g2, col=mlp_span)
+            w["wu"], w["bu"] = lin(p + ".mlp.up_proj", cfg.mlp_bias, g2, col=mlp_span)
+            w["wd"], w["bd"] = lin(p + ".mlp.down_proj", cfg.mlp_bias, row=mlp_span)
         # numpy temporaries freed layer by layer
-        layers.append((FusedDecoderLayer if dev.fused else DecoderLayer)(lcfg, w, p, dev))
+        layers.append(cls(lcfg, w, p, dev))
     return DecoderModel(lcfg, embed, layers, weights.get("model.norm.weight"), lm_head_w, dev)

@@ -219,6 +219,18 @@ class _CheckedWeights:
             "mlp.down_proj.weight": (c.hidden_size, c.intermediate_size), "mlp.down_proj.bias": (c.hidden_size,),
             "self_attn.q_norm.weight": (c.head_dim,), "self_attn.k_norm.weight": (c.head_dim,),
         }
+        if c.num_experts:  # per-expert names with the expert index as "*" (_expected)
+            E, I, S = c.num_experts, c.moe_intermediate_size, c.shared_expert_intermediate_size
+            for block, gate, up, down in (("mlp", "gate_proj", "up_proj", "down_proj"),
+                                          ("block_sparse_moe", "w1", "w3", "w2")):
+                per_layer.update({f"{block}.gate.weight": (E, c.hidden_size),
+                                  f"{block}.experts.*.{gate}.weight": (I, c.hidden_size),
+                                  f"{block}.experts.*.{up}.weight": (I, c.hidden_size),
+                                  f"{block}.experts.*.{down}.weight": (c.hidden_size, I)})
+            per_layer.update({"mlp.shared_expert.gate_proj.weight": (S, c.hidden_size),
+                              "mlp.shared_expert.up_proj.weight": (S, c.hidden_size),
+                              "mlp.shared_expert.down_proj.weight": (c.hidden_size, S),
+                              "mlp.shared_expert_gate.weight": (1, c.hidden_size)})
         self._per_layer = per_layer
 
     def _expected(self, name):
@@ -226,7 +238,10 @@ class _CheckedWeights:
             return self._shapes[name]
         parts = name.split(".", 3)
         if len(parts) == 4 and parts[0] == "model" and parts[1] == "layers":
-            return self._per_layer.get(parts[3])
+            key = parts[3].split(".")
+            if len(key) > 2 and key[1] == "experts" and key[2].isdigit():
+                key[2] = "*"
+            return self._per_layer.get(".".join(key))
         return None
 
     def has(self, name):
@@ -252,13 +267,13 @@ def load_model(model_dir: str, device: str = "cpu", use_jit: bool = True, thread
     (float16 also; layers.DeviceOps). ``kernels``: stand-ins for the fused kernels of the ascend path (tests).
     """
     from . import runtime
-    from .parallel import TensorParallel, check_divisible
+    from .parallel import TensorParallel, check_tensor_parallel
 
     dev_name = runtime.normalize_device(device)
     dtype = runtime.resolve_dtype(dev_name, dtype, stand_ins=kernels is not None)
     cfg = ModelConfig.from_model_dir(model_dir, dtype=dtype)  # before importing MindSpore: cheap failures first
     tp = TensorParallel(int(tp_rank), int(tp_size))
-    problem = check_divisible(cfg.num_heads, cfg.num_kv_heads, tp.size)
+    problem = check_tensor_parallel(cfg, tp.size)
     if problem:
         raise ValueError(f"{problem} (model: {os.fspath(model_dir)})")
     src = SafetensorsWeights(model_dir)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 
-__all__ = ["TensorParallel", "check_divisible"]
+__all__ = ["TensorParallel", "check_divisible", "check_tensor_parallel"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,3 +67,12 @@ def check_divisible(num_heads: int, num_kv_heads: int, size: int) -> str | None:
                 f" (each rank must own whole heads; sizes that fit: "
                 f"{[d for d in range(1, num_kv_heads + 1) if num_kv_heads % d == 0 and num_heads % d == 0]})")
     return None
+
+
+def check_tensor_parallel(cfg, size: int) -> str | None:
+    """Why ``size`` ranks cannot serve the model of ModelConfig ``cfg``, or None: its heads must divide
+    (check_divisible), and a mixture-of-experts model is served by one rank (no expert sharding yet)."""
+    if size > 1 and cfg.num_experts:
+        return (f"tensor-parallel size {size}: {cfg.architecture} is a mixture-of-experts model, which ms_rpc "
+                f"workers serve at tensor-parallel size 1 only (its experts are not sharded across ranks)")
+    return check_divisible(cfg.num_heads, cfg.num_kv_heads, size)

@@ -21,6 +21,9 @@ SUPPORTED_ARCHITECTURES: dict[str, str] = {
     "MistralForCausalLM": "ms_models.mistral:build_network",
     "Qwen2ForCausalLM": "ms_models.qwen2:build_network",
     "Qwen3ForCausalLM": "ms_models.qwen3:build_network",
+    "MixtralForCausalLM": "ms_models.mixtral:build_network",
+    "Qwen2MoeForCausalLM": "ms_models.qwen2_moe:build_network",
+    "Qwen3MoeForCausalLM": "ms_models.qwen3_moe:build_network",
 }
 
 

@@ -171,7 +171,7 @@ def _check_args(args) -> str | None:
         return f"rank {args.rank} is not in 0..{args.world_size - 1} (tensor-parallel size {args.world_size})"
     if args.world_size > 1:
         from ms_models import ModelConfig, UnsupportedModelError
-        from ms_models.parallel import check_divisible
+        from ms_models.parallel import check_tensor_parallel
         from ms_models.runtime import parse_dist_addr
 
         if not args.dist_addr:
@@ -187,7 +187,7 @@ def _check_args(args) -> str | None:
             cfg = ModelConfig.from_model_dir(args.model)
         except (UnsupportedModelError, FileNotFoundError, ValueError) as e:
             return f"cannot load model {args.model}: {e}"
-        return check_divisible(cfg.num_heads, cfg.num_kv_heads, args.world_size)
+        return check_tensor_parallel(cfg, args.world_size)
     return None
 
 

@@ -172,10 +172,14 @@ def estimate_activation_bytes(config, num_tokens: int, num_seqs: int, tp_size: i
     norm, q/k/v, attention output, o_proj, MLP output, with room for the graph's copies) and 4 intermediate-sized
     rows (gate, up, activation, product) of this rank's share; logits for ``num_seqs`` sampled rows over the whole
     vocabulary, 3 times (logits, their softmax, the sampler's copy); all in 4-byte floats. Attention keeps no
-    score matrix (the kernel's online softmax)."""
+    score matrix (the kernel's online softmax). A mixture-of-experts layer instead keeps, per token, top_k
+    expert rows of intermediate and hidden size (the MoE kernel's buffers) and the shared expert's 4 rows, when
+    that is more."""
     t = max(0, int(num_tokens))
     s = max(1, min(int(num_seqs or 1), t or 1))
-    per_token = 12 * config.hidden_size + 4 * -(-config.intermediate_size // tp_size)
+    inter = max(4 * config.intermediate_size, config.num_experts_per_tok * (config.moe_intermediate_size
+                + config.hidden_size) + 4 * config.shared_expert_intermediate_size)
+    per_token = 12 * config.hidden_size + -(-inter // tp_size)
     logits = 3 * s * config.vocab_size
     return 4 * (t * per_token + logits)
 

@@ -48,10 +48,14 @@ def test_rule_bytes_fraction_and_refusals():
 def test_activation_estimate_grows_with_the_step():
     from types import SimpleNamespace
 
-    cfg = SimpleNamespace(num_heads=9, hidden_size=576, intermediate_size=1536, vocab_size=49152)
+    cfg = SimpleNamespace(num_heads=9, hidden_size=576, intermediate_size=1536, vocab_size=49152,
+                          num_experts_per_tok=0, moe_intermediate_size=0, shared_expert_intermediate_size=0)
     small, big = (memory.estimate_activation_bytes(cfg, t, 8) for t in (256, 2048))
     assert 0 < small < big
     assert memory.estimate_activation_bytes(cfg, 2048, 8, tp_size=3) < big
+    # a mixture of experts whose top_k expert rows outweigh the dense MLP's rows needs more
+    moe = SimpleNamespace(**{**vars(cfg), "num_experts_per_tok": 8, "moe_intermediate_size": 768})
+    assert memory.estimate_activation_bytes(moe, 2048, 8) > big
 
 
 def test_peak_rss_increase_sees_a_transient_allocation():

@@ -94,6 +94,23 @@ def speculative_config(vllm_config) -> pb.SpeculativeConfig | None:
                                 prompt_lookup_min=sc.prompt_lookup_min, prompt_lookup_max=sc.prompt_lookup_max)
 
 
+def check_tensor_parallel_size(model: str, size: int) -> None:
+    """Refuses a tensor-parallel size the workers cannot serve for a local model directory before any worker starts
+    (heads that do not divide, a mixture-of-experts model at size > 1); the workers check the same."""
+    if size <= 1 or not os.path.isdir(model):
+        return
+    from ms_models.config import ModelConfig
+    from ms_models.parallel import check_tensor_parallel
+
+    try:
+        cfg = ModelConfig.from_model_dir(model)
+    except (OSError, ValueError):  # UnsupportedModelError included: the workers report it, naming the model
+        return
+    problem = check_tensor_parallel(cfg, size)
+    if problem:
+        raise ConfigError(f"ms_rpc: {problem} (model: {model})")
+
+
 def check_same_model(info: pb.WorkerInfo, model_config, address: str) -> None:
     hf = model_config.hf_config
     expected = {
@@ -148,6 +165,7 @@ class MsRpcExecutor(Executor):
         pc = self.parallel_config
         if pc.pipeline_parallel_size != 1:
             raise ConfigError("ms_rpc serves pipeline parallel size 1 (tensor and data parallel are supported)")
+        check_tensor_parallel_size(self.model_config.model, pc.tensor_parallel_size)
         self.settings = rpc_settings(self.vllm_config)
         self._speculative = speculative_config(self.vllm_config)
         self._drafts: DraftTokenIds | None = None   # the drafts the last step's workers proposed

@@ -1,13 +1,14 @@
 """Custom MindSpore CPU kernels (ops.Custom, func_type "aot"), compiled from C++ on first use.
 
-``build()`` compiles ``paged_attention.cc`` with g++ into ``ms_models/kernels/build/`` (or
-``$MS_MODELS_KERNEL_DIR``) as ``paged_attention-<hash>.so``, the hash covering the source and the
-compiler command, so a changed source gets a new file and a stale one is never loaded; a file
-lock (``fcntl.flock``) lets worker processes that start together build it once. ``python -m
-ms_models.kernels`` builds it ahead (the worker environment's Makefile recipe does).
+``build(source)`` compiles one kernel source (``paged_attention.cc`` by default, ``moe_ffn.cc``) with g++
+into ``ms_models/kernels/build/`` (or ``$MS_MODELS_KERNEL_DIR``) as ``<name>-<hash>.so``, the hash
+covering the source and the compiler command, so a changed source gets a new file and a stale one is
+never loaded; a file lock (``fcntl.flock``) lets worker processes that start together build it once.
+``python -m ms_models.kernels`` builds them all ahead (the worker environment's Makefile recipe does).
 
 ``paged_attention_op()`` returns the ``PagedAttentionFlat`` Custom op (cached per process); the
-contract is at the top of paged_attention.cc. It writes the two cache inputs in place: pass
+contract is at the top of paged_attention.cc. ``moe_ffn_op()`` returns ``MoeFFN`` (the routed experts of
+a mixture-of-experts layer, moe_ffn.cc; ms_models.moe). It writes the two cache inputs in place: pass
 ``Parameter`` caches (in place under ``ms.jit`` and in PyNative; checked by
 tests/test_attention_kernel.py).
 
@@ -43,11 +44,13 @@ import shutil
 import subprocess
 import sys
 
-__all__ = ["build", "paged_attention_op", "set_omp_wait_policy", "KernelBuildError", "SOURCE", "FUNC_NAME"]
+__all__ = ["build", "paged_attention_op", "moe_ffn_op", "set_omp_wait_policy", "KernelBuildError", "SOURCE",
+           "MOE_SOURCE", "FUNC_NAME"]
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCE = os.path.join(HERE, "paged_attention.cc")
 FUNC_NAME = "PagedAttentionFlat"
+MOE_SOURCE = os.path.join(HERE, "moe_ffn.cc")
 CXX_FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 # libgomp's spin before an idle thread sleeps (see the module docstring for the measurement).
 _SPINCOUNT = "0"
@@ -83,18 +86,19 @@ def _compiler() -> str:
     return os.environ.get("CXX") or "g++"
 
 
-def _lib_path() -> tuple[str, list[str]]:
-    with open(SOURCE, "rb") as f:
+def _lib_path(source: str = SOURCE) -> tuple[str, list[str]]:
+    with open(source, "rb") as f:
         src = f.read()
     cxx = _compiler()
     h = hashlib.sha256(src + " ".join([cxx] + CXX_FLAGS).encode()).hexdigest()[:16]
-    path = os.path.join(build_dir(), f"paged_attention-{h}.so")
-    return path, [cxx, *CXX_FLAGS, "-o", path, SOURCE]
+    name = os.path.splitext(os.path.basename(source))[0]
+    path = os.path.join(build_dir(), f"{name}-{h}.so")
+    return path, [cxx, *CXX_FLAGS, "-o", path, source]
 
 
-def build(force: bool = False) -> str:
-    """Path of the compiled library, compiling it when missing (or ``force``)."""
-    path, cmd = _lib_path()
+def build(force: bool = False, source: str = SOURCE) -> str:
+    """Path of the compiled library of ``source``, compiling it when missing (or ``force``)."""
+    path, cmd = _lib_path(source)
     if os.path.exists(path) and not force:
         return path
     os.makedirs(build_dir(), exist_ok=True)
@@ -107,7 +111,7 @@ def build(force: bool = False) -> str:
                 raise KernelBuildError(f"C++ compiler {cmd[0]!r} not found (set CXX or install g++); "
                                        f"the kernel is built with: {' '.join(cmd)}")
             tmp = f"{path}.tmp{os.getpid()}"
-            tmp_cmd = cmd[:-3] + ["-o", tmp, SOURCE]
+            tmp_cmd = cmd[:-3] + ["-o", tmp, source]
             p = subprocess.run(tmp_cmd, capture_output=True, text=True)
             if p.returncode != 0:
                 if os.path.exists(tmp):
@@ -158,6 +162,23 @@ def paged_attention_op():
     return _OP
 
 
+_MOE_OP = None
+
+
+def moe_ffn_op():
+    """The MoeFFN ops.Custom (one per process): x [T, H], router logits [T, E], w_gate / w_up [E, H, I], w_down
+    [E, I, H], query_start_loc, params (the attention kernel's), moe [2] = (top_k, norm_topk_prob) -> [T, H]."""
+    global _MOE_OP
+    if _MOE_OP is None:
+        from mindspore import ops
+
+        path = build(source=MOE_SOURCE)
+        _check_white_list(path)
+        _MOE_OP = ops.Custom(f"{path}:MoeFFN", out_shape=lambda x, *_: x, out_dtype=lambda x, *_: x,
+                             func_type="aot")
+    return _MOE_OP
+
+
 def main(argv=None) -> int:
     import argparse
 
@@ -165,7 +186,8 @@ def main(argv=None) -> int:
     ap.add_argument("--force", action="store_true", help="rebuild even if the library exists")
     args = ap.parse_args(argv)
     try:
-        print(build(force=args.force))
+        for source in (SOURCE, MOE_SOURCE):
+            print(build(force=args.force, source=source))
     except KernelBuildError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -1,0 +1,141 @@
+"""Mixture-of-experts decoder layers on the flat token batch (the CPU path).
+
+A sparse layer is the shared decoder's layer (attention unchanged) whose MLP is replaced by routed experts:
+the post-attention normed hidden states ``h`` [T, H] and their router logits (one matmul) go through one custom
+operator per layer (``ms_models.kernels.moe_ffn_op``, moe_ffn.cc) that routes each real token (softmax over the
+router logits, top-k, optionally renormalised), counting-sorts the T x top_k (token, expert) pairs by expert into one
+contiguous segment per expert, runs each expert's gate/up/down matmuls over its own segment only (experts no
+token chose cost nothing; padding rows of the token bucket are not routed) and sums each token's top-k rows
+with its routing weights. One op instead of a dozen MindSpore kernels (softmax, top-k, sort,
+gathers, per-expert matmuls, scatter) matters on MindSpore CPU, where every kernel launch costs ~15 us and a
+static graph cannot skip an expert's matmul when its segment is empty. Qwen2-MoE adds a dense shared expert
+whose output is scaled by sigmoid(h @ shared_expert_gate) (plain ops, every token).
+
+Weights come from HF checkpoints as transformers writes them: per expert (``{block}.experts.{e}.{gate,up,down}``
+names, ``ExpertNames``) or fused (``mlp.experts.gate_up_proj`` [E, 2I, H] and ``mlp.experts.down_proj``
+[E, H, I], transformers 5's in-memory layout), stacked here to [E, H, I] / [E, I, H] ([in, out] per expert);
+the post-attention norm's gamma is folded into the router, the experts' gate/up and the shared expert (its
+gate included), as the dense builder folds it into gate/up. Tensor parallel (parallel.check_tensor_parallel) and
+the fused (Ascend) path are refused for these models.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+from mindspore import Tensor, ops
+
+from .config import ModelConfig
+from .decoder import DecoderLayer, DecoderModel, build_decoder
+from .layers import DeviceOps, expand_to, gated_mlp, head_rms_norm, linear, rms_norm, to_param
+from .parallel import check_tensor_parallel
+from .registry import UnsupportedModelError
+
+__all__ = ["ExpertNames", "QWEN_EXPERTS", "MIXTRAL_EXPERTS", "MoeDecoderLayer", "read_experts", "build_moe_decoder"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertNames:
+    """Where an architecture's checkpoint keeps a sparse layer's weights: ``{layer}.{block}.gate.weight`` (the
+    router) and ``{layer}.{block}.experts.{e}.{gate|up|down}.weight``."""
+    block: str
+    gate: str
+    up: str
+    down: str
+
+
+QWEN_EXPERTS = ExpertNames("mlp", "gate_proj", "up_proj", "down_proj")
+MIXTRAL_EXPERTS = ExpertNames("block_sparse_moe", "w1", "w3", "w2")
+
+
+class MoeDecoderLayer(DecoderLayer):
+    """A decoder layer whose MLP is routed experts (and optionally a gated shared expert). ``w``: DecoderLayer's
+    attention weights plus ``router`` [H, E], ``eg``/``eu`` [E, H, I], ``ed`` [E, I, H] and, for a shared
+    expert, ``sg``/``su`` [H, Is], ``sd`` [Is, H], ``sgate`` [H, 1] (read_experts)."""
+
+    def __init__(self, cfg: ModelConfig, w: dict, prefix: str, dev: DeviceOps):
+        super().__init__(cfg, w, prefix, dev)
+        from .kernels import moe_ffn_op
+
+        m = prefix + ".mlp."
+        self.router = to_param(w["router"], m + "gate.weight")
+        self.eg = to_param(w["eg"], m + "experts.gate_proj")
+        self.eu = to_param(w["eu"], m + "experts.up_proj")
+        self.ed = to_param(w["ed"], m + "experts.down_proj")
+        self.sg = to_param(w.get("sg"), m + "shared_expert.gate_proj.weight")
+        self.su = to_param(w.get("su"), m + "shared_expert.up_proj.weight")
+        self.sd = to_param(w.get("sd"), m + "shared_expert.down_proj.weight")
+        self.sgate = to_param(w.get("sgate"), m + "shared_expert_gate.weight")
+        self.moe_op = moe_ffn_op()
+        self.moe_cfg = Tensor(np.array([cfg.num_experts_per_tok, int(cfg.norm_topk_prob)], np.int32))
+
+    def construct(self, x, cos_sin, slots, query_start_loc, seq_lens, block_tables, params):
+        """DecoderLayer.construct with the MLP replaced (written out whole, as FusedDecoderLayer explains)."""
+        h = rms_norm(x, self.eps, self.ln1, self.norm_op)
+        q = linear(h, self.wq, self.bq)
+        k = linear(h, self.wk, self.bk)
+        if self.qn is not None:
+            q = head_rms_norm(q, self.head_dim, self.eps, self.qn, self.norm_op)
+            k = head_rms_norm(k, self.head_dim, self.eps, self.kn, self.norm_op)
+        v = linear(h, self.wv, self.bv)
+        o = self.attn_op(q, k, v, self.k_cache, self.v_cache, cos_sin, slots, query_start_loc, seq_lens,
+                         block_tables, params)
+        x = x + linear(o, self.wo, self.bo)
+        h = rms_norm(x, self.eps, self.ln2, self.norm_op)
+        logits = linear(h, self.router)
+        y = self.moe_op(h, logits, self.eg, self.eu, self.ed, query_start_loc, params, self.moe_cfg)
+        if self.sg is not None:
+            s = gated_mlp(h, self.sg, self.su, self.sd)
+            y = y + s * expand_to(ops.sigmoid(linear(h, self.sgate)), s.shape)
+        return x + y
+
+
+def read_experts(weights, prefix: str, gamma, cfg: ModelConfig, names: ExpertNames) -> dict:
+    """A sparse layer's weights for MoeDecoderLayer (numpy, [in, out]), ``gamma`` (or None) folded in."""
+    b = f"{prefix}.{names.block}."
+    E, H, I = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
+    router = np.ascontiguousarray(weights.get(b + "gate.weight").T)
+    if weights.has(b + "experts.gate_up_proj"):  # fused: gate_up [E, 2I, H], down [E, H, I]
+        gu = weights.get(b + "experts.gate_up_proj")
+        if gu.shape != (E, 2 * I, H):
+            raise ValueError(f"weight {b}experts.gate_up_proj has shape {list(gu.shape)}, expected {[E, 2 * I, H]}")
+        wg = np.ascontiguousarray(gu[:, :I].transpose(0, 2, 1))
+        wu = np.ascontiguousarray(gu[:, I:].transpose(0, 2, 1))
+        del gu
+        wd = weights.get(b + "experts.down_proj")
+        if wd.shape != (E, H, I):
+            raise ValueError(f"weight {b}experts.down_proj has shape {list(wd.shape)}, expected {[E, H, I]}")
+        wd = np.ascontiguousarray(wd.transpose(0, 2, 1))
+    else:
+        wg, wu, wd = (np.empty((E, H, I), np.float32), np.empty((E, H, I), np.float32),
+                      np.empty((E, I, H), np.float32))
+        for e in range(E):
+            x = f"{b}experts.{e}."
+            wg[e] = weights.get(x + names.gate + ".weight").T
+            wu[e] = weights.get(x + names.up + ".weight").T
+            wd[e] = weights.get(x + names.down + ".weight").T
+    out = dict(router=router, eg=wg, eu=wu, ed=wd)
+    if cfg.shared_expert_intermediate_size:
+        s = b + "shared_expert."
+        out.update(sg=np.ascontiguousarray(weights.get(s + "gate_proj.weight").T),
+                   su=np.ascontiguousarray(weights.get(s + "up_proj.weight").T),
+                   sd=np.ascontiguousarray(weights.get(s + "down_proj.weight").T),
+                   sgate=np.ascontiguousarray(weights.get(b + "shared_expert_gate.weight").T))
+    if gamma is not None:  # every consumer of the normed h: scale its input rows
+        for key in ("router", "sg", "su", "sgate"):
+            if key in out:
+                out[key] *= gamma[:, None]
+        wg *= gamma[None, :, None]
+        wu *= gamma[None, :, None]
+    return out
+
+
+def build_moe_decoder(cfg: ModelConfig, weights, dev: DeviceOps, names: ExpertNames) -> DecoderModel:
+    """build_decoder with the layers in ``cfg.moe_layers`` as MoeDecoderLayer (the others dense)."""
+    if dev.fused:
+        raise UnsupportedModelError(f"{cfg.architecture}: mixture-of-experts layers run on the CPU path only "
+                                    "(no fused MoE kernels on the Ascend path yet)")
+    if dev.tp.enabled:  # loader.load_model refuses it first, naming the model (parallel.check_tensor_parallel)
+        raise ValueError(check_tensor_parallel(cfg, dev.tp.size))
+    return build_decoder(cfg, weights, dev,
+                         lambda prefix, gamma: (MoeDecoderLayer, read_experts(weights, prefix, gamma, cfg, names)))
