@@ -225,3 +225,20 @@ def test_tensor_parallel_refused_for_moe(ckpts, tmp_path):
     text = log.read_text()
     assert p.returncode == 2, text
     assert "tensor-parallel size 2: Qwen3MoeForCausalLM is a mixture-of-experts model" in text
+
+
+def test_expert_parallel_refused_at_start_up(ckpts):
+    """--enable-expert-parallel on a mixture-of-experts model stops vLLM's config building with one line naming the
+    flag and ms_rpc (on a dense model vLLM's own check refuses it first)."""
+    code = ("import sys\nfrom vllm.engine.arg_utils import EngineArgs\n"
+            "try:\n"
+            "    EngineArgs(model=sys.argv[1], dtype='float32', distributed_executor_backend='ms_rpc', max_model_len=128,"
+            " enable_expert_parallel=True).create_engine_config()\n"
+            "    print('ACCEPTED')\n"
+            "except Exception as e:\n"
+            "    print('REFUSED', ' | '.join(str(e).splitlines()))\n")
+    out = subprocess.run([sys.executable, "-c", code, str(ckpts["qwen3_moe"][0])], capture_output=True, text=True,
+                         timeout=300, cwd=REPO)
+    line = next((l for l in out.stdout.splitlines() if l.startswith(("ACCEPTED", "REFUSED"))), out.stderr[-2000:])
+    assert line.startswith("REFUSED"), line
+    assert "--enable-expert-parallel " in line and "by --distributed-executor-backend ms_rpc" in line, line
