@@ -227,7 +227,7 @@ def kill_during_warmup(log_path: str) -> dict:
             figures["exit_code"] = figures["exited_after_s"] = None
         text = server.tail(100000)
         figures["error"] = next((line.strip() for line in text.splitlines()
-                                 if "start-up failed during the workers' warm-up" in line), None)
+                                 if "ConfigError: ms_rpc: start-up failed during the workers' warm-up" in line), None)
         figures["restarted"] = "restarting the local workers" in text
         for k, v in figures.items():
             print(f"{k}: {round(v, 2) if isinstance(v, float) else v}")

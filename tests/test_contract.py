@@ -78,12 +78,13 @@ cfg = EngineArgs(model=sys.argv[1], dtype="float32", distributed_executor_backen
                  block_size=B, enable_prefix_caching=True).create_engine_config()
 for flag, (is_set, _) in support._FLAGS.items():       # each reads an attribute that exists (AttributeError)
     assert not is_set(cfg), flag
+values = {"logprob_token_ids": [1, 2], "prompt_logprob_token_ids": [[1, 2]], "prompt_logprob_start": 0,
+          "thinking_token_budget": 0}
 for name in support._FIELDS:                            # each is a field vLLM still has, and is refused
     assert hasattr(SamplingParams(), name), name
-    value = 0 if name in ("prompt_logprob_start", "thinking_token_budget") else [1, 2]
     try:
         current_platform.validate_request({"type": "token", "prompt_token_ids": [1, 2]},
-                                          SamplingParams(**{name: value}))
+                                          SamplingParams(**{name: values[name]}))
         raise AssertionError(f"{name} was not refused")
     except VLLMValidationError as e:
         assert name in str(e) and "ms_rpc" in str(e), e
@@ -94,6 +95,7 @@ class Executor:                                         # stands for MsRpcExecut
         Executor.handle = handle
 plugin.await_scheduler(Executor())
 spec = FullAttentionSpec(block_size=B, num_kv_heads=1, head_size=8, dtype=torch.float32)
+cfg.cache_config.num_gpu_blocks = 64                   # what the engine core sets before building its scheduler
 kv = KVCacheConfig(num_blocks=64, kv_cache_tensors=[], kv_cache_groups=[KVCacheGroupSpec(["layer.0"], spec)])
 sched = Scheduler(cfg, kv, StructuredOutputManager(cfg), block_size=B, log_stats=True)
 handle = Executor.handle

@@ -167,7 +167,6 @@ def test_unsupported_flags_are_refused_at_start_up(default_model):
                                                               "kv_role": "kv_both"}),
              "--ec-transfer-config": dict(ec_transfer_config={"ec_connector": "ECExampleConnector",
                                                               "ec_role": "ec_both"}),
-             "--enable-trace-replay": dict(enable_trace_replay=True),
              "--logits-processors": dict(logits_processors=["vllm.v1.sample.logits_processor.MinPLogitsProcessor"]),
              "--enable-lora": dict(enable_lora=True)}
     code = textwrap.dedent(f"""
@@ -210,7 +209,7 @@ def test_installed_logits_processor_plugins_are_refused_at_start_up(default_mode
                    max_model_len=128).create_engine_config()
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT,
-                         env={**os.environ, "PYTHONPATH": str(tmp_path)})
+                         env={**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ['PYTHONPATH']}"})
     assert out.returncode != 0
     assert "logits processor plugins (entry point group vllm.logits_processors: my_proc = " in out.stderr, \
         out.stderr[-3000:]

@@ -218,8 +218,9 @@ class WorkerGroup:
         return self.warmup() if warmup else 0.0
 
     def warmup(self) -> float:
-        """Warmup on every rank at once (their forwards hold collectives); returns rank 0's seconds."""
-        reply = self.call_all(lambda c: c.warmup())
+        """Warmup on every rank at once (their forwards hold collectives: the first rank to fail ends the others'
+        calls); returns rank 0's seconds."""
+        reply = self.call_all(lambda c: c.warmup(), abort_on_error=True)
         log.info("ms_rpc: worker warm-up compiled %d shapes in %.1f s", reply.compiled_shapes, reply.seconds)
         return reply.seconds
 
