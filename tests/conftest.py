@@ -6,6 +6,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -16,6 +17,13 @@ ROOT = Path(__file__).resolve().parent.parent
 FRONT_PY = ROOT / ".venv" / "bin" / "python"
 WORKER_PY = ROOT / ".venv-worker" / "bin" / "python"
 DEFAULT_MODEL = ROOT / "models" / "SmolLM2-135M-Instruct"
+
+# This checkout's packages come first, in this process and in every subprocess (vllm serve, its engine core,
+# workers, scripts): the environments' editable installs point to the checkout that created them, which is another
+# one when this is a git worktree sharing them.
+os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "proto"),
+                                            *filter(None, [os.environ.get("PYTHONPATH")])])
+sys.path[:0] = [str(ROOT), str(ROOT / "proto")]
 
 # Prompts of varied length; the last is longer than the chunked-prefill budget the server tests use.
 PROMPTS = [

@@ -5,6 +5,7 @@ Each test talks to a real worker process over a real gRPC channel, or starts the
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -164,15 +165,19 @@ def test_unsupported_flags_are_refused_at_start_up(default_model):
              "--enable-prompt-embeds": dict(enable_prompt_embeds=True),
              "--kv-transfer-config": dict(kv_transfer_config={"kv_connector": "ExampleConnector",
                                                               "kv_role": "kv_both"}),
+             "--ec-transfer-config": dict(ec_transfer_config={"ec_connector": "ECExampleConnector",
+                                                              "ec_role": "ec_both"}),
              "--logits-processors": dict(logits_processors=["vllm.v1.sample.logits_processor.MinPLogitsProcessor"]),
              "--enable-lora": dict(enable_lora=True)}
     code = textwrap.dedent(f"""
         import json, sys
-        from vllm.config import KVTransferConfig
+        from vllm.config import ECTransferConfig, KVTransferConfig
         from vllm.engine.arg_utils import EngineArgs
         for flag, kw in json.loads(sys.argv[1]).items():
             if "kv_transfer_config" in kw:
                 kw["kv_transfer_config"] = KVTransferConfig(**kw["kv_transfer_config"])
+            if "ec_transfer_config" in kw:
+                kw["ec_transfer_config"] = ECTransferConfig(**kw["ec_transfer_config"])
             try:
                 EngineArgs(model={str(default_model)!r}, dtype="float32", distributed_executor_backend="ms_rpc",
                            max_model_len=128, **kw).create_engine_config()
@@ -188,6 +193,27 @@ def test_unsupported_flags_are_refused_at_start_up(default_model):
     assert set(lines) == set(flags), out.stdout + out.stderr[-3000:]
     for flag, line in lines.items():
         assert f"{flag} " in line.split("->", 1)[-1] and "by --distributed-executor-backend ms_rpc" in line, line
+
+
+def test_installed_logits_processor_plugins_are_refused_at_start_up(default_model, tmp_path):
+    """A package that registers a logits processor for vLLM (entry point group vllm.logits_processors, loaded by
+    vLLM's model runner without any flag) stops an ms_rpc start-up with one line naming it."""
+    dist = tmp_path / "my_logitsprocs-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: my-logitsprocs\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[vllm.logits_processors]\n"
+                                           "my_proc = vllm.v1.sample.logits_processor:MinPLogitsProcessor\n")
+    code = textwrap.dedent(f"""
+        from vllm.engine.arg_utils import EngineArgs
+        EngineArgs(model={str(default_model)!r}, dtype="float32", distributed_executor_backend="ms_rpc",
+                   max_model_len=128).create_engine_config()
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                         env={**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ['PYTHONPATH']}"})
+    assert out.returncode != 0
+    assert "logits processor plugins (entry point group vllm.logits_processors: my_proc = " in out.stderr, \
+        out.stderr[-3000:]
+    assert "not supported by --distributed-executor-backend ms_rpc" in out.stderr
 
 
 def test_worker_of_another_protocol_version_is_refused(default_model, tiny_model, tmp_path):

@@ -1,12 +1,14 @@
-"""Faults end to end: a worker killed or hung under load, with the real `vllm serve`, real worker processes and
-real streams (scripts/fault_kill_worker.py measures the same and prints the figures).
+"""Faults end to end: a worker killed or hung under load, or killed during its warm-up, with the real `vllm serve`,
+real worker processes and real streams (scripts/fault_kill_worker.py measures the same and prints the figures).
 
 What must hold: every stream ends (with an error or complete), none hangs; the first error comes within 5 s of a
 kill, within 10 s of a SIGSTOP (the heartbeat, whatever the step deadline);
 then the executor brings the worker back (the embedded default restarts it; an external one is reconnected
-when restarted on its port) and a new request succeeds, with the same greedy text as before the fault (the
-prefix cache was reset), without restarting vLLM. After repeated loss, the executor gives up through vLLM's
-failure callback and the server stops.
+when restarted on its port) and a new request succeeds, with the same greedy text as before the fault, without
+restarting vLLM. A prompt of more than three KV blocks served from vLLM's prefix cache before the fault gets no
+prefix-cache hit after it (vLLM's own counters; the dead worker's blocks are forgotten, also when it died with no
+request running) and still HF's greedy tokens. A worker killed during warm-up stops start-up with one error
+naming it. After repeated loss, the executor gives up through vLLM's failure callback and the server stops.
 """
 
 from __future__ import annotations
@@ -20,23 +22,48 @@ from conftest import ROOT, Server, free_port, start_worker
 
 sys.path.insert(0, str(ROOT / "scripts"))
 import fault_kill_worker  # noqa: E402
+from fault_kill_worker import BLOCK  # noqa: E402
+
+
+def _check_prefix_cache(f: dict, when: str) -> None:
+    assert f[f"hits_{when}"] == 0, f              # the blocks the lost worker held are not reused
+    assert f[f"hits_{when}_again"] > 3 * BLOCK, f  # while the new worker's are
+    assert f[f"long_equal_hf_{when}"], f
 
 
 def _check_recovery(f: dict) -> None:
+    assert f["hits_before_fault"] > 3 * BLOCK and f["long_equal_hf_before_fault"], f
     assert f["hung"] == 0, f
     assert f["errored"] + f["completed"] == 16, f
     assert f["errored"] > 0 and f["first_error_s"] <= 5.0, f
     assert f["front_alive"], f
     assert f["served_again_s"] is not None, f
     assert f["same_text_after_restart"], f
+    _check_prefix_cache(f, "after_restart")
 
 
 def test_embedded_worker_killed_under_16_streams_is_restarted(tmp_path):
-    _check_recovery(fault_kill_worker.run(16, external=False, log_path=str(tmp_path / "serve.log")))
+    """Also kills the restarted worker once more with no request running: the watchdog alone finds it, and the
+    prefix cache is reset all the same."""
+    f = fault_kill_worker.run(16, external=False, log_path=str(tmp_path / "serve.log"), idle_kill=True)
+    _check_recovery(f)
+    assert f["back_after_idle_kill"], f
+    _check_prefix_cache(f, "after_idle_kill")
 
 
 def test_external_worker_killed_and_restarted_is_reconnected(tmp_path):
     _check_recovery(fault_kill_worker.run(16, external=True, log_path=str(tmp_path / "serve.log")))
+
+
+def test_worker_killed_during_warm_up_stops_start_up_naming_it(tmp_path):
+    """Killed while it compiles its warm-up graphs at start-up, the embedded worker is not restarted: vLLM exits
+    with an error within seconds, one line naming the worker, the call, and how the local worker exited."""
+    f = fault_kill_worker.kill_during_warmup(str(tmp_path / "serve.log"))
+    assert not f["warmup_done_before_kill"], f
+    assert f["exit_code"] not in (0, None) and f["exited_after_s"] < 60, f
+    assert f["error"] and "ms_rpc worker 127.0.0.1:" in f["error"] and "Warmup failed" in f["error"], f
+    assert "local worker rank 0 (exit code -9) exited" in f["error"], f
+    assert not f["restarted"], f
 
 
 def test_hung_worker_is_found_by_its_heartbeat(tmp_path):
@@ -48,6 +75,7 @@ def test_hung_worker_is_found_by_its_heartbeat(tmp_path):
     assert f["hung"] == 0 and f["completed"] == 0 and f["errored"] == 4, f
     assert f["last_error_s"] <= 10.0, f
     assert f["front_alive"] and f["served_again_s"] is not None and f["same_text_after_restart"], f
+    _check_prefix_cache(f, "after_restart")
     text = log.read_text()
     assert "no heartbeat for" in text and "ms_rpc worker 127.0.0.1:" in text, text[-3000:]
 

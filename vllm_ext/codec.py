@@ -62,7 +62,10 @@ def encode_sampling(sp, logprobs_mode: str = "raw_logprobs") -> pb.SamplingParam
 
 
 def encode_step(so: SchedulerOutput, step_id: int, logprobs_mode: str = "raw_logprobs",
-                defer_sampling: bool = False) -> pb.StepRequest:
+                defer_sampling: bool = False, resumed: set[str] | frozenset = frozenset()) -> pb.StepRequest:
+    """`resumed`: new requests whose state the workers already hold. vLLM's V2 model runner gets a preempted
+    request that resumes as a new request (its id known, `prefill_token_ids` = all its tokens, its whole block
+    table); it goes to the workers as a resumed cached request, as vLLM sends it for the V1 model runner."""
     drafts = so.scheduled_spec_decode_tokens
     msg = pb.StepRequest(protocol_version=PROTOCOL_VERSION, step_id=step_id,
                          total_num_scheduled_tokens=so.total_num_scheduled_tokens, defer_sampling=defer_sampling,
@@ -70,6 +73,13 @@ def encode_step(so: SchedulerOutput, step_id: int, logprobs_mode: str = "raw_log
     msg.finished_req_ids.extend(sorted(so.finished_req_ids))
     n = so.num_scheduled_tokens
     for r in so.scheduled_new_reqs:
+        if r.req_id in resumed and r.req_id not in so.finished_req_ids:
+            msg.cached_requests.add(
+                req_id=r.req_id, resumed=True, new_block_ids=_only_group(r.block_ids, r.req_id),
+                all_token_ids=r.prefill_token_ids or r.prompt_token_ids, num_computed_tokens=r.num_computed_tokens,
+                num_scheduled_tokens=n[r.req_id], draft_token_ids=drafts.get(r.req_id, ()),
+            )
+            continue
         if r.prompt_token_ids is None:
             raise UnsupportedRequestError(f"request {r.req_id}: prompt embeddings are not supported by ms_rpc")
         if r.lora_request is not None or r.mm_features:

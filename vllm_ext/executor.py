@@ -180,7 +180,6 @@ class MsRpcExecutor(Executor):
         self._deferred = None                     # the SchedulerOutput of a step awaiting sample_tokens()
         self._down: str | None = None             # why the workers are lost (None: serving)
         self._gave_up: str | None = None
-        self._reset_prefix_cache = False
         self._restarts: deque[float] = deque()
         self._step_times: deque[float] = deque(maxlen=64)
         self.stats = StepStats(self.settings["stats_interval_s"])
@@ -215,19 +214,10 @@ class MsRpcExecutor(Executor):
         self._failure_callback = callback
 
     def attach_scheduler(self, scheduler) -> None:
-        """Called by the plugin once vLLM's engine core has built its scheduler: lost requests are ended through
-        the scheduler's own error path, and its prefix cache is reset before the first schedule after a loss."""
+        """Called by the plugin once vLLM's engine core has built its scheduler (a plugin.SchedulerHandle): lost
+        requests are ended through the scheduler's own error path, and its prefix cache is reset before the first
+        schedule after a loss."""
         self._scheduler = scheduler
-        schedule = scheduler.schedule
-
-        def schedule_after_reset(*args, **kwargs):
-            if self._reset_prefix_cache:
-                self._reset_prefix_cache = False
-                scheduler.reset_prefix_cache(reset_running_requests=True)
-                log.info("ms_rpc: prefix cache reset (the lost workers' KV cache is gone)")
-            return schedule(*args, **kwargs)
-
-        scheduler.schedule = schedule_after_reset
 
     def get_kv_cache_specs(self) -> list[dict[str, KVCacheSpec]]:
         m = self.info.model
@@ -292,7 +282,15 @@ class MsRpcExecutor(Executor):
         self._step = 0
 
     def compile_or_warm_up_model(self) -> None:
-        self.vllm_config.compilation_config.compilation_time = self.group.warmup()
+        """Warmup on every rank. A worker lost here stops start-up with one error naming it (and, for a local
+        worker, how it exited): no request has been served yet, so vLLM's supervisor restarts the whole server,
+        as for any start-up error. Losses after start-up are recovered in place (_recover)."""
+        try:
+            self.vllm_config.compilation_config.compilation_time = self.group.warmup()
+        except WorkerError as e:
+            dead = self.group.local_dead(wait_s=2.0)
+            raise ConfigError(f"ms_rpc: start-up failed during the workers' warm-up: {e}"
+                              + (f"; local worker {', '.join(dead)} exited" if dead else "")) from None
         if self._watchdog is None:
             self._watchdog = threading.Thread(target=self._watch, name="ms_rpc_watch", daemon=True)
             self._watchdog.start()
@@ -343,6 +341,7 @@ class MsRpcExecutor(Executor):
         own executors); otherwise it samples at once and the engine skips sample_tokens()."""
         if self._gave_up:
             raise RuntimeError(self._gave_up)
+        resumed = {r.req_id for r in so.scheduled_new_reqs if r.req_id in self._live}   # V2 model runner
         self._track(so)
         if self._down is not None:
             return self._fail(so, f"ms_rpc workers are down ({self._down}); recovering")
@@ -350,7 +349,7 @@ class MsRpcExecutor(Executor):
         defer = bool(so.has_structured_output_requests)
         self.stats.step_started()
         t0 = time.perf_counter()
-        msg = encode_step(so, self._step, self.model_config.logprobs_mode, defer)
+        msg = encode_step(so, self._step, self.model_config.logprobs_mode, defer, resumed)
         self.stats.add("encode", time.perf_counter() - t0)
         try:
             res = self._call_step("execute", msg, self._step)
@@ -417,17 +416,17 @@ class MsRpcExecutor(Executor):
         if doomed:
             log.error("ms_rpc: %s: ending %d request(s) with an error", why, len(doomed))
             self._end_with_error(doomed)
-            self._reset_prefix_cache = True
+            # blocks scheduled in this step were cached by hash at scheduling time, but never computed
+            self._scheduler.reset_prefix_cache_before_next_schedule()
         return ModelRunnerOutput(req_ids=ids, req_id_to_index={r: i for i, r in enumerate(ids)},
                                  sampled_token_ids=[[] for _ in ids])
 
     def _end_with_error(self, req_ids: set[str]) -> None:
-        """These requests end with vLLM's FINISHED_ERROR when the engine applies this step's output (the
-        scheduler's own per-request error path, as for a grammar that failed to compile)."""
+        """These requests end with vLLM's FINISHED_ERROR when the engine applies this step's output."""
         if self._scheduler is None:
             raise RuntimeError(f"ms_rpc: cannot end requests {sorted(req_ids)[:3]} alone without the plugin's "
                                f"scheduler hook")
-        self._scheduler.grammar_compile_error_reqs.update(req_ids)
+        self._scheduler.end_with_error(req_ids)
 
     def _lost(self, why: str, hung: bool = False) -> None:
         """Mark the workers lost (once), end the calls in flight to them (a step waiting on a hung worker fails
@@ -437,6 +436,8 @@ class MsRpcExecutor(Executor):
                 return
             self._down = why
         log.error("ms_rpc: lost the workers: %s", why)
+        if self._scheduler is not None:   # their KV cache is gone, even when no request was running
+            self._scheduler.reset_prefix_cache_before_next_schedule()
         self.group.abort()
         threading.Thread(target=self._recover, args=(hung,), name="ms_rpc_recover", daemon=True).start()
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 
 from ms_rpc.v1 import PROTOCOL_VERSION
@@ -169,9 +170,15 @@ class WorkerGroup:
             w.stop(kill=kill)
         self.local = []
 
-    def local_dead(self) -> list[str]:
-        """The local ranks whose process exited, as 'rank i (code c)'."""
-        return [f"rank {w.rank} (exit code {w.proc.returncode})" for w in self.local if not w.alive()]
+    def local_dead(self, wait_s: float = 0.0) -> list[str]:
+        """The local ranks whose process exited, as 'rank i (exit code c)'; with wait_s, waits that long for one
+        to exit (a failed call may arrive just before its process is gone)."""
+        end = time.monotonic() + wait_s
+        while True:
+            dead = [f"rank {w.rank} (exit code {w.proc.returncode})" for w in self.local if not w.alive()]
+            if dead or time.monotonic() >= end:
+                return dead
+            time.sleep(0.05)
 
     def close(self) -> None:
         self.close_clients()
@@ -211,8 +218,9 @@ class WorkerGroup:
         return self.warmup() if warmup else 0.0
 
     def warmup(self) -> float:
-        """Warmup on every rank at once (their forwards hold collectives); returns rank 0's seconds."""
-        reply = self.call_all(lambda c: c.warmup())
+        """Warmup on every rank at once (their forwards hold collectives: the first rank to fail ends the others'
+        calls); returns rank 0's seconds."""
+        reply = self.call_all(lambda c: c.warmup(), abort_on_error=True)
         log.info("ms_rpc: worker warm-up compiled %d shapes in %.1f s", reply.compiled_shapes, reply.seconds)
         return reply.seconds
 

@@ -20,7 +20,7 @@ _FLAGS = {
     "--logits-processors": (lambda c: bool(c.model_config.logits_processors),
                             "custom logits processors run in vLLM's model runner, which ms_rpc replaces"),
     "--enable-lora": (lambda c: c.lora_config is not None, "the workers serve no LoRA adapters"),
-    "--watermark-config": (lambda c: getattr(c, "watermark_config", None) is not None,
+    "--watermark-config": (lambda c: c.watermark_config is not None,
                            "the workers' sampler does not watermark"),
     "--enable-trace-replay": (lambda c: c.model_config.enable_trace_replay, "the workers do not replay traces"),
     "--return-sampling-mask": (lambda c: c.model_config.return_sampling_mask,
@@ -53,6 +53,16 @@ def check_engine_config(vllm_config) -> None:
     for flag, (is_set, why) in _FLAGS.items():
         if is_set(vllm_config):
             raise UnsupportedOption(f"{flag} is not supported by --distributed-executor-backend ms_rpc: {why}")
+    # vLLM's model runner also loads every logits processor an installed package registers, without a flag
+    from importlib.metadata import entry_points
+
+    from vllm.v1.sample.logits_processor import LOGITSPROCS_GROUP
+
+    plugins = sorted(f"{e.name} = {e.value}" for e in entry_points(group=LOGITSPROCS_GROUP))
+    if plugins:
+        raise UnsupportedOption(f"logits processor plugins (entry point group {LOGITSPROCS_GROUP}: "
+                                f"{', '.join(plugins)}) are not supported by --distributed-executor-backend ms_rpc: "
+                                f"{_FLAGS['--logits-processors'][1]}; uninstall them")
 
 
 def check_request(params) -> None:
