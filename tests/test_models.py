@@ -179,7 +179,7 @@ def _run_generate(backend, dirs, prompts, timeout=1200):
 
 if pytest is not None:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from test_ms_models import PROMPT_LENS, _compare
+    from test_ms_models import _compare, run_ms_side
 
     @pytest.fixture(scope="module")
     def ckpts(tmp_path_factory):
@@ -204,20 +204,7 @@ if pytest is not None:
     @pytest.fixture(scope="module")
     def ms_forward(ckpts, tmp_path_factory):
         """The MindSpore side of test_ms_models.py's scenario, for every checkpoint, in one worker-env process."""
-        if not os.path.exists(WORKER_PY):
-            pytest.skip(f"worker env missing: {WORKER_PY}")
-        d = tmp_path_factory.mktemp("ms_forward")
-        rng = np.random.default_rng(0)
-        prompts = {n: [int(x) for x in rng.integers(0, VOCAB, size=L)] for n, L in PROMPT_LENS.items()}
-        jobs = [dict(model_dir=str(path), out=str(d / f"{name}.npz"), use_jit=True, prompts=prompts)
-                for name, (path, _) in ckpts.items()]
-        spec = d / "spec.json"
-        spec.write_text(json.dumps({"jobs": jobs}))
-        env = dict(os.environ, GLOG_v="3", PYTHONPATH=REPO)
-        p = subprocess.run([WORKER_PY, os.path.join(REPO, "tests", "test_ms_models.py"), "--ms-side", str(spec)],
-                           cwd=str(d), env=env, capture_output=True, text=True, timeout=900)
-        assert p.returncode == 0, f"MindSpore side failed:\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}"
-        return dict(prompts=prompts, out={name: str(d / f"{name}.npz") for name in ckpts})
+        return run_ms_side(ckpts, tmp_path_factory.mktemp("ms_forward"), VOCAB)
 
     @pytest.fixture(scope="module")
     def served(ckpts):
@@ -381,8 +368,6 @@ if pytest is not None:
         assert p.returncode == 0, p.stderr
 
     def test_bf16_shards_load_with_progress_and_peak_close_to_weight_size(tmp_path):
-        if not os.path.exists(WORKER_PY):
-            pytest.skip(f"worker env missing: {WORKER_PY}")
         out = tmp_path / "mem.json"
         env = dict(os.environ, GLOG_v="3", PYTHONPATH=REPO)
         p = subprocess.run([WORKER_PY, os.path.abspath(__file__), "--ms-memory", str(out)], cwd=str(tmp_path),

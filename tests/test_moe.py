@@ -32,7 +32,7 @@ sys.path.insert(0, TESTS)
 sys.path.insert(0, REPO)
 
 from conftest import hf_greedy, perturb_norms_and_biases  # noqa: E402
-from test_ms_models import PROMPT_LENS, _compare  # noqa: E402
+from test_ms_models import _compare, run_ms_side  # noqa: E402
 
 VOCAB = 131
 ATOL = 1e-4
@@ -104,18 +104,7 @@ def ckpts(tmp_path_factory):
 @pytest.fixture(scope="module")
 def ms_forward(ckpts, tmp_path_factory):
     """test_ms_models.py's MindSpore scenario for every checkpoint, in one worker-env process."""
-    d = tmp_path_factory.mktemp("moe_forward")
-    rng = np.random.default_rng(0)
-    prompts = {n: [int(x) for x in rng.integers(0, VOCAB, size=L)] for n, L in PROMPT_LENS.items()}
-    jobs = [dict(model_dir=str(path), out=str(d / f"{name}.npz"), use_jit=True, prompts=prompts)
-            for name, (path, _) in ckpts.items()]
-    spec = d / "spec.json"
-    spec.write_text(json.dumps({"jobs": jobs}))
-    env = dict(os.environ, GLOG_v="3", PYTHONPATH=REPO)
-    p = subprocess.run([WORKER_PY, os.path.join(TESTS, "test_ms_models.py"), "--ms-side", str(spec)],
-                       cwd=str(d), env=env, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, f"MindSpore side failed:\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}"
-    return dict(prompts=prompts, out={name: str(d / f"{name}.npz") for name in ckpts})
+    return run_ms_side(ckpts, tmp_path_factory.mktemp("moe_forward"), VOCAB, timeout=600)
 
 
 KERNEL_CHECK = """

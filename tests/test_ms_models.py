@@ -130,6 +130,23 @@ def _ms_side(spec_path):
 
 
 # ============================================================================ front (pytest) side
+def run_ms_side(ckpts: dict, d, vocab: int, timeout: int = 900) -> dict:
+    """This scenario's MindSpore side for every checkpoint (name -> (directory, HF model)), in one worker-env
+    process working in directory ``d``, on random prompts of PROMPT_LENS over ``vocab`` tokens:
+    {"prompts": name -> token ids, "out": checkpoint name -> its npz}."""
+    rng = np.random.default_rng(0)
+    prompts = {n: [int(x) for x in rng.integers(0, vocab, size=L)] for n, L in PROMPT_LENS.items()}
+    jobs = [dict(model_dir=str(path), out=str(d / f"{name}.npz"), use_jit=True, prompts=prompts)
+            for name, (path, _) in ckpts.items()]
+    spec = d / "spec.json"
+    spec.write_text(json.dumps({"jobs": jobs}))
+    env = dict(os.environ, GLOG_v="3", PYTHONPATH=REPO)
+    p = subprocess.run([WORKER_PY, os.path.abspath(__file__), "--ms-side", str(spec)], cwd=str(d), env=env,
+                       capture_output=True, text=True, timeout=timeout)
+    assert p.returncode == 0, f"MindSpore side failed:\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}"
+    return dict(prompts=prompts, out={name: str(d / f"{name}.npz") for name in ckpts})
+
+
 def _make_hf_model(tied, seed, **extra):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
