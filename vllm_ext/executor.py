@@ -21,7 +21,7 @@ from vllm.v1.executor.abstract import Executor
 from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheSpec, SlidingWindowSpec
 from vllm.v1.outputs import DraftTokenIds, ModelRunnerOutput
 
-from ms_rpc.v1 import FEATURE_SPEC_DECODE_NGRAM, SPEC_METHOD_NGRAM
+from ms_rpc.v1 import FEATURE_SPEC_DECODE_NGRAM
 from ms_rpc.v1 import worker_pb2 as pb
 from vllm_ext.client import WorkerError
 from vllm_ext.codec import decode_result, encode_grammar, encode_step
@@ -82,14 +82,11 @@ def rpc_settings(vllm_config) -> dict:
 
 
 def speculative_config(vllm_config) -> pb.SpeculativeConfig | None:
-    """vLLM's --speculative-config as the workers serve it: method ngram, drafts proposed and verified on the
-    worker. Methods that need a draft model or MTP layers are refused at start-up."""
+    """vLLM's --speculative-config as the workers serve it: method ngram (support.py refuses the others), drafts
+    proposed and verified on the worker."""
     sc = vllm_config.speculative_config
     if sc is None:
         return None
-    if sc.method != SPEC_METHOD_NGRAM:
-        raise ConfigError(f"ms_rpc: --speculative-config method {sc.method!r} is not supported by ms_rpc workers; "
-                          f"supported: {SPEC_METHOD_NGRAM} (drafts from n-gram lookup in the request's own tokens)")
     return pb.SpeculativeConfig(method=sc.method, num_speculative_tokens=sc.num_speculative_tokens,
                                 prompt_lookup_min=sc.prompt_lookup_min, prompt_lookup_max=sc.prompt_lookup_max)
 

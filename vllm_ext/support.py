@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from vllm.exceptions import VLLMValidationError
 
+from ms_rpc.v1 import SPEC_METHOD_NGRAM
+
 # engine flag -> (how to read it from a VllmConfig: refused when truthy, why)
 _FLAGS = {
     "--enable-prompt-embeds": (lambda c: c.model_config.enable_prompt_embeds,
@@ -50,6 +52,11 @@ def check_engine_config(vllm_config) -> None:
         raise UnsupportedOption(f"--kv-cache-dtype {dtype} is not supported by --distributed-executor-backend "
                                 f"ms_rpc: the workers keep the KV cache in the model's compute dtype; use "
                                 f"--kv-cache-dtype auto")
+    spec = vllm_config.speculative_config
+    if spec is not None and spec.method != SPEC_METHOD_NGRAM:
+        raise UnsupportedOption(f"--speculative-config method {spec.method!r} is not supported by "
+                                f"--distributed-executor-backend ms_rpc: the workers draft by n-gram lookup in the "
+                                f"request's own tokens; supported: {SPEC_METHOD_NGRAM}")
     for flag, (is_set, why) in _FLAGS.items():
         if is_set(vllm_config):
             raise UnsupportedOption(f"{flag} is not supported by --distributed-executor-backend ms_rpc: {why}")
