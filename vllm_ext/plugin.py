@@ -22,7 +22,7 @@ the platform's `validate_request`, `scheduler.reset_prefix_cache(reset_running_r
 
 World size > 1: vLLM 0.32's CPU platform rewrites the backend only when it is "uni" (to "mp"), and the
 parallel config picks a backend only when none is given, so `--tensor-parallel-size N
---distributed-executor-backend ms_rpc` reaches this executor unchanged (tests/test_tp.py serves at tensor-parallel size 2 through it).
+--distributed-executor-backend ms_rpc` reaches this executor unchanged (tests/test_tp.py serves through it).
 """
 
 from __future__ import annotations
