@@ -89,14 +89,6 @@ CASES = {
 }
 
 
-def _held(s: Session):
-    p = s.prompt(12, seed=24)
-    want = s.reference(p, HELD_TOKENS)
-    r = s.new_req(p)
-    s.advance([r])
-    return r, want
-
-
 def _carry_on(s: Session, r, want, what: str) -> None:
     s.generate(r, HELD_TOKENS)
     expect(r.out == want, f"after {what} was refused, the request it also scheduled gave {r.out}, alone {want}")
@@ -104,7 +96,7 @@ def _carry_on(s: Session, r, want, what: str) -> None:
 
 def _bound_check(name: str):
     def check(s: Session) -> None:
-        r, want = _held(s)
+        r, want = s.held(12, HELD_TOKENS, seed=24)
         msg, commit = s.build([(r, 1)])
         CASES[name](s, msg, msg.cached_requests[0])
         try:
@@ -118,7 +110,7 @@ def _bound_check(name: str):
 def refused_alone(s: Session) -> None:
     """With refuse_alone, a bad new request is refused alone (its result's error names the worker and the step;
     the worker does not hold it) and the step's other request is served."""
-    r, want = _held(s)
+    r, want = s.held(12, HELD_TOKENS, seed=24)
     msg, commit = s.build([(r, 1)], refuse_alone=True)
     _add_new(msg, _ok(s), [s.limits.num_blocks])
     reply = s.wire.call("Execute", msg)

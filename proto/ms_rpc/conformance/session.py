@@ -206,6 +206,14 @@ class Session:
             self._refs[key] = self.generate(self.new_req(prompt, tag="ref"), n)
         return self._refs[key]
 
+    def held(self, prompt_len: int, n: int, seed: int) -> tuple[Req, list[int]]:
+        """A request past its prefill, held across a check, and the `n` tokens it must end with."""
+        prompt = self.prompt(prompt_len, seed=seed)
+        want = self.reference(prompt, n)
+        req = self.new_req(prompt)
+        self.advance([req])
+        return req, want
+
     # -- refusals and the worker's own view ---------------------------------------------------------------------
     def worker_state(self) -> tuple[int, int]:
         """(next_step_id, requests_active) as the worker reports them (CheckLiveness)."""

@@ -127,22 +127,13 @@ def prefix_hit(s: Session) -> None:
     s.release(kept)
 
 
-def _held(s: Session, seed: int):
-    """A request past its prefill, and the tokens it must end with."""
-    p = s.prompt(PROMPT_LEN, seed=seed)
-    want = s.reference(p, N)
-    r = s.new_req(p)
-    s.advance([r])
-    return r, want
-
-
 def _finish_held(s: Session, r, want, what: str) -> None:
     s.generate(r, N)
     _same(r.out, want, what)
 
 
 def gap_refused(s: Session) -> None:
-    r, want = _held(s, 1)
+    r, want = s.held(PROMPT_LEN, N, seed=1)
     for skip in (1, 2, 1000):
         msg, commit = s.build([(r, 1)])
         msg.step_id += skip
@@ -154,7 +145,7 @@ def gap_refused(s: Session) -> None:
 
 
 def replay_refused(s: Session) -> None:
-    r, want = _held(s, 1)
+    r, want = s.held(PROMPT_LEN, N, seed=1)
     s.advance([r])
     last = s.last_step
     s.expect_refused("Execute", last, FAILED_PRECONDITION, f"step {last.step_id} sent again")
@@ -165,7 +156,7 @@ def replay_refused(s: Session) -> None:
 
 def reorder_refused(s: Session) -> None:
     """Step N+1 before step N is refused; then N and N+1 in order are served."""
-    r, want = _held(s, 1)
+    r, want = s.held(PROMPT_LEN, N, seed=1)
     first, commit = s.build([(r, 1)])
     second = pb.StepRequest()
     second.CopyFrom(first)
@@ -179,7 +170,7 @@ def reorder_refused(s: Session) -> None:
 
 
 def version_refused_in_step(s: Session) -> None:
-    r, want = _held(s, 1)
+    r, want = s.held(PROMPT_LEN, N, seed=1)
     msg, commit = s.build([(r, 1)])
     msg.protocol_version = PROTOCOL_VERSION + 1
     try:
