@@ -6,6 +6,7 @@ the whole step message validated: a refused step changes nothing, and the worker
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 import grpc
 import numpy as np
 
-from ms_rpc.v1 import PROTOCOL_VERSION
+from ms_rpc.v1 import FEATURE_STEPS_IN_FLIGHT, PROTOCOL_VERSION, STEP_ORDER_GRACE_S
 from ms_rpc.v1 import worker_pb2 as pb
 from ms_rpc.v1 import worker_pb2_grpc as pb_grpc
 from ms_worker import memory, spec
@@ -65,6 +66,7 @@ class WorkerService(pb_grpc.ModelWorkerServicer):
         self.rank, self.world_size = rank, world_size
         self.worker_id = uuid.uuid4().hex[:12]
         self.lock = threading.Lock()       # one step at a time; the model and the state are not shared
+        self.turn = threading.Condition(self.lock)   # notified when a step call ends (the next one may be due)
         # MindSpore work runs on one thread: the same forwards called from gRPC's pool threads in turn cost
         # ~110 MiB more RSS (per-thread runtime and allocator state), measured with SmolLM2
         self._model_thread = futures.ThreadPoolExecutor(1, thread_name_prefix="model")
@@ -79,6 +81,21 @@ class WorkerService(pb_grpc.ModelWorkerServicer):
     def _on_model_thread(self, fn, *args):
         """``fn(*args)`` on the model thread (its exception raised here)."""
         return self._model_thread.submit(fn, *args).result()
+
+    @contextlib.contextmanager
+    def _turn_of(self, due, ahead):
+        """Holds the step lock for a step call. A call that is not ``due`` yet but ``ahead`` of the worker (its
+        predecessor was sent first but has not been applied: the front keeps two steps in flight) waits for it,
+        at most STEP_ORDER_GRACE_S while no step runs; the call then checks its order as usual. Ends by waking
+        the waiting calls."""
+        with self.turn:
+            until = time.monotonic() + STEP_ORDER_GRACE_S
+            while not due() and ahead() and time.monotonic() < until:
+                self.turn.wait(until - time.monotonic())
+            try:
+                yield
+            finally:
+                self.turn.notify_all()
 
     def _check_version(self, request, context) -> None:
         v = request.protocol_version
@@ -103,7 +120,7 @@ class WorkerService(pb_grpc.ModelWorkerServicer):
         return pb.WorkerInfo(
             protocol_version=PROTOCOL_VERSION, worker_id=self.worker_id, framework=self.framework,
             device=self.device, dtype=self.model.config.dtype, model_path=self.model_path,
-            model=self._model_info(), rank=self.rank, world_size=self.world_size, features=[spec.FEATURE],
+            model=self._model_info(), rank=self.rank, world_size=self.world_size, features=[spec.FEATURE, FEATURE_STEPS_IN_FLIGHT],
         )
 
     def _activation_peak(self, tokens: int, seqs: int) -> int:
@@ -217,7 +234,9 @@ class WorkerService(pb_grpc.ModelWorkerServicer):
         self._check_version(request, context)
         if self.stopping.is_set():
             context.abort(grpc.StatusCode.UNAVAILABLE, "worker is shutting down")
-        with self.lock:
+        with self._turn_of(lambda: self.state is not None and self.pending is None
+                           and request.step_id == self.next_step,
+                           lambda: self.state is not None and request.step_id >= self.next_step):
             if self.state is None:
                 context.abort(grpc.StatusCode.FAILED_PRECONDITION, "Execute before InitializeCache")
             if self.pending is not None:
@@ -252,7 +271,8 @@ class WorkerService(pb_grpc.ModelWorkerServicer):
 
     def Sample(self, request, context):
         self._check_version(request, context)
-        with self.lock:
+        with self._turn_of(lambda: self.pending is not None and self.pending.step_id == request.step_id,
+                           lambda: request.step_id >= self.next_step):
             step = self.pending
             if step is None or step.step_id != request.step_id:
                 context.abort(grpc.StatusCode.FAILED_PRECONDITION,

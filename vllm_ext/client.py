@@ -106,6 +106,23 @@ class WorkerClient:
                 raise
             raise WorkerError(self.address, name, grpc.StatusCode.CANCELLED, "the front closed the channel") from None
 
+    def start(self, name: str, request, timeout: float) -> grpc.Future:
+        """The call sent without waiting for its reply; ``result(name, call)`` waits for it."""
+        try:
+            return getattr(self.stub, name).future(request, timeout=timeout, metadata=self.metadata)
+        except ValueError:
+            if not self.closed:
+                raise
+            raise WorkerError(self.address, name, grpc.StatusCode.CANCELLED, "the front closed the channel") from None
+
+    def result(self, name: str, call: grpc.Future):
+        try:
+            return call.result()
+        except grpc.RpcError as e:
+            raise WorkerError(self.address, name, e.code(), e.details() or str(e)) from None
+        except grpc.FutureCancelledError:
+            raise WorkerError(self.address, name, grpc.StatusCode.CANCELLED, "the call was cancelled") from None
+
     def health(self, service: str = "", timeout: float = 5.0) -> str:
         """The worker's grpc.health.v1 status for `service` ("SERVING", "NOT_SERVING", ...)."""
         r = self._rpc("Health.Check", self.health_stub.Check, health_pb2.HealthCheckRequest(service=service), timeout)
@@ -165,12 +182,6 @@ class WorkerClient:
 
     def warmup(self, timeout: float = 1800.0) -> pb.WarmupReply:
         return self.call("Warmup", pb.WarmupRequest(protocol_version=PROTOCOL_VERSION), timeout)
-
-    def execute(self, step: pb.StepRequest, timeout: float) -> pb.StepResult:
-        return self.call("Execute", step, timeout)
-
-    def sample(self, req: pb.SampleRequest, timeout: float) -> pb.StepResult:
-        return self.call("Sample", req, timeout)
 
     def shutdown(self, timeout: float = 5.0) -> None:
         self.call("Shutdown", pb.ShutdownRequest(protocol_version=PROTOCOL_VERSION), timeout)

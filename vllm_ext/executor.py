@@ -13,6 +13,7 @@ import secrets
 import threading
 import time
 from collections import deque
+from dataclasses import dataclass
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import cached_property
 
@@ -21,7 +22,7 @@ from vllm.v1.executor.abstract import Executor
 from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheSpec, SlidingWindowSpec
 from vllm.v1.outputs import DraftTokenIds, ModelRunnerOutput
 
-from ms_rpc.v1 import FEATURE_SPEC_DECODE_NGRAM
+from ms_rpc.v1 import FEATURE_SPEC_DECODE_NGRAM, FEATURE_STEPS_IN_FLIGHT
 from ms_rpc.v1 import worker_pb2 as pb
 from vllm_ext.client import WorkerError
 from vllm_ext.codec import decode_result, encode_grammar, encode_step
@@ -140,6 +141,27 @@ def check_same_model(info: pb.WorkerInfo, model_config, address: str) -> None:
         )
 
 
+@dataclass
+class _Call:
+    """A step RPC in flight on every rank."""
+    rpc: str            # "Execute" or "Sample"
+    calls: list         # one grpc future per rank
+    deadline: float
+    t0: float
+
+
+@dataclass
+class _Step:
+    """One step between its send and its output."""
+    step_id: int
+    so: object                                   # vLLM's SchedulerOutput
+    defer: bool                                  # sampled by a Sample call, with the engine's grammar bitmask
+    execute: _Call | None = None
+    sample: _Call | None = None
+    output: ModelRunnerOutput | None = None      # set when the step failed without a reply
+    in_flight: bool = False                      # sent, its output not back yet
+
+
 class WorkerLost(RuntimeError):
     """The workers can no longer continue the batch: a worker died, restarted, missed its deadline or refused a
     step. Every request they held fails; the executor recovers them in the background."""
@@ -156,6 +178,10 @@ class MsRpcExecutor(Executor):
 
     uses_ray = False
     supports_pp = False
+
+    @classmethod
+    def supports_async_scheduling(cls) -> bool:
+        return True
 
     # -- start-up ------------------------------------------------------------------------------------------
     def _init_executor(self) -> None:
@@ -174,7 +200,12 @@ class MsRpcExecutor(Executor):
         self._step = 0
         self._cache: pb.CacheConfig | None = None
         self._live: set[str] = set()            # requests whose state the workers hold
-        self._deferred = None                     # the SchedulerOutput of a step awaiting sample_tokens()
+        self._deferred: _Step | None = None       # the step awaiting sample_tokens()
+        # vLLM's async scheduling (--async-scheduling; plugin.py keeps it on the CPU platform for ms_rpc): the
+        # engine schedules step N+1 while the workers run step N, so two steps are in flight
+        self._async = bool(self.scheduler_config.async_scheduling)
+        self._in_flight = 0                       # steps sent whose output is not back
+        self._overlapped = 0                      # steps sent while another was in flight
         self._down: str | None = None             # why the workers are lost (None: serving)
         self._gave_up: str | None = None
         self._restarts: deque[float] = deque()
@@ -206,6 +237,9 @@ class MsRpcExecutor(Executor):
         if self._speculative is not None and FEATURE_SPEC_DECODE_NGRAM not in info.features:
             raise ConfigError(f"ms_rpc worker {address} does not implement speculative decoding ({FEATURE_SPEC_DECODE_NGRAM}); "
                               f"upgrade it or drop --speculative-config")
+        if self._async and FEATURE_STEPS_IN_FLIGHT not in info.features:
+            raise ConfigError(f"ms_rpc worker {address} cannot take two steps in flight ({FEATURE_STEPS_IN_FLIGHT}); "
+                              f"upgrade it or drop --async-scheduling")
 
     def register_failure_callback(self, callback) -> None:
         self._failure_callback = callback
@@ -307,56 +341,117 @@ class MsRpcExecutor(Executor):
         derived = self.settings["step_deadline_factor"] * recent[int(0.9 * (len(recent) - 1))]  # p90: not one compile
         return min(cap, max(self.settings["step_deadline_floor_s"], derived))
 
-    def _call_step(self, rpc: str, msg, step_id: int) -> pb.StepResult:
-        """One step RPC on every rank. Anything that breaks the step sequence raises WorkerLost."""
+    def _start_step(self, rpc: str, msg) -> _Call:
+        """A step RPC (Execute or Sample) sent to every rank, not waited for."""
         deadline = self._deadline()
-        t0 = time.perf_counter()
+        return _Call(rpc, self.group.start_all(rpc, msg, deadline), deadline, time.perf_counter())
+
+    def _finish_step(self, call: _Call, step_id: int) -> pb.StepResult:
+        """Waits for a step RPC's replies. Anything that breaks the step sequence raises WorkerLost."""
         try:
-            res = self.group.call_all(lambda c: getattr(c, rpc)(msg, deadline), abort_on_error=True)
+            res = self.group.finish_all(call.rpc, call.calls)
         except WorkerError as e:
             if self._down is not None:     # the watchdog found the workers lost and ended this call
                 raise WorkerLost(f"step {step_id}: {self._down}") from None
-            how = "missed its deadline of %.0f s: " % deadline if e.code and e.code.name == "DEADLINE_EXCEEDED" else ""
+            how = "missed its deadline of %.0f s: " % call.deadline if e.code and e.code.name == "DEADLINE_EXCEEDED" else ""
             raise WorkerLost(f"step {step_id}: {how}{e}") from None
-        dt = time.perf_counter() - t0
+        dt = time.perf_counter() - call.t0
         if res.worker_id != self.info.worker_id:
             raise WorkerLost(f"step {step_id}: ms_rpc worker {self.group.address} restarted (worker id "
                              f"{self.info.worker_id} became {res.worker_id})")
         if res.step_id != step_id:
             raise WorkerLost(f"step {step_id}: ms_rpc worker {self.group.address} answered step {res.step_id}")
         self._step_times.append(dt)
-        self.stats.add_rpc(rpc, dt, res.timings)
+        self.stats.add_rpc(call.rpc.lower(), dt, res.timings)
         return res
+
+    def _call_step(self, rpc: str, msg, step_id: int) -> pb.StepResult:
+        try:
+            call = self._start_step(rpc, msg)
+        except WorkerError as e:
+            raise WorkerLost(f"step {step_id}: {e}") from None
+        return self._finish_step(call, step_id)
 
     def _track(self, so) -> None:
         self._live.difference_update(so.finished_req_ids)
         self._live.update(r.req_id for r in so.scheduled_new_reqs)
 
-    def _execute(self, so) -> ModelRunnerOutput | None:
-        """One step. With structured-output requests in the batch, the worker only runs the forward here and
-        samples in sample_tokens() with the grammar bitmask the engine computes meanwhile (two phases, as vLLM's
-        own executors); otherwise it samples at once and the engine skips sample_tokens()."""
+    def _send(self, so) -> _Step:
+        """Encodes a step and sends it to the workers without waiting for the reply."""
         if self._gave_up:
             raise RuntimeError(self._gave_up)
         resumed = {r.req_id for r in so.scheduled_new_reqs if r.req_id in self._live}   # V2 model runner
         self._track(so)
         if self._down is not None:
-            return self._fail(so, f"ms_rpc workers are down ({self._down}); recovering")
+            return _Step(0, so, False, output=self._fail(so, f"ms_rpc workers are down ({self._down}); recovering"))
         self._step += 1
-        defer = bool(so.has_structured_output_requests)
+        step = _Step(self._step, so, bool(so.has_structured_output_requests))
         self.stats.step_started()
         t0 = time.perf_counter()
-        msg = encode_step(so, self._step, self.model_config.logprobs_mode, defer, resumed)
+        msg = encode_step(so, step.step_id, self.model_config.logprobs_mode, step.defer, resumed)
         self.stats.add("encode", time.perf_counter() - t0)
         try:
-            res = self._call_step("execute", msg, self._step)
+            step.execute = self._start_step("Execute", msg)
+        except WorkerError as e:
+            self._lost(f"step {step.step_id}: {e}")
+            step.output = self._fail(so, str(e))
+            return step
+        with self._lock:
+            self._overlapped += self._in_flight > 0
+            self._in_flight += 1
+            step.in_flight = True
+        return step
+
+    def _landed(self, step: _Step) -> None:
+        with self._lock:
+            if step.in_flight:
+                step.in_flight = False
+                self._in_flight -= 1
+
+    def _send_sample(self, step: _Step, grammar_output) -> None:
+        """The Sample call of a deferred step, with the grammar bitmask the engine computed for it."""
+        if step.output is not None:
+            return
+        if self._down is not None:
+            step.output = self._fail(step.so, f"ms_rpc workers are down ({self._down})")
+            return
+        try:
+            step.sample = self._start_step("Sample", encode_grammar(step.step_id, grammar_output))
+        except WorkerError as e:
+            self._lost(f"step {step.step_id}: {e}")
+            step.output = self._fail(step.so, str(e))
+
+    def _receive(self, step: _Step) -> ModelRunnerOutput:
+        """Waits for a step's replies (the forward's, then the sample's when deferred) and decodes them."""
+        try:
+            if step.output is not None:
+                return step.output
+            for call in (step.execute, step.sample):
+                if call is not None:
+                    res = self._finish_step(call, step.step_id)
         except WorkerLost as e:
             self._lost(str(e))
-            return self._fail(so, str(e))
-        if defer:
-            self._deferred = so
-            return None
+            return self._fail(step.so, str(e))
+        finally:
+            self._landed(step)
         return self._decode(res)
+
+    def _execute(self, so) -> ModelRunnerOutput | None:
+        """One step. With structured-output requests in the batch, the worker only runs the forward here and
+        samples in sample_tokens() with the grammar bitmask the engine computes meanwhile (two phases, as vLLM's
+        own executors); otherwise it samples at once and the engine skips sample_tokens()."""
+        step = self._send(so)
+        if step.defer and step.output is None:
+            try:
+                self._finish_step(step.execute, step.step_id)
+            except WorkerLost as e:
+                self._landed(step)
+                self._lost(str(e))
+                return self._fail(so, str(e))
+            step.execute = None
+            self._deferred = step
+            return None
+        return self._receive(step)
 
     def _decode(self, res: pb.StepResult) -> ModelRunnerOutput:
         t0 = time.perf_counter()
@@ -381,22 +476,31 @@ class MsRpcExecutor(Executor):
         return drafts
 
     def execute_model(self, scheduler_output, non_block: bool = False):
+        if self._async:
+            # Async scheduling: the step goes out now and the engine schedules the next one meanwhile; its output
+            # comes from sample_tokens() (from this future when nothing was scheduled: the engine samples nothing)
+            step = self._send(scheduler_output)
+            if scheduler_output.total_num_scheduled_tokens == 0:
+                return self._pool.submit(self._receive, step)
+            self._deferred = step
+            done: Future = Future()
+            done.set_result(None)
+            return done
         if non_block:
             return self._pool.submit(self._execute, scheduler_output)
         return self._execute(scheduler_output)
 
     def _sample(self, grammar_output) -> ModelRunnerOutput:
-        so, self._deferred = self._deferred, None
-        if self._down is not None:
-            return self._fail(so, f"ms_rpc workers are down ({self._down})")
-        try:
-            res = self._call_step("sample", encode_grammar(self._step, grammar_output), self._step)
-        except WorkerLost as e:
-            self._lost(str(e))
-            return self._fail(so, str(e))
-        return self._decode(res)
+        step, self._deferred = self._deferred, None
+        self._send_sample(step, grammar_output)
+        return self._receive(step)
 
     def sample_tokens(self, grammar_output, non_block: bool = False):
+        if self._async:
+            step, self._deferred = self._deferred, None
+            if step.defer:
+                self._send_sample(step, grammar_output)
+            return self._pool.submit(self._receive, step)
         if non_block:
             return self._pool.submit(self._sample, grammar_output)
         return self._sample(grammar_output)
@@ -540,6 +644,9 @@ class MsRpcExecutor(Executor):
         self.group.check_liveness(timeout=max(30.0, self._deadline()))
 
     def shutdown(self) -> None:
+        if getattr(self, "_async", False):
+            log.info("ms_rpc: async scheduling: %d of %d steps were sent while the previous one was in flight",
+                     self._overlapped, self._step)
         if getattr(self, "_closing", None) is not None:
             self._closing.set()
         if getattr(self, "_pool", None) is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 import time
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 
@@ -206,6 +207,37 @@ class WorkerGroup:
             if e is not None:
                 raise e
         return futures[0].result()
+
+    def start_all(self, name: str, request, timeout: float) -> list:
+        """The step call `name` sent to every rank at once, without waiting (finish_all waits)."""
+        return [c.start(name, request, timeout) for c in self.clients]
+
+    def finish_all(self, name: str, calls: list):
+        """Waits for calls made by start_all; rank 0's reply. As call_all(abort_on_error=True): the first rank to
+        fail ends the others' calls at once (they would wait in a collective for it) and its error is raised."""
+        clients = self.clients[:len(calls)]
+        if len(calls) > 1:
+            ended, lock, left = threading.Event(), threading.Lock(), [len(calls)]
+
+            def on_done(call):
+                with lock:
+                    left[0] -= 1
+                    if left[0] == 0 or call.cancelled() or call.exception() is not None:
+                        ended.set()
+
+            for call in calls:
+                call.add_done_callback(on_done)
+            ended.wait()
+            failed = next((i for i, call in enumerate(calls)
+                           if call.done() and (call.cancelled() or call.exception() is not None)), None)
+            if failed is not None:
+                self.abort()
+                clients[failed].result(name, calls[failed])
+        for c, call in zip(clients, calls):
+            reply = c.result(name, call)
+            if c is clients[0]:
+                first = reply
+        return first
 
     def handshake(self, cache: pb.CacheConfig, warmup: bool = True) -> float:
         """InitializeCache (a fresh copy of `cache` per rank) and, if asked, Warmup; returns warm-up seconds."""

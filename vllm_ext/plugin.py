@@ -16,9 +16,18 @@ error path and resets its prefix cache, so vLLM keeps serving once the workers a
 vLLM has no public hook for these, so every use of vLLM's internals is here and nowhere else in vllm_ext
 (tests/test_contract.py::test_the_vllm_internals_ms_rpc_relies_on checks each against the installed vLLM):
 `Scheduler.__init__` (wrapped: the executor is built before the scheduler), `scheduler.schedule` (wrapped on the
-instance: the prefix cache reset runs before the next schedule), `scheduler.grammar_compile_error_reqs` (requests
-in it end with FINISHED_ERROR when the engine applies the step's output). Public hooks used: `Executor.get_class`,
-the platform's `validate_request`, `scheduler.reset_prefix_cache(reset_running_requests=True)`.
+instance: the prefix cache reset runs before the next schedule), `scheduler.update_from_output` (wrapped on the
+instance: requests the executor ended join `scheduler.grammar_compile_error_reqs` first, and end with
+FINISHED_ERROR as that output is applied). Public hooks used: `Executor.get_class`,
+the platform's `validate_request` and `check_and_update_config` (async scheduling, below),
+`scheduler.reset_prefix_cache(reset_running_requests=True)`.
+
+Async scheduling: `--async-scheduling` keeps two steps in flight (MsRpcExecutor sends step N+1 while the workers
+run step N; they apply it after N, from the tokens they sampled in N). vLLM's CPU platform turns it off for its
+own model runner; `_keep_async_scheduling` keeps an explicit request on for ms_rpc. Safe because the engine,
+scheduler and executor interface are vLLM's own async path (AsyncScheduler, the batch queue, execute_model /
+sample_tokens futures), exactly as with a GPU executor; the only CPU-platform assumption it lifts is that the
+model runs in the engine process.
 
 World size > 1: vLLM 0.32's CPU platform rewrites the backend only when it is "uni" (to "mp"), and the
 parallel config picks a backend only when none is given, so `--tensor-parallel-size N
@@ -28,6 +37,7 @@ parallel config picks a backend only when none is given, so `--tensor-parallel-s
 from __future__ import annotations
 
 import logging
+import threading
 
 BACKEND_NAME = "ms_rpc"
 EXECUTOR_PATH = "vllm_ext.executor.MsRpcExecutor"
@@ -49,6 +59,7 @@ def register() -> None:
 
             check_engine_config(vllm_config)
             _refuse_unsupported_requests()
+            _keep_async_scheduling(vllm_config)
             return MsRpcExecutor
         return original(vllm_config)
 
@@ -80,13 +91,43 @@ def _refuse_unsupported_requests() -> None:
     platform.validate_request = classmethod(validate_request)
 
 
+def _keep_async_scheduling(vllm_config) -> None:
+    # vLLM resolves async scheduling right after it resolved the executor class (an unset value turns on for an
+    # executor that supports it), then its CPU platform turns it off: its own model runner computes in the engine
+    # process, so there is nothing to overlap. ms_rpc's workers compute in other processes, so an explicit
+    # --async-scheduling is kept on (the engine schedules step N+1 while the workers run step N); unset, ms_rpc
+    # follows the CPU platform's default (off).
+    from vllm.platforms import current_platform
+
+    sc = vllm_config.scheduler_config
+    if sc.async_scheduling is None:
+        sc.async_scheduling = False
+    platform = type(current_platform)
+    update = platform.check_and_update_config
+    if getattr(update, "_ms_rpc_wrapped", False):
+        return
+
+    def check_and_update_config(cls, config):
+        asked = config.scheduler_config.async_scheduling
+        update.__func__(cls, config)
+        if asked and config.parallel_config.distributed_executor_backend == BACKEND_NAME:
+            config.scheduler_config.async_scheduling = True
+
+    check_and_update_config._ms_rpc_wrapped = True
+    platform.check_and_update_config = classmethod(check_and_update_config)
+
+
 class SchedulerHandle:
-    """What an executor may do to vLLM's scheduler: end requests with an error, reset the prefix cache."""
+    """What an executor may do to vLLM's scheduler, from any thread: end requests with an error, reset the prefix
+    cache. Both take effect on the engine's thread: the errors when it next applies a step's output, the reset
+    before its next schedule."""
 
     def __init__(self, scheduler):
         self._scheduler = scheduler
+        self._lock = threading.Lock()
         self._reset_pending = False
-        schedule = scheduler.schedule
+        self._errors: set[str] = set()
+        schedule, update_from_output = scheduler.schedule, scheduler.update_from_output
 
         def schedule_after_reset(*args, **kwargs):
             if self._reset_pending:
@@ -95,12 +136,20 @@ class SchedulerHandle:
                 log.info("ms_rpc: prefix cache reset (the lost workers' KV cache is gone)")
             return schedule(*args, **kwargs)
 
+        def update_with_errors(*args, **kwargs):
+            with self._lock:
+                errors, self._errors = self._errors, set()
+            scheduler.grammar_compile_error_reqs.update(errors)
+            return update_from_output(*args, **kwargs)
+
         scheduler.schedule = schedule_after_reset
+        scheduler.update_from_output = update_with_errors
 
     def end_with_error(self, req_ids) -> None:
-        """These requests end with vLLM's FINISHED_ERROR when the engine applies this step's output (the
+        """These requests end with vLLM's FINISHED_ERROR when the engine applies the next step output (the
         scheduler's own per-request error path, as for a grammar that failed to compile)."""
-        self._scheduler.grammar_compile_error_reqs.update(req_ids)
+        with self._lock:
+            self._errors.update(req_ids)
 
     def reset_prefix_cache_before_next_schedule(self) -> None:
         """The next schedule() starts from an empty prefix cache (its blocks point into a KV cache that is gone);
