@@ -1,12 +1,11 @@
 """Greedy generation with vLLM's offline API, for comparing backends. Prints one JSON list of token id lists.
 
 usage: offline_generate.py MODEL BACKEND PROMPTS_JSON MAX_NEW [--skip-tokenizer-init] [--max-model-len N]
-                           [--kv-cache-mib N] [--also MODEL2 ...] [--async-scheduling]  (BACKEND: native | ms_rpc)
+                           [--kv-cache-mib N] [--also MODEL2 ...]          (BACKEND: native | ms_rpc)
 
 --skip-tokenizer-init: the model directory has no tokenizer (prompts are token ids; outputs are not detokenized).
 --max-model-len: vLLM's max_model_len (default 512).
 --kv-cache-mib: KV cache size for either backend (default 512 MiB).
---async-scheduling: vLLM's --async-scheduling (two steps in flight).
 --also: more models, run one after another in this process (one engine each, the same prompts), saving the
         start-up of a Python process per model (and, unless VLLM_ENABLE_V1_MULTIPROCESSING is set, of an engine
         core process: the engines run in this process). One RESULT line is printed per model, MODEL first.
@@ -27,7 +26,6 @@ if __name__ == "__main__":
     ap.add_argument("--max-model-len", type=int, default=512)
     ap.add_argument("--kv-cache-mib", type=int, default=0)
     ap.add_argument("--also", action="append", default=[])
-    ap.add_argument("--async-scheduling", action="store_true")
     a = ap.parse_args()
     if a.also:  # several engines one after another: run each engine core in this process (no process start-up)
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -37,8 +35,6 @@ if __name__ == "__main__":
         kwargs = dict(model=model, dtype="float32", max_model_len=a.max_model_len, enforce_eager=True, seed=0)
         if a.skip_tokenizer_init:
             kwargs["skip_tokenizer_init"] = True
-        if a.async_scheduling:
-            kwargs["async_scheduling"] = True
         # The same explicit cache for both backends (vLLM's default, 0.92 of host RAM, is for serving)
         kwargs["kv_cache_memory_bytes"] = (a.kv_cache_mib or 512) * 2**20
         if a.backend == "ms_rpc":
@@ -50,7 +46,7 @@ if __name__ == "__main__":
                                 detokenize=not a.skip_tokenizer_init)
         outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in a.prompts], params, use_tqdm=False)
         print("RESULT " + json.dumps([list(o.outputs[0].token_ids) for o in outs]), flush=True)
-        llm.llm_engine.engine_core.shutdown()   # stops the engine (and its ms_rpc worker) before the next one
-        if a.also:
+        if a.also:  # stop this engine (and its ms_rpc worker) before starting the next
+            llm.llm_engine.engine_core.shutdown()
             del llm
             gc.collect()

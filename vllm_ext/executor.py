@@ -205,7 +205,6 @@ class MsRpcExecutor(Executor):
         # engine schedules step N+1 while the workers run step N, so two steps are in flight
         self._async = bool(self.scheduler_config.async_scheduling)
         self._in_flight = 0                       # steps sent whose output is not back
-        self._overlapped = 0                      # steps sent while another was in flight
         self._down: str | None = None             # why the workers are lost (None: serving)
         self._gave_up: str | None = None
         self._restarts: deque[float] = deque()
@@ -397,7 +396,7 @@ class MsRpcExecutor(Executor):
             step.output = self._fail(so, str(e))
             return step
         with self._lock:
-            self._overlapped += self._in_flight > 0
+            self.stats.step_sent(self._in_flight > 0)
             self._in_flight += 1
             step.in_flight = True
         return step
@@ -644,9 +643,6 @@ class MsRpcExecutor(Executor):
         self.group.check_liveness(timeout=max(30.0, self._deadline()))
 
     def shutdown(self) -> None:
-        if getattr(self, "_async", False):
-            log.info("ms_rpc: async scheduling: %d of %d steps were sent while the previous one was in flight",
-                     self._overlapped, self._step)
         if getattr(self, "_closing", None) is not None:
             self._closing.set()
         if getattr(self, "_pool", None) is not None:

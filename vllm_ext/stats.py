@@ -2,7 +2,8 @@
 forward and sample, which the worker reports in StepResult.timings), and decode. Logged every interval as one
 line `ms_rpc step breakdown ...` (scripts/bench.py reads it). Beside it, `engine`: vLLM's own time between
 two back-to-back steps (scheduling, output processing) -- what overlapping the next schedule with the worker's
-compute could hide (vLLM's CPU platform turns async scheduling off)."""
+compute could hide (what --async-scheduling overlaps: it counts the steps sent while the previous one was in
+flight)."""
 
 from __future__ import annotations
 
@@ -23,12 +24,18 @@ class StepStats:
         self.since = now
         self.engine_s, self.gaps = 0.0, 0
         self.last_end: float | None = None
+        self.sent, self.overlapped = 0, 0
 
     def step_started(self) -> None:
         now = time.perf_counter()
         if self.last_end is not None and now - self.last_end < BUSY_GAP_S:
             self.engine_s += now - self.last_end
             self.gaps += 1
+
+    def step_sent(self, while_busy: bool) -> None:
+        """A step sent to the workers, `while_busy`: while the previous one was still in flight (async scheduling)."""
+        self.sent += 1
+        self.overlapped += while_busy
 
     def step_ended(self) -> None:
         self.last_end = time.perf_counter()
@@ -55,7 +62,8 @@ class StepStats:
         outside = sum(self.sums[p] for p in ("encode", "transfer", "prepare", "decode"))
         engine = 1e3 * self.engine_s / max(self.gaps, 1)
         return (f"ms_rpc step breakdown over {self.steps} steps: {parts} "
-                f"outside_forward_sample={100 * outside / total:.1f}% (engine between steps: {engine:.2f}ms)")
+                f"outside_forward_sample={100 * outside / total:.1f}% (engine between steps: {engine:.2f}ms; "
+                f"sent while the previous step was in flight: {self.overlapped} of {self.sent})")
 
     def maybe_log(self, log) -> None:
         now = time.monotonic()

@@ -5,13 +5,16 @@ in one prefill, must give the same greedy tokens."""
 
 from __future__ import annotations
 
+import time
+
 import grpc
 
-from ms_rpc.v1 import PROTOCOL_VERSION
+from ms_rpc.v1 import FEATURE_STEPS_IN_FLIGHT, PROTOCOL_VERSION, STEP_ORDER_GRACE_S
 from ms_rpc.v1 import worker_pb2 as pb
 
-from .report import expect
+from .report import CheckFailed, expect
 from .session import Session
+from .wire import Refused
 
 N = 5              # output tokens per request
 PROMPT_LEN = 40    # more than two blocks of 16, not a whole number of blocks
@@ -169,6 +172,48 @@ def reorder_refused(s: Session) -> None:
     _finish_held(s, r, want, "after a refused reorder")
 
 
+def two_in_flight(s: Session) -> None:
+    """A worker that lists steps_in_flight: step N+1 sent just before step N (a front with two steps in flight)
+    waits for N and both are served, with the tokens of a request alone. Otherwise N+1 is refused as out of
+    order, and N then served."""
+    r, want = s.held(PROMPT_LEN, N, seed=1)
+    first, commit = s.build([(r, 1)])
+    second = pb.StepRequest()
+    second.CopyFrom(first)
+    second.step_id += 1
+    second.cached_requests[0].num_computed_tokens += 1
+    del second.cached_requests[0].new_block_ids[:]
+    if FEATURE_STEPS_IN_FLIGHT not in s.info.features:
+        s.expect_refused("Execute", second, FAILED_PRECONDITION, f"step {second.step_id} before {first.step_id}")
+        commit(None)
+        _finish_held(s, r, want, "after a refused early step")
+        return
+    lead = min(0.2, STEP_ORDER_GRACE_S / 4)
+    early = s.wire.start("Execute", second)
+    time.sleep(lead)        # it reaches the worker first
+    try:
+        reply = s.wire.call("Execute", first)
+    except Exception:
+        commit(None)
+        raise
+    s.last_step = first
+    commit(reply)
+    again, commit2 = s.build([(r, 1)])
+    expect(again.step_id == second.step_id and again.cached_requests[0].num_computed_tokens ==
+           second.cached_requests[0].num_computed_tokens and not again.cached_requests[0].new_block_ids,
+           "internal: the early step is not the one the session would send next")
+    try:
+        reply2 = s.wire.finish("Execute", early)
+    except Refused as e:
+        commit2(None)
+        raise CheckFailed(f"step {second.step_id} sent {lead:.1f} s before step {first.step_id}: refused "
+                          f"({e.code.name}: {e.details}), though the worker lists {FEATURE_STEPS_IN_FLIGHT}") from None
+    expect(reply2.step_id == second.step_id, f"Execute of step {second.step_id} answered for step {reply2.step_id}")
+    s.last_step = second
+    commit2(reply2)
+    _finish_held(s, r, want, "two steps in flight")
+
+
 def version_refused_in_step(s: Session) -> None:
     r, want = s.held(PROMPT_LEN, N, seed=1)
     msg, commit = s.build([(r, 1)])
@@ -191,5 +236,6 @@ CHECKS = [
     ("step_id.gap_refused", gap_refused),
     ("step_id.replay_refused", replay_refused),
     ("step_id.reorder_refused", reorder_refused),
+    ("step_id.two_in_flight", two_in_flight),
     ("step.protocol_version_refused", version_refused_in_step),
 ]

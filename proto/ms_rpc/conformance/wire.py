@@ -70,6 +70,17 @@ class Wire:
         except grpc.RpcError as e:
             raise Refused(name, e.code(), e.details() or "") from None
 
+    def start(self, name: str, request, timeout: float | None = None):
+        """A ModelWorker call sent without waiting; ``finish(name, call)`` gives its reply, or raises Refused."""
+        return self._method(name).future(request.SerializeToString(), timeout=timeout or self.timeout)
+
+    @staticmethod
+    def finish(name: str, call):
+        try:
+            return call.result()
+        except grpc.RpcError as e:
+            raise Refused(name, e.code(), e.details() or "") from None
+
     def health(self, service: str = "", timeout: float = 10.0) -> str:
         """grpc.health.v1.Health/Check for `service`: the status name, or the gRPC code's name when refused."""
         request = b"\x0a" + _varint(len(service.encode())) + service.encode() if service else b""
