@@ -1,6 +1,7 @@
 """The numpy reference worker (`python -m ms_rpc.reference serve`), a second implementation of the ms_rpc.v1
 contract without MindSpore or torch:
-  * it imports neither framework (nor ms_worker / ms_models / vLLM), and passes the conformance kit on SmolLM2;
+  * it imports neither framework (nor ms_worker / ms_models / vLLM), and passes the conformance kit on SmolLM2,
+    and with --simulate-step-ms;
   * its decoder's logits equal HF transformers' on tiny random Llama (llama3 RoPE scaling), Qwen2 (q/k/v bias),
     Qwen3 (q/k norm) and Mistral (sliding window) checkpoints, through its paged KV cache in chunks;
   * vLLM with it as an external worker serves greedy tokens identical to HF transformers (SmolLM2, and a tiny
@@ -53,8 +54,9 @@ def test_imports_no_framework(python, tmp_path):
     assert not loaded & set(FORBIDDEN), f"the reference worker imports {sorted(loaded & set(FORBIDDEN))}"
 
 
-def test_conformance_kit_passes(default_model, tmp_path):
-    proc, address = start_worker(default_model, [], tmp_path / "reference.log", entry=ENTRY)
+@pytest.mark.parametrize("flags", [[], ["--simulate-step-ms", "2"]], ids=["model", "simulate"])
+def test_conformance_kit_passes(flags, default_model, tmp_path):
+    proc, address = start_worker(default_model, flags, tmp_path / "reference.log", entry=ENTRY)
     try:
         out = subprocess.run([str(FRONT_PY), "-m", "ms_rpc.conformance", address, "--model", str(default_model)],
                              capture_output=True, text=True, timeout=600, cwd=tmp_path)

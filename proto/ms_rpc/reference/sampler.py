@@ -33,9 +33,16 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
     return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
 
 
-def top_n(scores: np.ndarray, n: int) -> np.ndarray:
-    """Indices of the n highest scores of each row, highest first, ties by index."""
-    return np.argsort(-scores, axis=-1, kind="stable")[..., :min(n, scores.shape[-1])]
+def top_n(row: np.ndarray, n: int) -> np.ndarray:
+    """Indices of the n highest scores of a row, highest first, ties by index (a stable argsort's first n), from
+    the candidates at or above the n-th highest score."""
+    n = min(n, row.shape[-1])
+    if n <= 0:
+        return np.empty(0, np.int64)
+    if 8 * n >= row.shape[-1]:
+        return np.argsort(-row, kind="stable")[:n]
+    cand = np.flatnonzero(row >= np.partition(row, row.shape[-1] - n)[row.shape[-1] - n])
+    return cand[np.lexsort((cand, -row[cand]))][:n]
 
 
 def _scores(x: np.ndarray, mode: int) -> np.ndarray:
@@ -96,7 +103,7 @@ class Sampler:
         x = np.array(logits, np.float32)
         if allowed is not None:
             x[~allowed] = -np.inf
-        raw = x.copy()
+        raw = x.copy() if p.want_logprobs and p.logprobs_mode in (RAW_LOGPROBS, RAW_LOGITS) else None
         _process(x, req)
         if p.temperature < GREEDY_BELOW:
             token = int(np.argmax(x))

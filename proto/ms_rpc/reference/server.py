@@ -74,7 +74,7 @@ def serve(args) -> int:
 
             if args.simulate_step_ms < 0:
                 raise ValueError(f"--simulate-step-ms {args.simulate_step_ms} is negative")
-            backend, kind = Simulator(cfg, args.simulate_step_ms), f"simulated, {args.simulate_step_ms:g} ms a step"
+            backend, kind = Simulator(cfg), f"simulated, {args.simulate_step_ms:g} ms a step"
         else:
             from .model import Decoder
 
@@ -92,7 +92,8 @@ def serve(args) -> int:
     service = Service(cfg, backend, os.path.abspath(args.model), f"numpy {np.__version__} ({kind})",
                       args.kv_cache_memory_bytes,
                       on_cache_ready=lambda: health_servicer.set(SERVICE.full_name,
-                                                                 health_pb2.HealthCheckResponse.SERVING))
+                                                                 health_pb2.HealthCheckResponse.SERVING),
+                      min_step_s=(args.simulate_step_ms or 0.0) / 1000.0)
     mb = args.max_message_mb * 2**20
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=8),
                          options=[("grpc.max_receive_message_length", mb), ("grpc.max_send_message_length", mb)])

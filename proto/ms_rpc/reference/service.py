@@ -45,8 +45,11 @@ def decode_bitmask(request, vocab: int, step_ids: set[str]) -> dict[str, np.ndar
 
 
 class Service:
-    def __init__(self, cfg, backend, model_path: str, framework: str, kv_cache_bytes: int, on_cache_ready=None):
+    def __init__(self, cfg, backend, model_path: str, framework: str, kv_cache_bytes: int, on_cache_ready=None,
+                 min_step_s: float = 0.0):
+        """`min_step_s`: every Execute answers no sooner than this after it began (--simulate-step-ms)."""
         self.cfg = cfg
+        self.min_step_s = min_step_s
         self.backend = backend
         self.model_path = model_path
         self.framework = framework
@@ -165,8 +168,12 @@ class Service:
                     reply = pb.StepResult(step_id=request.step_id, worker_id=self.worker_id)
                     for s in plan.scheduled:
                         reply.results.add(req_id=s.req.req_id)
-                    return reply
-                return self._sample(request.step_id, plan, fwd, {}, t0)
+                else:
+                    reply = self._sample(request.step_id, plan, fwd, {}, t0)
+                left = t0 + self.min_step_s - time.perf_counter()
+                if left > 0:
+                    time.sleep(left)
+                return reply
             finally:
                 self.running = (0, 0.0)
 
