@@ -166,3 +166,88 @@ def test_simulate_step_ms(default_model, tmp_path):
             want.append(seq[-1])
         assert out == want
     assert elapsed >= MAX_NEW * step_ms / 1000, elapsed
+
+
+def _both(params: dict, tokens: list[int], num_prompt: int):
+    """The same request for the reference sampler and for ms_worker's (an independent implementation)."""
+    from types import SimpleNamespace
+
+    from ms_rpc.reference.state import Request
+    from ms_rpc.v1 import worker_pb2 as pb
+    from ms_worker.state import Sampling
+
+    p = pb.SamplingParams(**params)
+    ours = Request("r", num_prompt, p, list(tokens), [])
+    theirs = SimpleNamespace(req_id="r", token_ids=np.array(tokens, np.int32), num_prompt_tokens=num_prompt,
+                             sampling=Sampling.from_proto(p), generator=None)
+    return ours, theirs
+
+
+SAMPLING_CASES = [
+    {}, {"presence_penalty": 1.5}, {"frequency_penalty": -0.7}, {"repetition_penalty": 1.8},
+    {"logit_bias": {5: 4.0, 17: -100.0}}, {"allowed_token_ids": [3, 9, 40, 41, 63]},
+    {"bad_words": [{"token_ids": [12]}, {"token_ids": [30, 31]}]}, {"min_tokens": 9, "stop_token_ids": [0, 1, 2]},
+    {"temperature": 0.7, "top_k": 6}, {"temperature": 1.3, "top_p": 0.6}, {"temperature": 0.9, "min_p": 0.2},
+]
+
+
+@pytest.mark.parametrize("mode", range(4), ids=["raw_logprobs", "raw_logits", "processed_logprobs",
+                                                "processed_logits"])
+def test_sampler_agrees_with_ms_worker(mode):
+    """Each sampling parameter on random logits of a request with outputs: the reference sampler and ms_worker's
+    give the same greedy token and the same top-5 logprobs in every LogprobsMode (and the parameters change the
+    result: the test would notice a sampler that ignored them)."""
+    from ms_rpc.reference.sampler import Sampler as Ours
+    from ms_worker.sampler import Sampler as Theirs
+
+    rng = np.random.default_rng(mode)
+    logits = rng.normal(0, 2, 64).astype(np.float32)
+    top = int(np.argmax(logits))               # an output token, so that the penalties move it
+    tokens = rng.integers(0, 64, 16).tolist() + [top, top, 30, 30, 12, 30]   # bad word [30, 31] armed, [12] always
+    firsts = []
+    for case in SAMPLING_CASES:
+        ours, theirs = _both({**case, "want_logprobs": True, "logprobs": 5, "logprobs_mode": mode}, tokens, 16)
+        a = Ours(1).sample(ours, logits)
+        b = Theirs(1).sample(logits[None], [theirs])[0]
+        greedy = "temperature" not in case
+        if greedy:
+            assert a.token == b.token and a.rank == b.rank, (case, a, b)
+        lo = 0 if greedy else 1                # a random row's own token depends on the generator
+        assert a.logprob_ids[lo:] == b.logprob_token_ids[lo:], (case, a, b)
+        np.testing.assert_allclose(a.logprobs[lo:], b.logprobs[lo:], rtol=1e-6, atol=1e-5, err_msg=str(case))
+        firsts.append((a.token if greedy else -1, a.logprob_ids[1:], np.round(a.logprobs[1:], 4).tolist()))
+    # raw modes: the parameters change the greedy token; processed modes: the top logprobs too
+    changed = {f[0] for f in firsts} if mode < 2 else {json.dumps(f) for f in firsts}
+    assert len(changed) >= (4 if mode < 2 else len(SAMPLING_CASES) - 2), firsts
+
+
+def test_sampler_draws_follow_the_distribution():
+    """Chi-square goodness of fit of the reference sampler's draws at temperature 1, with top-k, top-p and min-p;
+    a seeded request draws the same tokens whatever the shared generator did."""
+    from conftest import assert_draws_follow, toy_logits
+
+    from ms_rpc.reference.sampler import Sampler
+
+    logits, p, order = toy_logits(64)
+
+    def keep(mask):
+        out = np.zeros_like(p)
+        out[mask] = p[mask]
+        return out
+
+    kept_p = order[(np.cumsum(p[order]) - p[order]) < 0.7]
+    cases = [({"temperature": 1.0}, p), ({"temperature": 1.0, "top_k": 8}, keep(order[:8])),
+             ({"temperature": 1.0, "top_p": 0.7}, keep(kept_p)),
+             ({"temperature": 1.0, "min_p": 0.3}, keep(p >= 0.3 * p.max()))]
+    for params, expected in cases:
+        sampler = Sampler(1)
+        req, _ = _both(params, [1], 1)
+        assert_draws_follow([sampler.sample(req, logits).token for _ in range(20000)], expected, params)
+    seeded = []
+    for shared in (1, 2):
+        sampler = Sampler(shared)
+        sampler.sample(_both({"temperature": 1.0}, [1], 1)[0], logits)
+        req = _both({"temperature": 1.0, "seed": 77}, [1], 1)[0]
+        req.generator = np.random.default_rng(77)
+        seeded.append([sampler.sample(req, logits).token for _ in range(20)])
+    assert seeded[0] == seeded[1]
