@@ -251,3 +251,22 @@ def test_sampler_draws_follow_the_distribution():
         req.generator = np.random.default_rng(77)
         seeded.append([sampler.sample(req, logits).token for _ in range(20)])
     assert seeded[0] == seeded[1]
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_weights_read_half_precision_shards(dtype, tmp_path):
+    """A checkpoint saved in bfloat16 / float16 in several shards reads back as exactly its values in float32."""
+    import torch
+
+    from ms_rpc.reference.weights import Weights
+    from test_models import _make_checkpoint
+
+    model = _make_checkpoint("qwen3", seed=32).to(getattr(torch, dtype))
+    model.save_pretrained(tmp_path, max_shard_size="100KB")
+    assert len(list(tmp_path.glob("*.safetensors"))) > 1
+    w = Weights(tmp_path)
+    state = model.state_dict()
+    names = [k for k in state if k in w]
+    assert len(names) >= len(state) - 1, sorted(set(state) - set(names))    # tied lm_head may be left out
+    for k in names:
+        assert np.array_equal(w.get(k), state[k].float().numpy()), k

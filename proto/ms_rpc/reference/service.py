@@ -7,6 +7,7 @@ nothing and the worker keeps serving. Each call's refusal names the worker (and 
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import uuid
@@ -22,6 +23,7 @@ from .runner import Runner
 from .sampler import Sampler
 from .state import Limits, Requests, StepRefused
 
+log = logging.getLogger("ms_rpc.reference")
 FAILED_PRECONDITION = grpc.StatusCode.FAILED_PRECONDITION
 INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT
 
@@ -212,6 +214,8 @@ class Service:
             reply.results.add(req_id=rid, error=f"worker {self.worker_id} step {step_id} refused {why}")
         now = time.perf_counter()
         reply.timings.forward_s, reply.timings.sample_s, reply.timings.total_s = t1 - t0, now - t1, now - t0
+        log.debug("step %d: %d requests, %d tokens, %d refused alone, %.1f ms", step_id, len(plan.scheduled),
+                  sum(s.count for s in plan.scheduled), len(plan.refused), (now - t0) * 1e3)
         return reply
 
     # -- liveness --------------------------------------------------------------------------------------------
