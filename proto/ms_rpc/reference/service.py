@@ -175,6 +175,8 @@ class Service:
                 left = t0 + self.min_step_s - time.perf_counter()
                 if left > 0:
                     time.sleep(left)
+                    if not request.defer_sampling:
+                        reply.timings.total_s = time.perf_counter() - t0
                 return reply
             finally:
                 self.running = (0, 0.0)
