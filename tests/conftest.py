@@ -248,14 +248,14 @@ class Server:
 
 
 def start_worker(model_dir, extra: list[str] | None = None, log_path: Path | None = None, env: dict | None = None,
-                 entry: list[str] | None = None):
-    """A real worker process in the worker env on a free loopback port (`entry`: how Python starts it, `-m
-    ms_worker` by default). Returns (proc, address)."""
+                 entry: list[str] | None = None, python: Path = WORKER_PY):
+    """A real worker process (`python`: the worker env's by default) on a free loopback port (`entry`: how Python
+    starts it, `-m ms_worker` by default). Returns (proc, address)."""
     import tempfile
 
     ready = Path(tempfile.mkdtemp()) / "port"
     log = open(log_path, "w") if log_path else subprocess.DEVNULL
-    proc = subprocess.Popen([str(WORKER_PY), *(entry or ["-m", "ms_worker"]), "serve", "--model", str(model_dir),
+    proc = subprocess.Popen([str(python), *(entry or ["-m", "ms_worker"]), "serve", "--model", str(model_dir),
                              "--port", "0", "--ready-file", str(ready), *(extra or [])], stdout=log,
                             stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
     end = time.monotonic() + 300
