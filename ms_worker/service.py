@@ -75,6 +75,7 @@ class WorkerService(pb_grpc.ModelWorkerServicer):
         self.next_step = 0                 # 0 = no cache yet
         self.pending: _Deferred | None = None
         self.running = (0, 0.0)            # (step id, time.monotonic() at its start) of the step call in flight
+        self.busy_s = 0.0                  # time in step calls (HeartbeatReply.busy_s)
         self.stopping = threading.Event()
 
     # -- helpers --------------------------------------------------------------------------------------------
@@ -92,9 +93,11 @@ class WorkerService(pb_grpc.ModelWorkerServicer):
             until = time.monotonic() + STEP_ORDER_GRACE_S
             while not due() and ahead() and time.monotonic() < until:
                 self.turn.wait(until - time.monotonic())
+            t0 = time.monotonic()
             try:
                 yield
             finally:
+                self.busy_s += time.monotonic() - t0
                 self.turn.notify_all()
 
     def _check_version(self, request, context) -> None:
@@ -318,6 +321,7 @@ class WorkerService(pb_grpc.ModelWorkerServicer):
         step_id, started = self.running
         compiling = self.model.compiling_since
         return pb.HeartbeatReply(worker_id=self.worker_id, step_id=step_id, step_s=now - started if step_id else 0.0,
+                                 busy_s=self.busy_s + (now - started if step_id else 0.0),
                                  compiling=bool(compiling), compiling_s=now - compiling if compiling else 0.0)
 
     def CheckLiveness(self, request, context):

@@ -24,6 +24,14 @@ the executor's step breakdown (encode, transfer, the worker's prepare/forward/sa
 Backends: native, ms_rpc, and ms_rpc_tpN (ms_rpc with --tensor-parallel-size N: N embedded worker ranks joined
 by MindSpore's collectives; the collectives' time is inside "forward").
 
+reference-sim (alone; `--sim-step-ms MS`, `--sync-front`): the front at accelerator speed. `vllm serve
+--async-scheduling` with the numpy reference worker (`python -m ms_rpc.reference serve --simulate-step-ms MS`)
+as its external worker: each step takes MS on the simulated device, whatever its size. After a warm-up round, one
+timed run of `--num-prompts` (default 2 x concurrency) requests at the highest `--concurrency`; the last line is
+`front: busy=<fraction of wall time the device was busy> step_ms=MS concurrency=C steps/s=N` (busy: the
+worker's HeartbeatReply.busy_s over the run), after the executor's step breakdown (encode, transfer, decode:
+the wire's cost; with two steps in flight "transfer" also holds the wait behind the step ahead).
+
 --offline: each backend in its own Python subprocess with `LLM.generate` on `--num-prompts` prompts (default 64),
 after a warm-up generate of as many other prompts; prints total output tok/s and engine start-up time.
 """
@@ -146,7 +154,8 @@ class RssSampler:
 
 # -- the server -------------------------------------------------------------------------------------------------
 class Server:
-    def __init__(self, backend: str, model: str, kv_bytes: int, logdir: Path, extra: list[str]):
+    def __init__(self, backend: str, model: str, kv_bytes: int, logdir: Path, extra: list[str], workers: str = ""):
+        """`workers`: external ms_rpc workers (MS_RPC_WORKERS) instead of an embedded one."""
         self.backend, self.model = backend, model
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -157,7 +166,11 @@ class Server:
             cmd += ["--speculative-config", json.dumps(NGRAM)]
         env = dict(os.environ)
         self.metrics_port = None
-        if backend.startswith("ms_rpc"):
+        if workers:
+            cmd += ["--distributed-executor-backend", "ms_rpc"]
+            env["MS_RPC_WORKERS"] = workers
+            env.setdefault("MS_RPC_STATS_INTERVAL_S", "5")
+        elif backend.startswith("ms_rpc"):
             cmd += ["--distributed-executor-backend", "ms_rpc"]
             tp = re.fullmatch(r"ms_rpc_tp(\d+)(\+ngram)?", backend)
             if tp:
@@ -380,6 +393,67 @@ def bench_online(backend: str, a, logdir: Path, out: dict) -> dict:
     return out
 
 
+# -- the front at accelerator speed -------------------------------------------------------------------------------
+def heartbeat(address: str):
+    import grpc
+
+    from ms_rpc.v1 import PROTOCOL_VERSION
+    from ms_rpc.v1 import worker_pb2 as pb
+    from ms_rpc.v1 import worker_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(address) as ch:
+        return pb_grpc.ModelWorkerStub(ch).Heartbeat(pb.HeartbeatRequest(protocol_version=PROTOCOL_VERSION), timeout=5)
+
+
+def bench_front(a, logdir: Path) -> None:
+    """--backends reference-sim: vLLM's OpenAI server (with --async-scheduling unless --sync-front) in front of the
+    numpy reference worker simulating a device that takes --sim-step-ms per step. The device's busy fraction is
+    the worker's HeartbeatReply.busy_s gained over the timed run, divided by the run's wall time."""
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    wlog = open(logdir / "reference-sim_worker.log", "w")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "proto"), os.environ.get("PYTHONPATH", "")])}
+    worker = subprocess.Popen([sys.executable, "-m", "ms_rpc.reference", "serve", "--model", a.model, "--port",
+                               str(port), "--simulate-step-ms", str(a.sim_step_ms), "--log-level", "WARNING"],
+                              stdout=wlog, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    c = max(a.concurrency)
+    extra = [*a.serve_arg, "--max-num-seqs", str(max(c, 64))] + ([] if a.sync_front else ["--async-scheduling"])
+    srv = Server("reference-sim", a.model, a.kv_cache_bytes, logdir, extra, workers=address)
+    try:
+        srv.wait_healthy()
+        vocab = vocab_size(a.model)
+        asyncio.run(run_level(srv.url, a.model, make_prompts(c, a.input_len, vocab, seed=10_000 + c), a.output_len, c))
+        log_at = srv.log_path.stat().st_size
+        seen, stop = [], threading.Event()
+
+        def watch():        # the step ids the worker runs (HeartbeatReply.step_id), to count the steps
+            while not stop.is_set():
+                seen.append(heartbeat(address).step_id)
+                time.sleep(0.02)
+
+        before, t0 = heartbeat(address).busy_s, time.monotonic()
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        n = a.num_prompts or 2 * c
+        res = asyncio.run(run_level(srv.url, a.model, make_prompts(n, a.input_len, vocab, seed=c), a.output_len, c))
+        wall, busy = time.monotonic() - t0, heartbeat(address).busy_s - before
+        stop.set()
+        watcher.join()
+        steps = max(seen) - min(x for x in seen if x) if any(seen) else 0
+        time.sleep(5.5)              # the executor logs its breakdown every 5 s (at a step)
+        with open(srv.log_path, errors="replace") as f:
+            f.seek(log_at)
+            breakdown = step_breakdown(f.read())
+        print(f"[reference-sim] {res['ok']}/{n} requests ok, {res['tokens'] / wall:.1f} tok/s; executor: {breakdown}")
+        print(f"front: busy={busy / wall:.3f} step_ms={a.sim_step_ms:.1f} concurrency={c} steps/s={steps / wall:.1f}"
+              + (" (sync front)" if a.sync_front else ""), flush=True)
+    finally:
+        srv.stop()
+        worker.terminate()
+        worker.wait(30)
+        wlog.close()
+
+
 # -- offline ----------------------------------------------------------------------------------------------------
 OFFLINE_CHILD = r"""
 import json, sys, time
@@ -500,7 +574,8 @@ def main():
     ap.add_argument("--input-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=64)
     ap.add_argument("--backends", default="native,ms_rpc",
-                    help="native, ms_rpc, ms_rpc_tpN; a +ngram suffix adds --speculative-config " + json.dumps(NGRAM))
+                    help="native, ms_rpc, ms_rpc_tpN; a +ngram suffix adds --speculative-config " + json.dumps(NGRAM)
+                    + "; or reference-sim alone: the front in front of a simulated device (--sim-step-ms)")
     ap.add_argument("--workload", choices=("random", "repetitive"), default="random",
                     help="prompts of random tokens, or a 24-token passage repeated (where ngram drafts match)")
     ap.add_argument("--kv-cache-mib", type=int, default=512, help="KV cache size, both backends (MiB)")
@@ -513,6 +588,9 @@ def main():
     ap.add_argument("--prefill-heavy", action="store_true",
                     help="the prefill-heavy load: 16 concurrent streams, 500-token prompts, 8 output tokens")
     ap.add_argument("--logdir", default="", help="where the server logs go (default: a new temp dir)")
+    ap.add_argument("--sim-step-ms", type=float, default=15.0,
+                    help="reference-sim: the simulated device's time per step (ms)")
+    ap.add_argument("--sync-front", action="store_true", help="reference-sim: without --async-scheduling")
     a = ap.parse_args()
     if a.prefill_heavy:
         a.concurrency, a.input_len, a.output_len = [16], 500, 8
@@ -526,6 +604,9 @@ def main():
     t0 = time.monotonic()
     print(f"command: {' '.join(sys.argv)}", flush=True)
 
+    if backends == ["reference-sim"]:
+        bench_front(a, logdir)
+        return
     if a.offline:
         res = {}
         for b in backends:

@@ -7,6 +7,7 @@ nothing and the worker keeps serving. Each call's refusal names the worker (and 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -15,7 +16,7 @@ import uuid
 import grpc
 import numpy as np
 
-from ms_rpc.v1 import PROTOCOL_VERSION
+from ms_rpc.v1 import FEATURE_STEPS_IN_FLIGHT, PROTOCOL_VERSION, STEP_ORDER_GRACE_S
 from ms_rpc.v1 import worker_pb2 as pb
 
 from . import memory
@@ -59,11 +60,13 @@ class Service:
         self.on_cache_ready = on_cache_ready or (lambda: None)
         self.worker_id = uuid.uuid4().hex[:12]
         self.lock = threading.Lock()                  # one step (or probe) at a time
+        self.step_done = threading.Condition(self.lock)   # a step call ended: an early successor may be due
         self.requests: Requests | None = None
         self.runner: Runner | None = None
         self.next_step = 0
         self.pending = None                           # (step_id, plan, forward) of a deferred step
         self.running = (0, 0.0)                       # (step id, monotonic start) of the step in flight
+        self.busy_s = 0.0                             # seconds in step calls (HeartbeatReply.busy_s)
         self.stopping = threading.Event()
 
     # -- helpers ---------------------------------------------------------------------------------------------
@@ -87,7 +90,7 @@ class Service:
         c = self.cfg
         return pb.WorkerInfo(
             protocol_version=PROTOCOL_VERSION, worker_id=self.worker_id, framework=self.framework, device="cpu",
-            dtype="float32", model_path=self.model_path, rank=0, world_size=1,
+            dtype="float32", model_path=self.model_path, rank=0, world_size=1, features=[FEATURE_STEPS_IN_FLIGHT],
             model=pb.ModelInfo(architecture=c.architecture, vocab_size=c.vocab_size, num_layers=c.num_layers,
                                num_heads=c.num_heads, num_kv_heads=c.num_kv_heads, head_dim=c.head_dim,
                                hidden_size=c.hidden_size, max_position_embeddings=c.max_position_embeddings,
@@ -144,11 +147,29 @@ class Service:
         return pb.WarmupReply(seconds=time.perf_counter() - t0, compiled_shapes=0)
 
     # -- steps -----------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _in_order(self, due, early):
+        """The step lock, for a call that is `due` now. An `early` call (sent right after its predecessor, which
+        has not been applied yet: two steps in flight) first waits for it, STEP_ORDER_GRACE_S at most while no
+        step runs; then the usual order checks decide."""
+        with self.step_done:
+            give_up = time.monotonic() + STEP_ORDER_GRACE_S
+            while not due() and early() and time.monotonic() < give_up:
+                self.step_done.wait(give_up - time.monotonic())
+            began = time.monotonic()
+            try:
+                yield
+            finally:
+                self.busy_s += time.monotonic() - began
+                self.step_done.notify_all()
+
     def Execute(self, request, context):
         self._version(request, context)
         if self.stopping.is_set():
             context.abort(grpc.StatusCode.UNAVAILABLE, f"worker {self.worker_id} is shutting down")
-        with self.lock:
+        with self._in_order(lambda: self.requests is not None and self.pending is None
+                            and request.step_id == self.next_step,
+                            lambda: self.requests is not None and request.step_id >= self.next_step):
             self._need_cache("Execute", context)
             if self.pending is not None:
                 context.abort(FAILED_PRECONDITION, f"worker {self.worker_id}: step {self.pending[0]} was deferred "
@@ -183,7 +204,8 @@ class Service:
 
     def Sample(self, request, context):
         self._version(request, context)
-        with self.lock:
+        with self._in_order(lambda: self.pending is not None and self.pending[0] == request.step_id,
+                            lambda: request.step_id >= self.next_step):
             pending = self.pending
             if pending is None or pending[0] != request.step_id:
                 context.abort(FAILED_PRECONDITION, f"worker {self.worker_id}: Sample for step {request.step_id}, "
@@ -245,8 +267,9 @@ class Service:
     def Heartbeat(self, request, context):
         self._version(request, context)
         step_id, started = self.running
-        return pb.HeartbeatReply(worker_id=self.worker_id, step_id=step_id,
-                                 step_s=time.monotonic() - started if step_id else 0.0)
+        running_s = time.monotonic() - started if step_id else 0.0
+        return pb.HeartbeatReply(worker_id=self.worker_id, step_id=step_id, step_s=running_s,
+                                 busy_s=self.busy_s + running_s)
 
     def Shutdown(self, request, context):
         self._version(request, context)

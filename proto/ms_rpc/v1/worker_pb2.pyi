@@ -393,15 +393,17 @@ class HeartbeatRequest(_message.Message):
     def __init__(self, protocol_version: _Optional[int] = ...) -> None: ...
 
 class HeartbeatReply(_message.Message):
-    __slots__ = ("worker_id", "step_id", "step_s", "compiling", "compiling_s")
+    __slots__ = ("worker_id", "step_id", "step_s", "compiling", "compiling_s", "busy_s")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_S_FIELD_NUMBER: _ClassVar[int]
     COMPILING_FIELD_NUMBER: _ClassVar[int]
     COMPILING_S_FIELD_NUMBER: _ClassVar[int]
+    BUSY_S_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     step_id: int
     step_s: float
     compiling: bool
     compiling_s: float
-    def __init__(self, worker_id: _Optional[str] = ..., step_id: _Optional[int] = ..., step_s: _Optional[float] = ..., compiling: _Optional[bool] = ..., compiling_s: _Optional[float] = ...) -> None: ...
+    busy_s: float
+    def __init__(self, worker_id: _Optional[str] = ..., step_id: _Optional[int] = ..., step_s: _Optional[float] = ..., compiling: _Optional[bool] = ..., compiling_s: _Optional[float] = ..., busy_s: _Optional[float] = ...) -> None: ...
