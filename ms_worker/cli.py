@@ -23,6 +23,7 @@ import threading
 import time
 from concurrent import futures
 
+from ms_rpc.security import is_loopback, read_token
 from ms_rpc.v1 import MAX_MESSAGE_MB as DEFAULT_MAX_MESSAGE_MB
 from ms_worker.memory import DEFAULT_UTILIZATION
 
@@ -209,7 +210,7 @@ def serve(args) -> int:
         return 2
     try:
         creds = serving.server_credentials(args.tls_cert, args.tls_key, args.tls_client_ca)
-        token = serving.read_token(args.token, args.token_file)
+        token = read_token(args.token, args.token_file)
     except ValueError as e:
         log.error("%s", e)
         return 2
@@ -248,7 +249,7 @@ def serve(args) -> int:
     security = ("mutual TLS" if args.tls_client_ca else "TLS" if creds else "plaintext") + \
                (" + bearer token" if token else "")
     log.info("listening on %s:%d (%s); health NOT_SERVING until the model is loaded", args.host, port, security)
-    if not serving.is_loopback(args.host):
+    if not is_loopback(args.host):
         if not creds and not token:
             log.warning("binding %s without TLS or a token: anyone who can reach this port can drive the worker; "
                         "pass --tls-cert/--tls-key (and --tls-client-ca) and/or --token-file", args.host)

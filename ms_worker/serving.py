@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import logging
 import os
 import socket
@@ -22,6 +21,7 @@ import time
 
 import grpc
 
+from ms_rpc.security import read_file
 from ms_rpc.v1 import worker_pb2 as pb
 
 log = logging.getLogger("ms_worker")
@@ -50,23 +50,6 @@ def sd_notify(message: str) -> bool:
 
 
 # -- security ---------------------------------------------------------------------------------------------------
-def is_loopback(host: str) -> bool:
-    if host in ("localhost", "localhost6"):
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
-def _read(path: str, what: str) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError as e:
-        raise ValueError(f"cannot read the {what} {path}: {e.strerror}") from None
-
-
 def server_credentials(cert: str | None, key: str | None, client_ca: str | None):
     """grpc server credentials for TLS (cert + key) or mutual TLS (+ client_ca); None for a plaintext port."""
     if not cert and not key:
@@ -75,19 +58,9 @@ def server_credentials(cert: str | None, key: str | None, client_ca: str | None)
         return None
     if not (cert and key):
         raise ValueError("TLS needs both --tls-cert and --tls-key")
-    pair = (_read(key, "TLS key"), _read(cert, "TLS certificate"))
-    ca = _read(client_ca, "client CA bundle") if client_ca else None
+    pair = (read_file(key, "TLS key"), read_file(cert, "TLS certificate"))
+    ca = read_file(client_ca, "client CA bundle") if client_ca else None
     return grpc.ssl_server_credentials([pair], root_certificates=ca, require_client_auth=ca is not None)
-
-
-def read_token(token: str | None, token_file: str | None) -> str | None:
-    if token and token_file:
-        raise ValueError("give the token or the token file, not both")
-    if token_file:
-        token = _read(token_file, "token file").decode().strip()
-        if not token:
-            raise ValueError(f"the token file {token_file} is empty")
-    return token or None
 
 
 # -- metrics ----------------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from ms_rpc.security import read_file, read_token
 from ms_rpc.v1 import MAX_MESSAGE_MB, PROTOCOL_VERSION
 from ms_rpc.v1 import worker_pb2 as pb
 from ms_rpc.v1 import worker_pb2_grpc as pb_grpc
@@ -27,14 +28,6 @@ class WorkerError(RuntimeError):
     @property
     def unreachable(self) -> bool:
         return self.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
-
-
-def _read(path: str, what: str) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError as e:
-        raise ValueError(f"ms_rpc: cannot read the {what} {path}: {e.strerror}") from None
 
 
 @dataclass(frozen=True)
@@ -55,17 +48,14 @@ class ChannelSecurity:
         """From file paths (the ms_rpc settings); raises ValueError naming what is missing or unreadable."""
         if bool(tls_cert) != bool(tls_key):
             raise ValueError("ms_rpc: a client certificate needs both tls_cert and tls_key")
-        if token and token_file:
-            raise ValueError("ms_rpc: give token or token_file, not both")
-        if token_file:
-            token = _read(token_file, "token file").decode().strip()
-            if not token:
-                raise ValueError(f"ms_rpc: the token file {token_file} is empty")
-        return cls(tls=bool(tls or tls_ca or tls_cert or tls_server_name),
-                   ca=_read(tls_ca, "TLS CA bundle") if tls_ca else None,
-                   cert=_read(tls_cert, "TLS client certificate") if tls_cert else None,
-                   key=_read(tls_key, "TLS client key") if tls_key else None,
-                   server_name=tls_server_name or None, token=token or None)
+        try:
+            return cls(tls=bool(tls or tls_ca or tls_cert or tls_server_name),
+                       ca=read_file(tls_ca, "TLS CA bundle") if tls_ca else None,
+                       cert=read_file(tls_cert, "TLS client certificate") if tls_cert else None,
+                       key=read_file(tls_key, "TLS client key") if tls_key else None,
+                       server_name=tls_server_name or None, token=read_token(token, token_file))
+        except ValueError as e:
+            raise ValueError(f"ms_rpc: {e}") from None
 
     def describe(self) -> str:
         mode = ("mutual TLS" if self.cert else "TLS") if self.tls else "plaintext"

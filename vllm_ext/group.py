@@ -15,6 +15,7 @@ import threading
 import time
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 
+from ms_rpc.security import is_loopback
 from ms_rpc.v1 import PROTOCOL_VERSION
 from ms_rpc.v1 import worker_pb2 as pb
 from vllm_ext.client import ChannelSecurity, WorkerClient, WorkerError
@@ -67,8 +68,7 @@ def connect_worker(settings: dict, address: str, timeout: float | None = None) -
         security = ChannelSecurity.load(**settings["security"])
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    host = address.rsplit(":", 1)[0].strip("[]")
-    if not security.tls and not security.token and host not in ("localhost", "::1") and not host.startswith("127."):
+    if not security.tls and not security.token and not is_loopback(address.rsplit(":", 1)[0]):
         log.warning("ms_rpc: worker %s is reached without TLS or a token: anyone who can reach its port can "
                     "drive it (see the ms_rpc tls_ca/token settings)", address)
     client = WorkerClient(address, security=security)
