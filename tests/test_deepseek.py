@@ -1,0 +1,193 @@
+"""DeepSeek-V2/V3 (ms_models.mla): multi-head latent attention over a latent KV cache, YaRN RoPE, dense then
+routed + shared experts, from ordinary HF checkpoints.
+
+Tiny random checkpoints made here with HF transformers (fp32, seeded, hidden 64, 4 heads, kv_lora_rank 32,
+qk_nope 16 + qk_rope 8, v_head_dim 16, 8 routed experts top-2 + 1 shared, first_k_dense_replace 1 of 3 layers,
+YaRN factor 4 with mscale 1.0 != mscale_all_dim 0.8 so that both YaRN factors matter; norms 1 + noise, biases
+and routers random so that routing differs clearly between tokens):
+  v2         no q_lora_rank, topk_method group_limited_greedy (4 groups, 2 kept), routed_scaling_factor 1.5
+  v2_greedy  topk_method greedy, attention_bias (q/kv_a/o biases)
+  v3         q_lora_rank 24, sigmoid scores + random e_score_correction_bias, 4 groups / 2 kept, norm_topk_prob,
+             routed_scaling_factor 2.5, interleaved rope dims
+  v3_halves  rope_interleave false (rotate_half rope dims), norm_topk_prob false
+Checks:
+  * logits: the MindSpore model (worker env, test_ms_models.py's scenario: prefill, chunked prefill, decodes,
+    mixed ragged batches over a paged cache of 4-token blocks) vs HF, |diff| < 1e-4, greedy tokens equal; the
+    cache is one latent row of kv_lora_rank + qk_rope_head_dim floats per token; the front's config hash equals
+    the worker's;
+  * served: greedy tokens through vLLM's engine with the ms_rpc executor equal HF's, for V2 and V3, several
+    prompts in one generate call, one longer than a KV block; vLLM sizes the cache as MLA (one latent row);
+  * tensor parallel > 1 and quantized checkpoints are refused at start-up, naming the reason.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(TESTS)
+WORKER_PY = os.path.join(REPO, ".venv-worker", "bin", "python")
+sys.path.insert(0, TESTS)
+sys.path.insert(0, REPO)
+
+from conftest import hf_greedy, perturb_norms_and_biases  # noqa: E402
+from test_ms_models import _compare, run_ms_side  # noqa: E402
+
+VOCAB = 131
+ATOL = 1e-4
+KV_LORA, ROPE = 32, 8
+YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64,
+        "mscale": 1.0, "mscale_all_dim": 0.8, "beta_fast": 32, "beta_slow": 1}
+# served prompts: one longer than vLLM's KV block (128 tokens on its CPU platform)
+SERVE_PROMPT_LENS = (3, 17, 150)
+VARIANTS = {
+    "v2": ("v2", dict(q_lora_rank=None, topk_method="group_limited_greedy", n_group=4, topk_group=2,
+                      routed_scaling_factor=1.5)),
+    "v2_greedy": ("v2", dict(q_lora_rank=None, topk_method="greedy", attention_bias=True)),
+    "v3": ("v3", dict(q_lora_rank=24, n_group=4, topk_group=2, norm_topk_prob=True, routed_scaling_factor=2.5)),
+    "v3_halves": ("v3", dict(q_lora_rank=24, n_group=4, topk_group=2, norm_topk_prob=False, rope_interleave=False,
+                             routed_scaling_factor=1.0)),
+}
+
+
+def _make(name, seed):
+    import torch
+    import transformers as T
+
+    arch, extra = VARIANTS[name]
+    torch.manual_seed(seed)
+    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+                  num_hidden_layers=3, num_attention_heads=4, kv_lora_rank=KV_LORA, qk_nope_head_dim=16,
+                  qk_rope_head_dim=ROPE, v_head_dim=16, n_routed_experts=8, n_shared_experts=1,
+                  num_experts_per_tok=2, first_k_dense_replace=1, max_position_embeddings=512,
+                  initializer_range=0.1, rope_parameters=dict(YARN), tie_word_embeddings=False,
+                  bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    if arch == "v2":
+        model = T.DeepseekV2ForCausalLM(T.DeepseekV2Config(**common, **extra))
+    else:
+        model = T.DeepseekV3ForCausalLM(T.DeepseekV3Config(**common, **extra))
+    model = perturb_norms_and_biases(model.to(torch.float32).eval())
+    with torch.no_grad():  # routers far apart (no near-ties), a correction bias that changes the choice
+        for n, p in model.named_parameters():
+            if n.endswith("mlp.gate.weight"):
+                p.normal_(0.0, 1.0)
+        for n, b in model.named_buffers():
+            if n.endswith("e_score_correction_bias"):
+                b.normal_(0.0, 0.3)
+    return model
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    """name -> (directory, HF fp32 model with exactly the checkpoint's weights)."""
+    d = tmp_path_factory.mktemp("deepseek")
+    out = {}
+    for i, name in enumerate(VARIANTS):
+        m = _make(name, seed=40 + i)
+        m.save_pretrained(d / name)
+        out[name] = (d / name, m)
+    return out
+
+
+@pytest.fixture(scope="module")
+def ms_forward(ckpts, tmp_path_factory):
+    """test_ms_models.py's MindSpore scenario for every checkpoint, in one worker-env process."""
+    return run_ms_side(ckpts, tmp_path_factory.mktemp("deepseek_forward"), VOCAB, timeout=600)
+
+
+def test_checkpoints_hold_what_the_variants_say(ckpts):
+    """The checkpoints carry the parts under test: a correction bias that is not zero (V3), q_lora (V3) or not
+    (V2), attention biases, YaRN parameters as written by transformers."""
+    from safetensors import safe_open
+
+    def names(name):
+        with safe_open(str(ckpts[name][0] / "model.safetensors"), "pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+
+    v3, v2, v2g = names("v3"), names("v2"), names("v2_greedy")
+    assert float(v3["model.layers.1.mlp.gate.e_score_correction_bias"].abs().max()) > 0.1
+    assert "model.layers.0.self_attn.q_a_proj.weight" in v3 and "model.layers.0.self_attn.q_proj.weight" in v2
+    assert "model.layers.2.self_attn.o_proj.bias" in v2g and "model.layers.0.mlp.experts.0.up_proj.weight" not in v2
+    assert "model.layers.1.mlp.shared_experts.down_proj.weight" in v2
+    cfg = json.loads((ckpts["v3_halves"][0] / "config.json").read_text())
+    assert cfg["rope_parameters"]["rope_type"] == "yarn" and cfg["rope_interleave"] is False
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_logits_match_hf(ckpts, ms_forward, name):
+    from ms_models.config import ModelConfig
+
+    path, model = ckpts[name]
+    worst, r = _compare(model, ms_forward["out"][name], ms_forward["prompts"], atol=ATOL)
+    print(f"{name}: max |ms - hf| = {worst:.2e} over {len(r['names'])} logit rows")
+    cfg = ModelConfig.from_model_dir(str(path))  # the front's computation: pure Python
+    assert cfg.config_hash == str(r["config_hash"])
+    assert (cfg.num_kv_heads, cfg.head_dim, cfg.moe_layers) == (1, KV_LORA + ROPE, (1, 2))
+    # the latent cache: one row of kv_lora_rank + rope floats per token and layer (4-token blocks, 3 layers)
+    assert int(r["kv_bytes"]) == 3 * 4 * (KV_LORA + ROPE) * 4
+
+
+def test_served_greedy_equals_hf(ckpts):
+    """V2 and V3 through vLLM's engine (one process, one engine after the other) with the ms_rpc executor."""
+    from test_models import MAX_NEW, _run_generate
+
+    rng = np.random.default_rng(3)
+    prompts = [[int(x) for x in rng.integers(3, VOCAB, size=L)] for L in SERVE_PROMPT_LENS]
+    paths = [ckpts["v2"][0], ckpts["v3"][0]]
+    ours = _run_generate("ms_rpc", paths, prompts)
+    for path in paths:
+        got, hf = ours[str(path)], hf_greedy(path, prompts, MAX_NEW)
+        assert [len(t) for t in got] == [MAX_NEW] * len(prompts)
+        assert len({tuple(t) for t in hf}) == len(prompts), "the reference continuations must differ"
+        assert got == hf, path.name
+
+
+def test_kv_cache_spec_is_mla(ckpts):
+    """vLLM's front sizes the cache as the worker does: an MLAAttentionSpec page of block_size latent rows,
+    which equals the worker's bytes per block per layer."""
+    code = ("import sys\nfrom vllm.engine.arg_utils import EngineArgs\n"
+            "c = EngineArgs(model=sys.argv[1], dtype='float32', distributed_executor_backend='ms_rpc', "
+            "max_model_len=256, skip_tokenizer_init=True).create_engine_config()\n"
+            "m = c.model_config\n"
+            "print('MLA', m.use_mla, m.get_head_size(), c.cache_config.block_size)\n")
+    out = subprocess.run([sys.executable, "-c", code, str(ckpts["v3"][0])], capture_output=True, text=True,
+                         timeout=300, cwd=REPO)
+    line = next((l for l in out.stdout.splitlines() if l.startswith("MLA ")), out.stderr[-3000:])
+    use_mla, head, block = line.split()[1:]
+    assert (use_mla, int(head)) == ("True", KV_LORA + ROPE), line
+    from vllm.v1.kv_cache_interface import MLAAttentionSpec
+    import torch
+
+    spec = MLAAttentionSpec(block_size=int(block), num_kv_heads=1, head_size=int(head), dtype=torch.float32)
+    assert spec.page_size_bytes == int(block) * (KV_LORA + ROPE) * 4
+
+
+def test_tensor_parallel_and_quantized_checkpoints_refused(ckpts, tmp_path):
+    from ms_models.config import ModelConfig
+    from ms_models.parallel import check_tensor_parallel
+    from ms_models.registry import UnsupportedModelError
+    from vllm_ext.executor import ConfigError, check_tensor_parallel_size
+
+    path = ckpts["v3"][0]
+    assert "DeepseekV3ForCausalLM is a mixture-of-experts model" in check_tensor_parallel(
+        ModelConfig.from_model_dir(str(path)), 2)
+    with pytest.raises(ConfigError, match=r"ms_rpc: tensor-parallel size 2: DeepseekV3ForCausalLM is a mixture-of-"):
+        check_tensor_parallel_size(str(path), 2)
+    q = tmp_path / "fp8"
+    q.mkdir()
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    (q / "config.json").write_text(json.dumps(cfg))
+    os.symlink(path / "model.safetensors", q / "model.safetensors")
+    with pytest.raises(UnsupportedModelError, match=r"quantized checkpoints .*'fp8'.* not supported"):
+        ModelConfig.from_model_dir(str(q))
+    # the worker, at start-up, before it loads anything
+    log = tmp_path / "worker.log"
+    with open(log, "w") as f:
+        p = subprocess.run([WORKER_PY, "-m", "ms_worker", "serve", "--model", str(q), "--port", "0"], cwd=REPO,
+                           stdout=f, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONPATH=REPO), timeout=120)
+    text = log.read_text()
+    assert p.returncode != 0 and "quantized checkpoints (quantization_config, quant_method 'fp8')" in text, text
