@@ -23,6 +23,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -145,24 +146,25 @@ def test_served_greedy_equals_hf(ckpts):
         assert got == hf, path.name
 
 
-def test_kv_cache_spec_is_mla(ckpts):
-    """vLLM's front sizes the cache as the worker does: an MLAAttentionSpec page of block_size latent rows,
-    which equals the worker's bytes per block per layer."""
-    code = ("import sys\nfrom vllm.engine.arg_utils import EngineArgs\n"
-            "c = EngineArgs(model=sys.argv[1], dtype='float32', distributed_executor_backend='ms_rpc', "
-            "max_model_len=256, skip_tokenizer_init=True).create_engine_config()\n"
-            "m = c.model_config\n"
-            "print('MLA', m.use_mla, m.get_head_size(), c.cache_config.block_size)\n")
-    out = subprocess.run([sys.executable, "-c", code, str(ckpts["v3"][0])], capture_output=True, text=True,
-                         timeout=300, cwd=REPO)
-    line = next((l for l in out.stdout.splitlines() if l.startswith("MLA ")), out.stderr[-3000:])
-    use_mla, head, block = line.split()[1:]
-    assert (use_mla, int(head)) == ("True", KV_LORA + ROPE), line
-    from vllm.v1.kv_cache_interface import MLAAttentionSpec
-    import torch
-
-    spec = MLAAttentionSpec(block_size=int(block), num_kv_heads=1, head_size=int(head), dtype=torch.float32)
-    assert spec.page_size_bytes == int(block) * (KV_LORA + ROPE) * 4
+def test_engine_sizes_the_cache_as_mla_latent_rows(ckpts):
+    """vLLM's engine with the ms_rpc executor and --kv-cache-memory-bytes gets exactly the blocks the worker's
+    latent cache holds in those bytes: block_size rows of kv_lora_rank + qk_rope_head_dim floats per layer
+    (MLAAttentionSpec on the front; a full-attention spec would count K and V and get half the blocks)."""
+    asked, block = 3 * 2**20, 16
+    code = textwrap.dedent(f"""
+        import os
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"   # the engine core in this process: its config is ours
+        from vllm import LLM
+        if __name__ == "__main__":
+            llm = LLM(model={str(ckpts["v3"][0])!r}, dtype="float32", distributed_executor_backend="ms_rpc",
+                      max_model_len=256, max_num_seqs=4, block_size={block}, enforce_eager=True,
+                      skip_tokenizer_init=True, kv_cache_memory_bytes={asked})
+            c = llm.llm_engine.vllm_config
+            print("MLA", c.model_config.use_mla, c.cache_config.num_gpu_blocks)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=REPO)
+    line = next((l for l in out.stdout.splitlines() if l.startswith("MLA ")), out.stderr[-4000:])
+    assert line == f"MLA True {asked // (block * 3 * (KV_LORA + ROPE) * 4)}", line
 
 
 def test_tensor_parallel_and_quantized_checkpoints_refused(ckpts, tmp_path):
