@@ -16,14 +16,14 @@ Checks:
     cache is one latent row of kv_lora_rank + qk_rope_head_dim floats per token; the front's config hash equals
     the worker's;
   * served: greedy tokens through vLLM's engine with the ms_rpc executor equal HF's, for V2 and V3, several
-    prompts in one generate call, one longer than a KV block; vLLM sizes the cache as MLA (one latent row);
+    prompts in one generate call, one spanning several KV blocks and chunked-prefill steps; the engine's block
+    count is what the worker's latent cache holds in --kv-cache-memory-bytes;
   * tensor parallel > 1 and quantized checkpoints are refused at start-up, naming the reason.
 """
 import json
 import os
 import subprocess
 import sys
-import textwrap
 
 import numpy as np
 import pytest
@@ -42,8 +42,8 @@ ATOL = 1e-4
 KV_LORA, ROPE = 32, 8
 YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64,
         "mscale": 1.0, "mscale_all_dim": 0.8, "beta_fast": 32, "beta_slow": 1}
-# served prompts: one longer than vLLM's KV block (128 tokens on its CPU platform)
-SERVE_PROMPT_LENS = (3, 17, 150)
+SERVE_PROMPT_LENS = (3, 17, 150)  # served prompts: the last one spans 10 blocks and 3 chunked-prefill steps
+MAX_NEW = 16
 VARIANTS = {
     "v2": ("v2", dict(q_lora_rank=None, topk_method="group_limited_greedy", n_group=4, topk_group=2,
                       routed_scaling_factor=1.5)),
@@ -131,40 +131,47 @@ def test_logits_match_hf(ckpts, ms_forward, name):
     assert int(r["kv_bytes"]) == 3 * 4 * (KV_LORA + ROPE) * 4
 
 
-def test_served_greedy_equals_hf(ckpts):
-    """V2 and V3 through vLLM's engine (one process, one engine after the other) with the ms_rpc executor."""
-    from test_models import MAX_NEW, _run_generate
+SERVE = """
+import json, os, sys
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"   # the engine cores in this process: their configs are ours
+from vllm import LLM, SamplingParams, TokensPrompt
+if __name__ == "__main__":
+    prompts, max_new, kv_bytes, block = json.loads(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+    for model in sys.argv[5:]:
+        llm = LLM(model=model, dtype="float32", distributed_executor_backend="ms_rpc", max_model_len=256,
+                  max_num_seqs=4, max_num_batched_tokens=64, block_size=block, enforce_eager=True,
+                  skip_tokenizer_init=True, kv_cache_memory_bytes=kv_bytes, seed=0)
+        c = llm.llm_engine.vllm_config
+        outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts],
+                            SamplingParams(temperature=0, max_tokens=max_new, ignore_eos=True, detokenize=False),
+                            use_tqdm=False)
+        print("RESULT " + json.dumps([c.model_config.use_mla, c.cache_config.num_gpu_blocks,
+                                      [list(o.outputs[0].token_ids) for o in outs]]), flush=True)
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+"""
 
+
+def test_served_greedy_equals_hf_on_an_mla_sized_cache(ckpts):
+    """V2 and V3 through vLLM's engine with the ms_rpc executor (one process, one engine after the other): 3
+    prompts in one generate call, 16-token blocks, steps of at most 64 tokens (the 150-token prompt is prefilled
+    in chunks, beside the others' decodes); greedy tokens == HF. --kv-cache-memory-bytes buys exactly the blocks
+    the worker's latent cache holds: block_size rows of kv_lora_rank + qk_rope_head_dim floats per layer (the
+    front's MLAAttentionSpec; a full-attention spec would count K and V and get half)."""
     rng = np.random.default_rng(3)
     prompts = [[int(x) for x in rng.integers(3, VOCAB, size=L)] for L in SERVE_PROMPT_LENS]
     paths = [ckpts["v2"][0], ckpts["v3"][0]]
-    ours = _run_generate("ms_rpc", paths, prompts)
-    for path in paths:
-        got, hf = ours[str(path)], hf_greedy(path, prompts, MAX_NEW)
+    kv_bytes, block = 3 * 2**20, 16
+    out = subprocess.run([sys.executable, "-c", SERVE, json.dumps(prompts), str(MAX_NEW), str(kv_bytes), str(block),
+                          *map(str, paths)], capture_output=True, text=True, timeout=900, cwd=REPO)
+    lines = [json.loads(l[len("RESULT "):]) for l in out.stdout.splitlines() if l.startswith("RESULT ")]
+    assert out.returncode == 0 and len(lines) == len(paths), out.stderr[-6000:]
+    for path, (use_mla, blocks, got) in zip(paths, lines):
+        assert (use_mla, blocks) == (True, kv_bytes // (block * 3 * (KV_LORA + ROPE) * 4)), (path.name, blocks)
+        hf = hf_greedy(path, prompts, MAX_NEW)
         assert [len(t) for t in got] == [MAX_NEW] * len(prompts)
         assert len({tuple(t) for t in hf}) == len(prompts), "the reference continuations must differ"
         assert got == hf, path.name
-
-
-def test_engine_sizes_the_cache_as_mla_latent_rows(ckpts):
-    """vLLM's engine with the ms_rpc executor and --kv-cache-memory-bytes gets exactly the blocks the worker's
-    latent cache holds in those bytes: block_size rows of kv_lora_rank + qk_rope_head_dim floats per layer
-    (MLAAttentionSpec on the front; a full-attention spec would count K and V and get half the blocks)."""
-    asked, block = 3 * 2**20, 16
-    code = textwrap.dedent(f"""
-        import os
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"   # the engine core in this process: its config is ours
-        from vllm import LLM
-        if __name__ == "__main__":
-            llm = LLM(model={str(ckpts["v3"][0])!r}, dtype="float32", distributed_executor_backend="ms_rpc",
-                      max_model_len=256, max_num_seqs=4, block_size={block}, enforce_eager=True,
-                      skip_tokenizer_init=True, kv_cache_memory_bytes={asked})
-            c = llm.llm_engine.vllm_config
-            print("MLA", c.model_config.use_mla, c.cache_config.num_gpu_blocks)
-    """)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=REPO)
-    line = next((l for l in out.stdout.splitlines() if l.startswith("MLA ")), out.stderr[-4000:])
-    assert line == f"MLA True {asked // (block * 3 * (KV_LORA + ROPE) * 4)}", line
 
 
 def test_tensor_parallel_and_quantized_checkpoints_refused(ckpts, tmp_path):
