@@ -28,14 +28,8 @@ import sys
 import numpy as np
 import pytest
 
-TESTS = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(TESTS)
-WORKER_PY = os.path.join(REPO, ".venv-worker", "bin", "python")
-sys.path.insert(0, TESTS)
-sys.path.insert(0, REPO)
-
-from conftest import hf_greedy, perturb_norms_and_biases  # noqa: E402
-from test_ms_models import _compare, run_ms_side  # noqa: E402
+from conftest import ROOT, WORKER_PY, hf_greedy, perturb_norms_and_biases
+from test_ms_models import check_against_hf, run_ms_side
 
 VOCAB = 131
 ATOL = 1e-4
@@ -119,13 +113,7 @@ def test_checkpoints_hold_what_the_variants_say(ckpts):
 
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_logits_match_hf(ckpts, ms_forward, name):
-    from ms_models.config import ModelConfig
-
-    path, model = ckpts[name]
-    worst, r = _compare(model, ms_forward["out"][name], ms_forward["prompts"], atol=ATOL)
-    print(f"{name}: max |ms - hf| = {worst:.2e} over {len(r['names'])} logit rows")
-    cfg = ModelConfig.from_model_dir(str(path))  # the front's computation: pure Python
-    assert cfg.config_hash == str(r["config_hash"])
+    cfg, r = check_against_hf(ckpts, ms_forward, name, ATOL)
     assert (cfg.num_kv_heads, cfg.head_dim, cfg.moe_layers) == (1, KV_LORA + ROPE, (1, 2))
     # the latent cache: one row of kv_lora_rank + rope floats per token and layer (4-token blocks, 3 layers)
     assert int(r["kv_bytes"]) == 3 * 4 * (KV_LORA + ROPE) * 4
@@ -163,7 +151,7 @@ def test_served_greedy_equals_hf_on_an_mla_sized_cache(ckpts):
     paths = [ckpts["v2"][0], ckpts["v3"][0]]
     kv_bytes, block = 3 * 2**20, 16
     out = subprocess.run([sys.executable, "-c", SERVE, json.dumps(prompts), str(MAX_NEW), str(kv_bytes), str(block),
-                          *map(str, paths)], capture_output=True, text=True, timeout=900, cwd=REPO)
+                          *map(str, paths)], capture_output=True, text=True, timeout=900, cwd=ROOT)
     lines = [json.loads(l[len("RESULT "):]) for l in out.stdout.splitlines() if l.startswith("RESULT ")]
     assert out.returncode == 0 and len(lines) == len(paths), out.stderr[-6000:]
     for path, (use_mla, blocks, got) in zip(paths, lines):
@@ -196,7 +184,7 @@ def test_tensor_parallel_and_quantized_checkpoints_refused(ckpts, tmp_path):
     # the worker, at start-up, before it loads anything
     log = tmp_path / "worker.log"
     with open(log, "w") as f:
-        p = subprocess.run([WORKER_PY, "-m", "ms_worker", "serve", "--model", str(q), "--port", "0"], cwd=REPO,
-                           stdout=f, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONPATH=REPO), timeout=120)
+        p = subprocess.run([str(WORKER_PY), "-m", "ms_worker", "serve", "--model", str(q), "--port", "0"], cwd=ROOT,
+                           stdout=f, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=120)
     text = log.read_text()
     assert p.returncode != 0 and "quantized checkpoints (quantization_config, quant_method 'fp8')" in text, text
