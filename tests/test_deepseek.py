@@ -188,3 +188,24 @@ def test_tensor_parallel_and_quantized_checkpoints_refused(ckpts, tmp_path):
                            stdout=f, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=120)
     text = log.read_text()
     assert p.returncode != 0 and "quantized checkpoints (quantization_config, quant_method 'fp8')" in text, text
+
+
+WARMUP_CHECK = """
+import sys
+from ms_models import load_model
+m = load_model(sys.argv[1])
+m.allocate_kv_cache(8, 4, max_num_seqs=2, max_model_len=16, max_num_batched_tokens=64)
+m.warmup()
+print("BUCKETS", list(m.buckets))
+"""
+
+
+def test_warmup_when_the_token_budget_exceeds_what_the_requests_can_hold(ckpts, tmp_path):
+    """vLLM may give a step budget (max_num_batched_tokens; it chose 2048 for these models at max_model_len 256) above
+    max_num_seqs * max_model_len; the graphs stop at that product, and warm-up's dummy requests fit the block
+    tables."""
+    p = subprocess.run([str(WORKER_PY), "-c", WARMUP_CHECK, str(ckpts["v2"][0])], cwd=str(tmp_path),
+                       env=dict(os.environ, GLOG_v="3", PYTHONPATH=str(ROOT)), capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr[-4000:]
+    assert "BUCKETS [1, 2, 4, 8, 16, 32]" in p.stdout, p.stdout
