@@ -18,7 +18,8 @@ Checks:
   * served: greedy tokens through vLLM's engine with the ms_rpc executor equal HF's, for V2 and V3, several
     prompts in one generate call, one spanning several KV blocks and chunked-prefill steps; the engine's block
     count is what the worker's latent cache holds in --kv-cache-memory-bytes;
-  * tensor parallel > 1 and quantized checkpoints are refused at start-up, naming the reason.
+  * tensor parallel > 1, --enable-expert-parallel and quantized checkpoints are refused at start-up, naming the
+    reason.
 """
 import json
 import os
@@ -162,7 +163,7 @@ def test_served_greedy_equals_hf_on_an_mla_sized_cache(ckpts):
         assert got == hf, path.name
 
 
-def test_tensor_parallel_and_quantized_checkpoints_refused(ckpts, tmp_path):
+def test_tensor_parallel_expert_parallel_and_quantized_checkpoints_refused(ckpts, tmp_path):
     from ms_models.config import ModelConfig
     from ms_models.parallel import check_tensor_parallel
     from ms_models.registry import UnsupportedModelError
@@ -173,6 +174,16 @@ def test_tensor_parallel_and_quantized_checkpoints_refused(ckpts, tmp_path):
         ModelConfig.from_model_dir(str(path)), 2)
     with pytest.raises(ConfigError, match=r"ms_rpc: tensor-parallel size 2: DeepseekV3ForCausalLM is a mixture-of-"):
         check_tensor_parallel_size(str(path), 2)
+    code = ("import sys\nfrom vllm.engine.arg_utils import EngineArgs\n"
+            "try:\n"
+            "    EngineArgs(model=sys.argv[1], dtype='float32', distributed_executor_backend='ms_rpc', max_model_len=128,"
+            " skip_tokenizer_init=True, enable_expert_parallel=True).create_engine_config()\n"
+            "    print('ACCEPTED')\n"
+            "except Exception as e:\n"
+            "    print('REFUSED', ' | '.join(str(e).splitlines()))\n")
+    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    line = next((l for l in out.stdout.splitlines() if l.startswith(("ACCEPTED", "REFUSED"))), out.stderr[-2000:])
+    assert line.startswith("REFUSED") and "--enable-expert-parallel is not supported by" in line, line
     q = tmp_path / "fp8"
     q.mkdir()
     cfg = json.loads((path / "config.json").read_text())
