@@ -17,6 +17,8 @@ __all__ = ["ModelConfig", "read_hf_config", "canonical_rope_scaling", "architect
 
 # RoPE scaling types implemented by layers.RotaryEmbedding.
 SUPPORTED_ROPE_TYPES = ("linear", "llama3")
+# Architectures whose implementation also applies YaRN's attention factor (ms_models.mla); the others refuse yarn.
+YARN_ARCHITECTURES = ("DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM")
 
 
 def read_hf_config(model_dir: str) -> dict:
@@ -41,13 +43,14 @@ def read_hf_config(model_dir: str) -> dict:
     return cfg
 
 
-def canonical_rope_scaling(hf: dict) -> tuple[float, Optional[dict]]:
+def canonical_rope_scaling(hf: dict, yarn: bool = False) -> tuple[float, Optional[dict]]:
     """Returns (rope_theta, rope_scaling) from either config format.
 
     transformers < 5 writes ``rope_theta`` + ``rope_scaling`` ({"type"|"rope_type": ...});
     transformers >= 5 writes ``rope_parameters`` ({"rope_type", "rope_theta", ...}).
     rope_scaling is None for plain RoPE, otherwise a dict with "rope_type" and the
     numeric parameters (sorted keys, floats), e.g. {"factor": 8.0, ..., "rope_type": "llama3"}.
+    ``yarn``: the architecture implements "yarn" (YaRN frequencies and attention factor, as HF computes them).
     """
     params = hf.get("rope_parameters")
     scaling = hf.get("rope_scaling")
@@ -68,11 +71,19 @@ def canonical_rope_scaling(hf: dict) -> tuple[float, Optional[dict]]:
         if extra.get("partial_rotary_factor", 1.0) != 1.0:
             raise UnsupportedModelError("partial_rotary_factor != 1 is not supported")
         return float(theta), None
-    if rope_type not in SUPPORTED_ROPE_TYPES:
+    supported = SUPPORTED_ROPE_TYPES + (("yarn",) if yarn else ())
+    if rope_type not in supported:
         raise UnsupportedModelError(
-            f"rope scaling type {rope_type!r} is not supported (supported: default, "
-            + ", ".join(SUPPORTED_ROPE_TYPES) + ")")
+            f"rope scaling type {rope_type!r} is not supported (supported: default, " + ", ".join(supported) + ")")
     out: dict[str, Any] = {"rope_type": rope_type, "factor": float(merged["factor"])}
+    if rope_type == "yarn":  # HF's defaults (modeling_rope_utils._compute_yarn_parameters); None = not set
+        out.update(beta_fast=float(merged.get("beta_fast") or 32), beta_slow=float(merged.get("beta_slow") or 1),
+                   truncate=bool(merged.get("truncate", True)),
+                   original_max_position_embeddings=int(merged.get("original_max_position_embeddings")
+                                                        or hf.get("max_position_embeddings")))
+        for k in ("mscale", "mscale_all_dim", "attention_factor"):
+            if merged.get(k) is not None:
+                out[k] = float(merged[k])
     if rope_type == "llama3":
         for k in ("low_freq_factor", "high_freq_factor"):
             out[k] = float(merged[k])
@@ -146,7 +157,45 @@ def architecture_features(arch: str, hf: dict) -> dict:
                     sliding_window=_uniform_sliding_window(hf, num_layers, sliding),
                     shared_expert_intermediate_size=int(hf.get("shared_expert_intermediate_size", 5632)),
                     **_qwen_moe_features(hf, num_layers))
+    if arch in YARN_ARCHITECTURES:
+        return _deepseek_features(arch, hf, num_layers)
     raise UnsupportedModelError(f"no configuration rules for architecture {arch}")
+
+
+def _deepseek_features(arch: str, hf: dict, num_layers: int) -> dict:
+    """DeepSeek-V2/V3 (ms_models.mla), as HF's DeepseekV2/V3 modeling reads the config: multi-head latent attention
+    whose KV cache holds one latent row per token (num_kv_heads 1, head_dim kv_lora_rank + qk_rope_head_dim, as
+    vLLM sizes MLA caches), dense MLPs before first_k_dense_replace, routed + shared experts after it."""
+    v3 = arch == "DeepseekV3ForCausalLM"
+    if hf.get("mlp_bias"):
+        raise UnsupportedModelError(f"{arch}: mlp_bias is not supported")
+    if int(hf.get("moe_layer_freq", 1) or 1) != 1:
+        raise UnsupportedModelError(f"{arch}: moe_layer_freq != 1 is not supported")
+    method = "noaux_tc" if v3 else (hf.get("topk_method") or "greedy")  # HF's V3 router ignores topk_method
+    if method not in ("greedy", "group_limited_greedy", "noaux_tc"):
+        raise UnsupportedModelError(f"{arch}: topk_method {method!r} is not supported "
+                                    "(supported: greedy, group_limited_greedy)")
+    experts = int(hf.get("n_routed_experts") or 0)
+    first = int(hf.get("first_k_dense_replace") or 0)
+    bias = bool(hf.get("attention_bias", False))
+    feats = dict(attention_bias=bias, o_bias=bias, num_kv_heads=1,
+                 head_dim=int(hf["kv_lora_rank"]) + int(hf["qk_rope_head_dim"]),
+                 q_lora_rank=int(hf.get("q_lora_rank") or 0), kv_lora_rank=int(hf["kv_lora_rank"]),
+                 qk_nope_head_dim=int(hf["qk_nope_head_dim"]), qk_rope_head_dim=int(hf["qk_rope_head_dim"]),
+                 v_head_dim=int(hf["v_head_dim"]), rope_interleave=bool(hf.get("rope_interleave", True)) or not v3)
+    if experts and first < num_layers:
+        groups = (int(hf.get("n_group") or 0), int(hf.get("topk_group") or 0))
+        if method != "greedy":
+            if groups[0] <= 0 or experts % groups[0] or not 1 <= groups[1] <= groups[0]:
+                raise ValueError(f"config.json: n_group {groups[0]} / topk_group {groups[1]} do not split "
+                                 f"{experts} experts ({arch}, topk_method {method})")
+            feats.update(n_group=groups[0], topk_group=groups[1])
+        feats.update(routing="sigmoid" if v3 else "softmax",
+                     routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
+                     n_shared_experts=int(hf.get("n_shared_experts") or 0),
+                     **_moe_features(hf, num_layers, experts, int(hf["moe_intermediate_size"]),
+                                     bool(hf.get("norm_topk_prob")) and v3, range(first, num_layers)))
+    return feats
 
 
 def _moe_features(hf: dict, num_layers: int, num_experts: int, expert_size: int, norm_topk_prob: bool,
@@ -206,6 +255,23 @@ class ModelConfig:
     norm_topk_prob: bool = False  # the top-k routing weights are divided by their sum
     shared_expert_intermediate_size: int = 0  # Qwen2-MoE: a dense expert every token uses, sigmoid-gated
     moe_layers: tuple = ()
+    # DeepSeek routing (ms_models.mla): "softmax" (V2) or "sigmoid" + e_score_correction_bias (V3) scores, chosen
+    # among the topk_group best of n_group expert groups (0: no groups), weights times routed_scaling_factor;
+    # n_shared_experts dense experts of n * moe_intermediate_size every token uses
+    routing: str = ""
+    n_group: int = 0
+    topk_group: int = 0
+    routed_scaling_factor: float = 1.0
+    n_shared_experts: int = 0
+    # multi-head latent attention (ms_models.mla; kv_lora_rank 0: none): q through a q_lora_rank bottleneck (0:
+    # one q_proj), per head qk_nope_head_dim + qk_rope_head_dim query/key dims and v_head_dim value dims; the
+    # cache holds the kv_lora_rank latent and the rotated qk_rope_head_dim key (head_dim = their sum)
+    q_lora_rank: int = 0
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
+    rope_interleave: bool = False  # the rope dims are (x0, x1), (x2, x3) ... pairs (else halves, rotate_half)
     dtype: str = "float32"  # compute / weight / KV-cache dtype of the MindSpore model
     config_hash: str = ""
 
@@ -225,6 +291,11 @@ class ModelConfig:
         if isinstance(archs, str):
             archs = [archs]
         arch = resolve_architecture(archs)  # raises UnsupportedModelError
+        if hf.get("quantization_config"):
+            method = hf["quantization_config"].get("quant_method", "?") if isinstance(
+                hf["quantization_config"], dict) else "?"
+            raise UnsupportedModelError(f"quantized checkpoints (quantization_config, quant_method {method!r}) are "
+                                        "not supported: ms_models loads float weights only")
         act = hf.get("hidden_act", "silu")
         if act not in ("silu", "swish"):
             raise UnsupportedModelError(f"hidden_act {act!r} is not supported (only silu)")
@@ -232,8 +303,8 @@ class ModelConfig:
             hidden = int(hf["hidden_size"])
             heads = int(hf["num_attention_heads"])
             head_dim = hf.get("head_dim") or hidden // heads
-            theta, scaling = canonical_rope_scaling(hf)
-            cfg = cls(
+            theta, scaling = canonical_rope_scaling(hf, yarn=arch in YARN_ARCHITECTURES)
+            fields = dict(
                 architecture=arch,
                 vocab_size=int(hf["vocab_size"]),
                 hidden_size=hidden,
@@ -248,8 +319,9 @@ class ModelConfig:
                 max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
                 tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
                 dtype=dtype,
-                **architecture_features(arch, hf),
             )
+            fields.update(architecture_features(arch, hf))
+            cfg = cls(**fields)
         except KeyError as e:
             raise ValueError(f"config.json lacks required field {e.args[0]!r}") from e
         if cfg.num_heads % cfg.num_kv_heads:

@@ -321,7 +321,8 @@ def fused_attention(q, k, v, k_cache, v_cache, slots, block_tables, context_lens
 
 # ----------------------------------------------------------------------------- host side (numpy)
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> np.ndarray:
-    """Inverse frequencies [head_dim/2] (float64), with HF "linear" / "llama3" scaling."""
+    """Inverse frequencies [head_dim/2] (float64), with HF "linear" / "llama3" / "yarn" scaling (yarn's attention
+    factor is the model's to apply: ms_models.mla)."""
     inv = 1.0 / (float(theta) ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
     if not scaling:
         return inv
@@ -339,6 +340,18 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> np.ndarr
         smoothed = (1 - smooth) * out / factor + smooth * out
         medium = ~(wavelen < hi_wl) & ~(wavelen > lo_wl)
         return np.where(medium, smoothed, out)
+    if kind == "yarn":  # HF's _compute_yarn_parameters: interpolated below the ramp, extrapolated above it
+        old = float(scaling["original_max_position_embeddings"])
+
+        def dim_of(rotations):
+            return head_dim * math.log(old / (rotations * 2 * math.pi)) / (2 * math.log(float(theta)))
+
+        low, high = dim_of(scaling["beta_fast"]), dim_of(scaling["beta_slow"])
+        if scaling.get("truncate", True):
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, head_dim - 1)
+        ramp = np.clip((np.arange(head_dim // 2, dtype=np.float64) - low) / ((high - low) or 0.001), 0, 1)
+        return inv / factor * ramp + inv * (1 - ramp)
     raise ValueError(f"unsupported rope scaling type {kind!r}")
 
 

@@ -231,6 +231,21 @@ class _CheckedWeights:
                               "mlp.shared_expert.up_proj.weight": (S, c.hidden_size),
                               "mlp.shared_expert.down_proj.weight": (c.hidden_size, S),
                               "mlp.shared_expert_gate.weight": (1, c.hidden_size)})
+        if c.kv_lora_rank:  # multi-head latent attention (ms_models.mla)
+            qk, ql, kv = c.qk_nope_head_dim + c.qk_rope_head_dim, c.q_lora_rank, c.kv_lora_rank
+            per_layer.update({
+                "self_attn.q_proj.weight": (c.num_heads * qk, c.hidden_size),
+                "self_attn.q_a_proj.weight": (ql, c.hidden_size), "self_attn.q_a_layernorm.weight": (ql,),
+                "self_attn.q_b_proj.weight": (c.num_heads * qk, ql),
+                "self_attn.kv_a_proj_with_mqa.weight": (kv + c.qk_rope_head_dim, c.hidden_size),
+                "self_attn.kv_a_layernorm.weight": (kv,),
+                "self_attn.kv_b_proj.weight": (c.num_heads * (c.qk_nope_head_dim + c.v_head_dim), kv),
+                "self_attn.o_proj.weight": (c.hidden_size, c.num_heads * c.v_head_dim),
+                "mlp.gate.e_score_correction_bias": (c.num_experts,)})
+            shared = c.n_shared_experts * c.moe_intermediate_size
+            per_layer.update({"mlp.shared_experts.gate_proj.weight": (shared, c.hidden_size),
+                              "mlp.shared_experts.up_proj.weight": (shared, c.hidden_size),
+                              "mlp.shared_experts.down_proj.weight": (c.hidden_size, shared)})
         self._per_layer = per_layer
 
     def _expected(self, name):

@@ -101,7 +101,9 @@ class CausalLM:
         self.num_blocks, self.block_size = num_blocks, block_size
         max_len = int(max_model_len or self.config.max_position_embeddings)
         self.max_blocks = -(-max_len // block_size)
-        self.buckets = token_buckets(min(int(max_num_batched_tokens), MAX_GRAPH_TOKENS))
+        # a step holds at most max_num_seqs requests of at most max_len tokens each
+        self.buckets = token_buckets(min(int(max_num_batched_tokens), MAX_GRAPH_TOKENS,
+                                         max(int(max_num_seqs), 1) * max_len))
         self.max_num_seqs = max(min(int(max_num_seqs), self.buckets[-1]), 1)   # a step has a token per request
         rows = min(self.max_num_seqs * max(int(rows_per_seq), 1), self.buckets[-1])
         self.max_logits_rows = logits_bucket(min(rows, LOGITS_BUCKETS[-1]))

@@ -24,6 +24,8 @@ SUPPORTED_ARCHITECTURES: dict[str, str] = {
     "MixtralForCausalLM": "ms_models.mixtral:build_network",
     "Qwen2MoeForCausalLM": "ms_models.qwen2_moe:build_network",
     "Qwen3MoeForCausalLM": "ms_models.qwen3_moe:build_network",
+    "DeepseekV2ForCausalLM": "ms_models.deepseek_v2:build_network",
+    "DeepseekV3ForCausalLM": "ms_models.deepseek_v3:build_network",
 }
 
 

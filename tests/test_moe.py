@@ -32,7 +32,7 @@ sys.path.insert(0, TESTS)
 sys.path.insert(0, REPO)
 
 from conftest import hf_greedy, perturb_norms_and_biases  # noqa: E402
-from test_ms_models import _compare, run_ms_side  # noqa: E402
+from test_ms_models import check_against_hf, run_ms_side  # noqa: E402
 
 VOCAB = 131
 ATOL = 1e-4
@@ -166,13 +166,7 @@ def test_checkpoints_hold_per_expert_or_fused_tensors(ckpts):
 
 @pytest.mark.parametrize("name", ["qwen3_moe", "qwen2_moe", "mixtral", "qwen3_moe_sharded", "qwen3_moe_fused"])
 def test_logits_match_hf(ckpts, ms_forward, name):
-    from ms_models.config import ModelConfig
-
-    path, model = ckpts[name]
-    worst, r = _compare(model, ms_forward["out"][name], ms_forward["prompts"], atol=ATOL)
-    print(f"{name}: max |ms - hf| = {worst:.2e} over {len(r['names'])} logit rows")
-    cfg = ModelConfig.from_model_dir(str(path))  # the front's computation: pure Python
-    assert cfg.config_hash == str(r["config_hash"])
+    cfg, r = check_against_hf(ckpts, ms_forward, name, ATOL)
     layers = {"qwen2_moe": (0, 2)}.get(name, (0, 1))
     assert (cfg.num_experts, cfg.num_experts_per_tok, cfg.moe_layers) == (8, 2, layers)
     assert cfg.norm_topk_prob == (name != "qwen2_moe")

@@ -190,6 +190,19 @@ def _compare(model, npz_path, prompts, atol=ATOL, min_new=4):
     return worst, r
 
 
+def check_against_hf(ckpts: dict, ms_forward: dict, name: str, atol=ATOL):
+    """_compare for checkpoint ``name`` of run_ms_side's output ``ms_forward``, and the front's config hash (pure
+    Python, from the directory) == the worker's. Returns (the front's ModelConfig, the npz record)."""
+    from ms_models.config import ModelConfig
+
+    path, model = ckpts[name]
+    worst, r = _compare(model, ms_forward["out"][name], ms_forward["prompts"], atol=atol)
+    print(f"{name}: max |ms - hf| = {worst:.2e} over {len(r['names'])} logit rows")
+    cfg = ModelConfig.from_model_dir(str(path))
+    assert cfg.config_hash == str(r["config_hash"])
+    return cfg, r
+
+
 if pytest is not None:
 
     @pytest.fixture(scope="module")

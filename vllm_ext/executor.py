@@ -19,7 +19,8 @@ from functools import cached_property
 
 import torch
 from vllm.v1.executor.abstract import Executor
-from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheSpec, SlidingWindowSpec
+from vllm.v1.kv_cache_interface import (FullAttentionSpec, KVCacheConfig, KVCacheSpec, MLAAttentionSpec,
+                                        SlidingWindowSpec)
 from vllm.v1.outputs import DraftTokenIds, ModelRunnerOutput
 
 from ms_rpc.v1 import FEATURE_SPEC_DECODE_NGRAM, FEATURE_STEPS_IN_FLIGHT
@@ -116,7 +117,8 @@ def check_same_model(info: pb.WorkerInfo, model_config, address: str) -> None:
         "vocab_size": model_config.get_vocab_size(),
         "num_layers": hf.num_hidden_layers,
         "num_heads": hf.num_attention_heads,
-        "num_kv_heads": model_config.get_total_num_kv_heads(),
+        # multi-head latent attention: one cached latent "head" per token (vLLM's MLA cache)
+        "num_kv_heads": 1 if model_config.use_mla else model_config.get_total_num_kv_heads(),
         "head_dim": model_config.get_head_size(),
         "hidden_size": model_config.get_hidden_size(),
     }
@@ -255,8 +257,14 @@ class MsRpcExecutor(Executor):
         # The KV cache spec of one rank: its share of the KV heads.
         kw = dict(block_size=self.cache_config.block_size, num_kv_heads=m.num_kv_heads // tp, head_size=m.head_dim,
                   dtype=_DTYPES[self.info.dtype])
-        # A windowed model lets vLLM free the blocks that fall out of the window.
-        spec = SlidingWindowSpec(sliding_window=m.sliding_window, **kw) if m.sliding_window else FullAttentionSpec(**kw)
+        # A windowed model lets vLLM free the blocks that fall out of the window; an MLA model caches one latent row
+        # per token (MLAAttentionSpec: no separate V, half of FullAttentionSpec's page for the same head size).
+        if self.model_config.use_mla:
+            spec = MLAAttentionSpec(**kw)
+        elif m.sliding_window:
+            spec = SlidingWindowSpec(sliding_window=m.sliding_window, **kw)
+        else:
+            spec = FullAttentionSpec(**kw)
         return [{f"model.layers.{i}.self_attn.attn": spec for i in range(m.num_layers)}]
 
     def get_supported_kv_cache_layouts(self) -> list[list[str]]:

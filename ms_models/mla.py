@@ -1,0 +1,299 @@
+"""DeepSeek-V2/V3 decoder in MindSpore: multi-head latent attention (MLA) over a latent paged KV cache, dense MLPs
+in the first first_k_dense_replace layers, routed + shared experts after them (deepseek_v2.py / deepseek_v3.py).
+
+KV cache: one row per token of head_dim = kv_lora_rank + qk_rope_head_dim floats (one "KV head"), the normalised
+latent c = RMSNorm(h @ W_DKV) followed by the rotated shared rope key k_pe, as vLLM sizes MLA caches
+(MLAAttentionSpec). Attention is computed in the absorbed form for every token (prefill and decode alike): per
+head the no-rope query is taken into latent space, q_lat = q_nope @ W_UK^T, so that
+    score(t, s) = softmax_scale * (q_lat . c_s + q_pe . k_pe_s),   out_lat(t) = sum_s p(t, s) c_s,
+and the value is out_lat @ W_UV. That is multi-query attention with H query heads of dim head_dim over one KV
+head whose value is the key's first kv_lora_rank dims, so the paged attention kernel (ms_models.kernels) runs it
+with the latent cache passed as both its K and V cache and the token's [c, k_pe] row as both its k and v (the
+kernel writes the same row twice, in place), its own RoPE made the identity (cos 1, sin 0) since q_pe and k_pe
+are rotated here, and the first kv_lora_rank dims of each output head kept.
+
+Folded at load time: the input norm's gamma into q_a/q/kv_a projections, q_a_layernorm's into q_b, kv_a_layernorm's
+into W_UK and W_UV (the cache holds the latent without it), softmax_scale (times YaRN's mscale^2 with
+mscale_all_dim) into the query projections, routed_scaling_factor into the experts' down projections. RoPE of the
+rope dims: HF DeepSeek-V2 and V3 (rope_interleave) rotate (x0, x1), (x2, x3) ... pairs; the q/k rope output
+columns are permuted to halves (evens, then odds), which changes no dot product, and rotate_half is a second
+weight (W @ ROT), so q_pe' = (x @ W) * cos + (x @ W ROT) * sin; cos/sin carry YaRN's attention factor, as HF's.
+
+Routing (as HF's DeepseekV2TopkRouter / DeepseekV3TopkRouter): V2 softmax scores, top-k among all experts
+(greedy) or among the topk_group groups of highest max score (group_limited_greedy), weights = scores, not
+renormalised; V3 sigmoid scores, the choice by scores + e_score_correction_bias among the topk_group groups of
+highest top-2 sum, weights = the scores of the chosen, renormalised when norm_topk_prob. The routers give a dense
+weight matrix w [T, E] (zero for unchosen experts); the MoeFFN kernel (moe.py) then gets log(w) as its logits:
+its softmax + top-k + renormalisation choose exactly the nonzero experts with weights w / sum(w), multiplied back
+by sum(w) when the model does not renormalise.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from mindspore import Tensor, nn, ops
+
+from .config import ModelConfig
+from .decoder import DecoderModel
+from .layers import DeviceOps, RotaryEmbedding, expand_to, gated_mlp, linear, rms_norm, to_param
+from .moe import QWEN_EXPERTS, read_experts
+from .parallel import check_tensor_parallel
+from .registry import UnsupportedModelError
+
+__all__ = ["MlaDecoderLayer", "MlaModel", "build_mla_decoder", "yarn_factors"]
+
+_MIN_WEIGHT = 1e-30  # log() floor of the unchosen experts' zero weights: far below any chosen expert's
+# MlaDecoderLayer's weights (build_mla_decoder's keys), absent ones None
+_ATTN_WEIGHTS = ("wqa", "bqa", "wq_nope", "wq_pe", "wq_rot", "wc", "bc", "wk_pe", "bk_pe", "wk_rot", "bk_rot", "wuk",
+                 "wuv", "wo", "bo")
+_MLP_WEIGHTS = ("wg", "wu", "wd", "router", "score_bias", "eg", "eu", "ed", "sg", "su", "sd")
+
+
+def yarn_factors(cfg: ModelConfig) -> tuple[float, float]:
+    """(attention factor on cos/sin, multiplier of softmax_scale) of HF's YaRN for DeepSeek: the first is
+    get_mscale(factor, mscale) / get_mscale(factor, mscale_all_dim) (or attention_factor when given; without
+    both mscales get_mscale(factor)), the second get_mscale(factor, mscale_all_dim)^2 when mscale_all_dim is set."""
+    s = cfg.rope_scaling
+    if not s or s.get("rope_type") != "yarn":
+        return 1.0, 1.0
+    factor = s["factor"]
+
+    def mscale(m=1.0):
+        return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
+
+    if "attention_factor" in s:
+        att = s["attention_factor"]
+    elif s.get("mscale") and s.get("mscale_all_dim"):
+        att = mscale(s["mscale"]) / mscale(s["mscale_all_dim"])
+    else:
+        att = mscale()
+    mul = mscale(s["mscale_all_dim"]) ** 2 if s.get("mscale_all_dim") else 1.0
+    return float(att), float(mul)
+
+
+def _rotate_half_matrix(n: int) -> np.ndarray:
+    """ROT [n, n] with x @ ROT = rotate_half(x) = cat(-x2, x1)."""
+    m, h = np.zeros((n, n), np.float32), n // 2
+    m[np.arange(h) + h, np.arange(h)] = -1.0
+    m[np.arange(h), np.arange(h) + h] = 1.0
+    return m
+
+
+def _deinterleave(n: int) -> np.ndarray:
+    """Column order taking (x0, x1), (x2, x3) ... pairs to halves (x0, x2, ...; x1, x3, ...)."""
+    return np.concatenate([np.arange(0, n, 2), np.arange(1, n, 2)])
+
+
+def softmax_router(logits, k: int, n_group: int, topk_group: int):
+    """DeepSeek-V2: dense weights [T, E] = softmax scores of the k chosen experts (greedy, or group-limited:
+    among the topk_group groups of highest max score), zero elsewhere."""
+    s = ops.softmax(logits, -1)
+    if n_group:
+        s = s * _group_mask(ops.max(s.reshape(s.shape[0], n_group, -1), -1)[0], topk_group, s.shape)
+    return _keep_top(s, s, k)
+
+
+def sigmoid_router(logits, bias, k: int, n_group: int, topk_group: int):
+    """DeepSeek-V3: dense weights [T, E] = sigmoid scores of the k experts of highest score + bias among the
+    topk_group groups of highest top-2 sum (of score + bias), zero elsewhere."""
+    s = ops.sigmoid(logits)
+    c = s + expand_to(bias.reshape(1, -1), s.shape)
+    T, E = c.shape
+    top2 = ops.topk(c.reshape(T, n_group, E // n_group), 2)[0]
+    mask = _group_mask(ops.sum(top2, -1), topk_group, c.shape)
+    return _keep_top(c * mask + (mask - 1.0) * 1e30, s, k)
+
+
+def _group_mask(group_scores, topk_group: int, shape):
+    """1.0 for the experts of the topk_group groups of highest score, 0.0 elsewhere; [T, E]."""
+    T, G = group_scores.shape
+    thr = ops.topk(group_scores, topk_group)[0][:, topk_group - 1:topk_group]
+    keep = ops.cast(group_scores >= expand_to(thr, (T, G)), group_scores.dtype)
+    return expand_to(keep.reshape(T, G, 1), (T, G, shape[1] // G)).reshape(shape)
+
+
+def _keep_top(choice, weights, k: int):
+    """``weights`` where ``choice`` is among its row's k largest, else 0."""
+    thr = ops.topk(choice, k)[0][:, k - 1:k]
+    return ops.select(choice >= expand_to(thr, choice.shape), weights, ops.zeros_like(weights))
+
+
+class MlaDecoderLayer(nn.Cell):
+    """One DeepSeek decoder layer (CPU path); owns its weights and its latent KV cache [num_blocks + 1, block_size,
+    1, head_dim]. ``w``: numpy weights [in, out] (see build_mla_decoder); a layer in cfg.moe_layers has the
+    router and experts, the others a dense MLP."""
+
+    def __init__(self, cfg: ModelConfig, w: dict, prefix: str, dev: DeviceOps):
+        super().__init__(auto_prefix=False)
+        from .kernels import moe_ffn_op
+
+        self.prefix, self.dev = prefix, dev
+        self.eps = float(cfg.rms_norm_eps)
+        self.H, self.Dc, self.D = cfg.num_heads, cfg.kv_lora_rank, cfg.head_dim
+        self.dn, self.dv = cfg.qk_nope_head_dim, cfg.v_head_dim
+        a, m = prefix + ".self_attn.", prefix + ".mlp."
+        for key in _ATTN_WEIGHTS:
+            setattr(self, key, to_param(w.get(key), a + key, dev.dtype))
+        for key in _MLP_WEIGHTS:
+            setattr(self, key, to_param(w.get(key), m + key, dev.dtype))
+        self.bmm = ops.BatchMatMul()
+        self.attn_op = dev.attention_kernel()
+        self.moe_op = moe_ffn_op() if self.router is not None else None
+        self.top_k, self.n_group, self.topk_group = cfg.num_experts_per_tok, cfg.n_group, cfg.topk_group
+        self.sigmoid = cfg.routing == "sigmoid"
+        self.renorm = cfg.norm_topk_prob
+        self.moe_cfg = Tensor(np.array([cfg.num_experts_per_tok, 1], np.int32))
+        self.k_cache = None
+
+    @property
+    def v_cache(self):
+        """The value cache is the latent cache itself."""
+        return self.k_cache
+
+    @v_cache.setter
+    def v_cache(self, value):
+        if value is not None:
+            raise AttributeError("an MLA layer's value cache is its latent cache (k_cache)")
+
+    def allocate_kv_cache(self, num_blocks: int, block_size: int, tag: str) -> None:
+        shape = (num_blocks + 1, block_size, 1, self.D)
+        self.k_cache = to_param(np.zeros(shape, np.float32), f"{self.prefix}.self_attn.{tag}.k_cache", self.dev.dtype)
+
+    def kv_cache_bytes_per_block(self, block_size: int) -> int:
+        return block_size * self.D * self.dev.itemsize
+
+    def _heads(self, x, n):
+        """[T, H*n] -> [H, T, n]."""
+        return x.reshape(x.shape[0], self.H, n).transpose(1, 0, 2)
+
+    def construct(self, x, q_cos, q_sin, k_cos, k_sin, ident, slots, query_start_loc, seq_lens, block_tables,
+                  params):
+        T = x.shape[0]
+        h = rms_norm(x, self.eps)
+        qin = rms_norm(linear(h, self.wqa, self.bqa), self.eps) if self.wqa is not None else h
+        q_lat = self.bmm(self._heads(linear(qin, self.wq_nope), self.dn), self.wuk).transpose(1, 0, 2)
+        q_pe = linear(qin, self.wq_pe) * q_cos + linear(qin, self.wq_rot) * q_sin
+        q = ops.concat((q_lat, q_pe.reshape(T, self.H, -1)), -1).reshape(T, self.H * self.D)
+        c = rms_norm(linear(h, self.wc, self.bc), self.eps)
+        k_pe = linear(h, self.wk_pe, self.bk_pe) * k_cos + linear(h, self.wk_rot, self.bk_rot) * k_sin
+        kv = ops.concat((c, k_pe), -1)
+        o = self.attn_op(q, kv, kv, self.k_cache, self.k_cache, ident, slots, query_start_loc, seq_lens,
+                         block_tables, params)
+        o_lat = o.reshape(T, self.H, self.D)[:, :, :self.Dc].transpose(1, 0, 2)
+        o = self.bmm(o_lat, self.wuv).transpose(1, 0, 2).reshape(T, self.H * self.dv)
+        x = x + linear(o, self.wo, self.bo)
+        h = rms_norm(x, self.eps)
+        if self.moe_op is None:
+            return x + gated_mlp(h, self.wg, self.wu, self.wd)
+        logits = linear(h, self.router)
+        if self.sigmoid:
+            wts = sigmoid_router(logits, self.score_bias, self.top_k, self.n_group, self.topk_group)
+        else:
+            wts = softmax_router(logits, self.top_k, self.n_group, self.topk_group)
+        y = self.moe_op(h, ops.log(ops.maximum(wts, _MIN_WEIGHT)), self.eg, self.eu, self.ed, query_start_loc,
+                        params, self.moe_cfg)
+        if not self.renorm:
+            y = y * expand_to(ops.sum(wts, -1, keepdim=True), y.shape)
+        if self.sg is not None:
+            y = y + gated_mlp(h, self.sg, self.su, self.sd)
+        return x + y
+
+
+class MlaModel(DecoderModel):
+    """DecoderModel with MLA layers. body inputs: input_ids [T], then q_cos, q_sin [T, H*rope] (each head's
+    rope-dim cos/sin, YaRN's attention factor included), k_cos, k_sin [T, rope], ident [T, head_dim] (the
+    attention kernel's identity RoPE: cos 1, sin 0), slots, query_start_loc, seq_lens, block_tables, params as
+    DecoderModel's CPU path."""
+
+    def __init__(self, cfg: ModelConfig, embed, layers: list, norm: np.ndarray, lm_head_w, dev: DeviceOps):
+        super().__init__(cfg, embed, layers, norm, lm_head_w, dev)
+        self.rope = RotaryEmbedding(cfg.qk_rope_head_dim, cfg.rope_theta, cfg.rope_scaling)
+        self.rope_factor = np.float32(yarn_factors(cfg)[0])
+
+    def prepare_inputs(self, batch, num_blocks: int, block_size: int, num_reqs: int) -> tuple:
+        cfg = self.config
+        cos, sin = self.rope.cos_sin(batch.positions)
+        cos *= self.rope_factor
+        sin *= self.rope_factor
+        ident = np.zeros((batch.num_tokens, cfg.head_dim), np.float32)
+        ident[:, :cfg.head_dim // 2] = 1.0
+        H = cfg.num_heads
+        return (batch.input_ids, np.tile(cos, (1, H)), np.tile(sin, (1, H)), cos, sin, ident, batch.slot_mapping,
+                batch.query_start_loc, batch.seq_lens, batch.block_tables, np.array([num_reqs, 0], np.int32))
+
+
+def build_mla_decoder(cfg: ModelConfig, weights, dev: DeviceOps) -> MlaModel:
+    """Reads a DeepSeek-V2/V3 checkpoint (HF names) into an MlaModel, folding as the module docstring says."""
+    if dev.fused:
+        raise UnsupportedModelError(f"{cfg.architecture}: multi-head latent attention runs on the CPU path only")
+    if dev.tp.enabled:  # loader.load_model refuses it first, naming the model
+        raise ValueError(check_tensor_parallel(cfg, dev.tp.size))
+    H, dn, R, dv, Dc = cfg.num_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
+    scale = np.float32((dn + R) ** -0.5 * yarn_factors(cfg)[1])
+    rot = _rotate_half_matrix(R)
+    order = _deinterleave(R) if cfg.rope_interleave else np.arange(R)
+
+    def lin(name, gamma=None, bias=False):
+        w = np.ascontiguousarray(weights.get(name + ".weight").T)
+        if gamma is not None:
+            w *= gamma[:, None]
+        return w, (weights.get(name + ".bias") if bias else None)
+
+    def rope_pair(w, b=None):
+        """Columns [*, n*R] of rope dims in the checkpoint's order -> (halves order, its rotate_half) per head."""
+        n = w.shape[1] // R
+        w = w.reshape(-1, n, R)[:, :, order]
+        wr = np.ascontiguousarray((w @ rot).reshape(-1, n * R))
+        if b is None:
+            return np.ascontiguousarray(w.reshape(-1, n * R)), wr, None, None
+        b = b.reshape(n, R)[:, order]
+        return np.ascontiguousarray(w.reshape(-1, n * R)), wr, b.reshape(-1), (b @ rot).reshape(-1)
+
+    bias = cfg.attention_bias
+    layers = []
+    embed = to_param(weights.get("model.embed_tokens.weight"), "model.embed_tokens.weight", dev.dtype)
+    lm_head_w = None if cfg.tie_word_embeddings else to_param(weights.get("lm_head.weight"), "lm_head.weight",
+                                                              dev.dtype)
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}"
+        a = p + ".self_attn."
+        g1 = weights.get(p + ".input_layernorm.weight")
+        g2 = weights.get(p + ".post_attention_layernorm.weight")
+        w = {}
+        if cfg.q_lora_rank:
+            w["wqa"], w["bqa"] = lin(a + "q_a_proj", g1, bias)
+            wq, _ = lin(a + "q_b_proj", weights.get(a + "q_a_layernorm.weight"))
+        else:
+            wq, _ = lin(a + "q_proj", g1)
+        wq = wq.reshape(wq.shape[0], H, dn + R) * scale
+        w["wq_nope"] = np.ascontiguousarray(wq[:, :, :dn].reshape(-1, H * dn))
+        w["wq_pe"], w["wq_rot"], _, _ = rope_pair(wq[:, :, dn:].reshape(-1, H * R))
+        del wq
+        wkv, bkv = lin(a + "kv_a_proj_with_mqa", g1, bias)
+        w["wc"] = np.ascontiguousarray(wkv[:, :Dc])
+        w["bc"] = None if bkv is None else np.ascontiguousarray(bkv[:Dc])
+        w["wk_pe"], w["wk_rot"], w["bk_pe"], w["bk_rot"] = rope_pair(wkv[:, Dc:], None if bkv is None else bkv[Dc:])
+        gc = weights.get(a + "kv_a_layernorm.weight")
+        kvb = weights.get(a + "kv_b_proj.weight").reshape(H, dn + dv, Dc)  # HF [out, in]
+        w["wuk"] = np.ascontiguousarray(kvb[:, :dn, :] * gc[None, None, :])                     # [H, dn, Dc]
+        w["wuv"] = np.ascontiguousarray(kvb[:, dn:, :].transpose(0, 2, 1) * gc[None, :, None])  # [H, Dc, dv]
+        del kvb
+        w["wo"], w["bo"] = lin(a + "o_proj", None, bias)
+        if i in cfg.moe_layers:
+            mlp = read_experts(weights, p, g2, cfg, QWEN_EXPERTS)
+            mlp["ed"] *= np.float32(cfg.routed_scaling_factor)
+            w.update(mlp)
+            if cfg.routing == "sigmoid":
+                w["score_bias"] = weights.get(p + ".mlp.gate.e_score_correction_bias")
+            if cfg.n_shared_experts:
+                s = p + ".mlp.shared_experts."
+                w["sg"], _ = lin(s + "gate_proj", g2)
+                w["su"], _ = lin(s + "up_proj", g2)
+                w["sd"], _ = lin(s + "down_proj")
+        else:
+            w["wg"], _ = lin(p + ".mlp.gate_proj", g2)
+            w["wu"], _ = lin(p + ".mlp.up_proj", g2)
+            w["wd"], _ = lin(p + ".mlp.down_proj")
+        layers.append(MlaDecoderLayer(cfg, w, p, dev))
+    return MlaModel(cfg, embed, layers, weights.get("model.norm.weight"), lm_head_w, dev)
