@@ -1,15 +1,11 @@
-"""Times PagedAttentionFlat against the plain-MindSpore-ops path it replaces (run under the worker env).
+"""Times PagedAttentionFlat in a compiled graph, inside the graph and called alone (run under the worker env).
 
     .venv-worker/bin/python -m ms_models.kernels.bench [--reps 30] [--spin]
 
 Shapes: Qwen2.5-0.5B attention (14 heads, 2 kv heads, head_dim 64), block size 16; decode B=1/8/32
-with 241..256 tokens of context each, and a 1x512 prefill. Both paths run under ms.jit on an nn.Cell
-whose caches are Parameters, blocking launches, and include RoPE, the cache write and attention:
-
-* ``kernel``: the one custom op (cos_sin [T, hd], slot mapping, query_start_loc, seq lens, block table);
-* ``plain``: ms_models.layers' CPU path, apply_rotary (full-shape cos/sin, rotate_half as a matmul) on
-  q and k, then paged_attention (ScatterUpdate rows, gather by block table, mask bias, two BatchMatMuls),
-  with its metadata from build_attention_metadata (host time not counted for either path).
+with 241..256 tokens of context each, and a 1x512 prefill. The op (RoPE, the cache write and attention;
+cos_sin [T, hd], slot mapping, query_start_loc, seq lens, block table) runs under ms.jit on an nn.Cell whose
+caches are Parameters, with blocking launches.
 
 Each figure is the median ms per call over ``--reps`` calls after a warm-up. ``--spin`` also times, in
 fresh processes, the graph with an MLP (matmul [T,896]x[896,4864], silu, matmul back) after each op (the kernels MindSpore runs
@@ -113,14 +109,13 @@ def _median_ms(fn, reps):
     return 1e3 * float(np.median(ts))
 
 
-def run_bench(reps: int, cases, with_mlp: bool = False, plain: bool = True):
+def run_bench(reps: int, cases, with_mlp: bool = False):
     import ctypes
 
     os.environ.setdefault("MS_PA_PROFILE", "1")  # read by the library when MindSpore loads it
     import mindspore as ms
     from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 
-    from ms_models import layers
     from ms_models.kernels import build, paged_attention_op
 
     ms.runtime.launch_blocking()
@@ -150,23 +145,7 @@ def run_bench(reps: int, cases, with_mlp: bool = False, plain: bool = True):
                     q = q + ops.matmul(ops.silu(ops.matmul(q, self.w_up)), self.w_down)
             return q
 
-    class PlainCell(nn.Cell):
-        def __init__(self):
-            super().__init__()
-            shape = (KVH * NB * BS, D)
-            self.kc = caches(shape, "pkc")
-            self.vc = caches(shape, "pvc")
-            self.rot = Parameter(Tensor(layers.RotaryEmbedding.rotate_half_matrix(D)), name="rot")
-
-        @ms.jit
-        def construct(self, q, k, v, cq, sq, ck, sk, wr, rr, bias, q_perm, o_perm):
-            for i in range(LAYERS):
-                qr = layers.apply_rotary(q, cq, sq, self.rot, D)
-                kr = layers.apply_rotary(k, ck, sk, self.rot, D)
-                q = layers.paged_attention(qr, kr, v, self.kc[i], self.vc[i], wr, rr, bias, q_perm, o_perm, KVH, D)
-            return q
-
-    kcell, pcell = KernelCell(), PlainCell()
+    kcell = KernelCell()
     results = []
     for name, qlens, ctxs in cases:
         b = make_batch(rng, qlens, ctxs, num_blocks)
@@ -185,26 +164,6 @@ def run_bench(reps: int, cases, with_mlp: bool = False, plain: bool = True):
         row["in_graph_ms"] = total.value / max(1, calls.value) / 1e3 if calls.value else float("nan")
         kc0 = rng.standard_normal((NB, BS, KVH, D)).astype(np.float32)
         row["direct_ms"] = _median_ms(direct_call(build(), b, len(qlens), kc0, kc0.copy()), reps)
-        if plain and not with_mlp:
-            # the plain path wants equal query lengths (padded [B, Q]); the cases here have them
-            Q = max(qlens)
-            pos = b["pos"]
-            wr, rr, bias, qp, op_ = layers.build_attention_metadata(pos, b["slots2d"], b["bt"], num_blocks, BS, KVH,
-                                                                    H // KVH)
-            f = pos.reshape(-1)[:, None] * (1.0 / 10000.0 ** (np.arange(0, D, 2) / D))
-            cos, sin = np.cos(np.concatenate([f, f], -1)).astype(np.float32), np.sin(
-                np.concatenate([f, f], -1)).astype(np.float32)
-            pargs = [Tensor(b["q"]), Tensor(b["k"]), Tensor(b["v"]),
-                     Tensor(np.tile(cos, (1, H))), Tensor(np.tile(sin, (1, H))),
-                     Tensor(np.tile(cos, (1, KVH))), Tensor(np.tile(sin, (1, KVH))),
-                     Tensor(wr), Tensor(rr), Tensor(bias),
-                     None if qp is None else Tensor(qp), None if op_ is None else Tensor(op_)]
-            assert T == len(qlens) * Q
-
-            def run_plain():
-                pcell(*pargs).asnumpy()
-
-            row["plain_ms"] = _median_ms(run_plain, reps) / LAYERS
         results.append(row)
     return results
 
@@ -231,13 +190,12 @@ def main(argv=None):
     print(f"CPU: {cpu_name()} ({os.cpu_count()} logical CPUs); MS_PA_THREADS={os.environ.get('MS_PA_THREADS', '2')}, "
           f"GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT', '(loader default)')}")
     print(f"per layer (median of {args.reps} graph calls of {LAYERS} layers each / {LAYERS}):")
-    print("kernel: the custom op in the graph; plain MS: ms_models.layers' ops; inside: the kernel's own time"
+    print("kernel: the custom op in the graph; inside: the kernel's own time"
           " in the graph (MS_PA_PROFILE); alone: the same .so called through ctypes outside MindSpore (one"
           " layer's caches, warm in cache)")
-    print(f"{'case':28s} {'kernel ms':>10s} {'plain MS ms':>12s} {'speed-up':>9s} {'inside ms':>10s} {'alone ms':>9s}")
+    print(f"{'case':28s} {'kernel ms':>10s} {'inside ms':>10s} {'alone ms':>9s}")
     for r in run_bench(args.reps, CASES):
-        print(f"{r['case']:28s} {r['kernel_ms']:10.3f} {r['plain_ms']:12.3f} {r['plain_ms'] / r['kernel_ms']:8.1f}x"
-              f" {r['in_graph_ms']:10.3f} {r['direct_ms']:9.3f}")
+        print(f"{r['case']:28s} {r['kernel_ms']:10.3f} {r['in_graph_ms']:10.3f} {r['direct_ms']:9.3f}")
     if args.spin:
         # fresh process per setting (libgomp reads these at load); settings interleaved over rounds, since
         # other load on a small VM drifts; the table keeps each setting's best median
