@@ -6,6 +6,9 @@ from ms_rpc.v1.worker_pb2 import PROTOCOL_VERSION_CURRENT as PROTOCOL_VERSION
 
 SPEC_METHOD_NGRAM = "ngram"                     # the speculative method workers verify (vLLM's method name)
 FEATURE_SPEC_DECODE_NGRAM = "spec_decode_ngram"  # drafts in the step, verified by the worker
+FEATURE_LORA = "lora"                            # LoRA adapters: LoadLora.., CacheConfig.lora, NewRequest.lora_id
+LORA_FILES = ("adapter_config.json", "adapter_model.safetensors")  # a PEFT adapter's files, as LoadLora carries them
 MAX_MESSAGE_MB = 64      # the default limit on one gRPC message, each way (worker --max-message-mb, front's client)
 
-__all__ = ["PROTOCOL_VERSION", "SPEC_METHOD_NGRAM", "FEATURE_SPEC_DECODE_NGRAM", "MAX_MESSAGE_MB"]
+__all__ = ["PROTOCOL_VERSION", "SPEC_METHOD_NGRAM", "FEATURE_SPEC_DECODE_NGRAM", "FEATURE_LORA", "LORA_FILES",
+           "MAX_MESSAGE_MB"]
