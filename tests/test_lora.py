@@ -154,3 +154,36 @@ def test_tp2_external_workers_get_adapter_content(lora_setup, tmp_path):
     finally:
         s.stop()
         stop_all(procs)
+
+
+class _Slots:
+    """Stand-in for ms_models.lora.LoraSlots: records which adapter each slot was given."""
+
+    max_loras, max_rank, num_layers = 2, 4, 1
+
+    def __init__(self):
+        self.held: dict[int, object] = {}
+
+    def write(self, slot: int, weights) -> None:
+        self.held[slot] = weights
+
+
+def test_manager_evicts_least_recently_used_and_keeps_pinned():
+    from ms_worker.lora import Adapter, LoraManager
+
+    slots = _Slots()
+    m = LoraManager(slots)
+    for i in (1, 2, 3):
+        assert m.add(Adapter(i, f"a{i}", 4, f"w{i}"), replace=False)
+    assert not m.add(Adapter(1, "a1", 4, "other"), replace=False)      # already loaded: vLLM's False
+    assert m.activate([1, 2]) == {1: 0, 2: 1}
+    assert m.activate([1]) == {1: 0}                                    # 2 is now the least recently used
+    assert m.activate([3]) == {3: 1} and slots.held[1] == "w3"
+    assert m.pin(1) and not m.pin(9)
+    assert m.activate([2]) == {2: 1}                                    # 1 is pinned: 3 goes
+    with pytest.raises(ValueError, match="more than --max-loras 2"):
+        m.activate([1, 2, 3])
+    assert m.remove(1) and not m.remove(1) and m.ids() == [2, 3]
+    assert m.activate([3, 2]) == {2: 1, 3: 0}
+    assert m.add(Adapter(3, "a3", 4, "w3b"), replace=True)              # load_inplace: written again when next used
+    assert m.activate([3]) == {3: 0} and slots.held[0] == "w3b"
