@@ -9,6 +9,8 @@ Tensor parallel: run it once per rank with ``--tp-rank I --tp-size N --dist-addr
 and the cluster's scheduler beside them (``ms-worker sched --dist-addr HOST:PORT --tp-size N``).
 Decode rows each have ``ctx`` tokens of context (the cache holds arbitrary values: only
 timing is measured).
+LoRA: ``--lora-slots L --lora-rank R`` gives the model L slots of rank R on all seven targets, each holding a
+random adapter, and spreads the batch's rows over them (mixed adapters in every step).
 """
 from __future__ import annotations
 
@@ -48,6 +50,8 @@ def main(argv=None):
     ap.add_argument("--tp-rank", type=int, default=0, help="tensor-parallel rank of this process")
     ap.add_argument("--tp-size", type=int, default=1, help="tensor-parallel size (one process per rank)")
     ap.add_argument("--dist-addr", default=None, help="HOST:PORT of the MindSpore cluster scheduler (tp-size > 1)")
+    ap.add_argument("--lora-slots", type=int, default=0, help="LoRA slots (0 = LoRA off)")
+    ap.add_argument("--lora-rank", type=int, default=16)
     a = ap.parse_args(argv)
 
     from . import load_model, runtime
@@ -61,6 +65,15 @@ def main(argv=None):
     bs, nb = a.block_size, a.num_blocks
     cases = [(int(b), 1, a.ctx) for b in a.decode_batches.split(",") if b]
     cases += [(1, int(q), int(q)) for q in a.prefill.split(",") if q]
+    if a.lora_slots:
+        from .lora import TARGETS
+
+        slots = model.enable_lora(a.lora_slots, a.lora_rank)
+        g = np.random.default_rng(1)
+        for sl in range(a.lora_slots):
+            slots.write(sl, {(i, t): slots.fold(i, t, g.normal(0, 0.01, (a.lora_rank, slots.shapes[t][0])),
+                                                g.normal(0, 0.01, (slots.shapes[t][1], a.lora_rank)), 2.0)
+                             for i in range(model.config.num_layers) for t in TARGETS})
     model.allocate_kv_cache(nb, bs, max_num_seqs=max(c[0] for c in cases),
                             max_model_len=max(c[2] for c in cases), max_num_batched_tokens=max(c[0] * c[1] for c in cases))
     print(f"setup {t1 - t0:.2f}s  load {t2 - t1:.2f}s  weights {model.weight_bytes() / 2**20:.1f} MiB  "
@@ -75,6 +88,8 @@ def main(argv=None):
         blocks = np.arange(B * M, dtype=np.int32).reshape(B, M)
         toks = [rng.integers(0, vocab, ctx) for _ in range(B)]
         batch = FlatBatch.build(toks, [ctx - Q] * B, [Q] * B, list(blocks), bs)
+        if a.lora_slots:
+            batch.lora_slots = np.repeat(np.arange(B, dtype=np.int32) % a.lora_slots, Q)
         ts = []
         for _ in range(a.reps + 1):
             t = time.perf_counter()

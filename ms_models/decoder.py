@@ -16,7 +16,7 @@ from mindspore import nn, ops
 
 from .config import ModelConfig
 from .batch import FlatBatch
-from .lora import TARGETS, lora_linear, lora_mask
+from .lora import GROUPS, lora_input, lora_masks
 from .layers import (DeviceOps, RotaryEmbedding, build_fused_attention_metadata, embedding, flash_causal_mask,
                      fused_attention, fused_rotary, gated_mlp, gather_logits, head_rms_norm, lm_head, linear,
                      new_kv_cache, param_bytes, rms_norm, to_param, vocab_parallel_embedding)
@@ -69,9 +69,8 @@ class DecoderLayer(nn.Cell):
             self.attn_op = dev.attention_kernel()
         # tensor parallel: o_proj and down_proj are row-parallel, their partial sums are all-reduced
         self.all_reduce = ops.AllReduce() if dev.tp.enabled else None
-        for _, _, a_name, b_name in TARGETS.values():   # LoRA slots (ms_models.lora.LoraSlots), when enabled
+        for a_name in GROUPS:   # LoRA slots' stacked A (ms_models.lora.LoraSlots), when enabled
             setattr(self, a_name, None)
-            setattr(self, b_name, None)
         self.k_cache = None
         self.v_cache = None
 
@@ -82,30 +81,32 @@ class DecoderLayer(nn.Cell):
     def kv_cache_bytes_per_block(self, block_size: int) -> int:
         return 2 * self.num_kv_heads * block_size * self.head_dim * self.dev.itemsize
 
-    def construct(self, x, cos_sin, slots, query_start_loc, seq_lens, block_tables, params, lora=None):
+    def construct(self, x, cos_sin, slots, query_start_loc, seq_lens, block_tables, params, m1=None, m2=None,
+                  m3=None):
         """The CPU path; inputs: DecoderModel's per-step inputs (DecoderModel.prepare_inputs). The attention
         kernel (ms_models.kernels) applies RoPE to q and k, writes k and v into the paged cache and attends.
-        ``lora``: each token's LoRA slot columns [T, L*R] (ms_models.lora), or None (LoRA off: no extra ops)."""
-        h = rms_norm(x, self.eps, self.ln1, self.norm_op)
-        q = lora_linear(h, self.wq, self.bq, self.la_q, self.lb_q, lora)
-        k = lora_linear(h, self.wk, self.bk, self.la_k, self.lb_k, lora)
+        ``m1``/``m2``/``m3``: with LoRA slots, each token's slot columns for groups of one, two and three targets
+        (ms_models.lora); None: LoRA off, no extra ops."""
+        h = lora_input(rms_norm(x, self.eps, self.ln1, self.norm_op), self.la_qkv, m3)
+        q = linear(h, self.wq, self.bq)
+        k = linear(h, self.wk, self.bk)
         if self.qn is not None:  # Qwen3: RMSNorm per head, before RoPE
             q = head_rms_norm(q, self.head_dim, self.eps, self.qn, self.norm_op)
             k = head_rms_norm(k, self.head_dim, self.eps, self.kn, self.norm_op)
-        v = lora_linear(h, self.wv, self.bv, self.la_v, self.lb_v, lora)
+        v = linear(h, self.wv, self.bv)
         o = self.attn_op(q, k, v, self.k_cache, self.v_cache, cos_sin, slots, query_start_loc, seq_lens,
                          block_tables, params)
-        y = lora_linear(o, self.wo, self.bo, self.la_o, self.lb_o, lora)
+        y = linear(lora_input(o, self.la_o, m1), self.wo, self.bo)
         if self.all_reduce is not None:
             y = self.all_reduce(y)
         x = x + y
         h = rms_norm(x, self.eps, self.ln2, self.norm_op)
-        if lora is None:
+        if m1 is None:
             y = gated_mlp(h, self.wg, self.wu, self.wd, self.bg, self.bu, self.bd)
         else:
-            g = lora_linear(h, self.wg, self.bg, self.la_g, self.lb_g, lora)
-            u = lora_linear(h, self.wu, self.bu, self.la_u, self.lb_u, lora)
-            y = lora_linear(ops.silu(g) * u, self.wd, self.bd, self.la_d, self.lb_d, lora)
+            h = lora_input(h, self.la_gu, m2)
+            a = ops.silu(linear(h, self.wg, self.bg)) * linear(h, self.wu, self.bu)
+            y = linear(lora_input(a, self.la_d, m1), self.wd, self.bd)
         if self.all_reduce is not None:
             y = self.all_reduce(y)
         return x + y
@@ -177,7 +178,7 @@ class DecoderModel(nn.Cell):
         self.vocab_start = dev.tp.vocab_range(cfg.vocab_size)[0]
         self.all_reduce = ops.AllReduce() if dev.tp.enabled else None
         self.all_gather = ops.AllGather() if dev.tp.enabled else None
-        self.lora_cols = None   # with LoRA slots (ms_models.lora.LoraSlots): each stacked column's slot
+        self.lora_cols = None   # with LoRA slots (ms_models.lora.LoraSlots): the slot of each stacked A column
 
     # ---- protocol used by model.CausalLM
     def cache_layers(self):
@@ -204,7 +205,7 @@ class DecoderModel(nn.Cell):
                 batch.query_start_loc, batch.seq_lens, batch.block_tables, params)
         if self.lora_cols is None:
             return step
-        return step + (lora_mask(self.lora_cols, batch.lora_slots, batch.num_tokens),)
+        return step + lora_masks(self.lora_cols, batch.lora_slots, batch.num_tokens)
 
     def body(self, input_ids, *step):
         if self.all_reduce is not None:
