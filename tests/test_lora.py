@@ -7,7 +7,10 @@ default model's tokenizer; the adapters are random PEFT files written here (peft
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -15,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import Server, concurrent_greedy, hf_greedy, perturb_norms_and_biases, require_default_model
+from conftest import (Server, cmdline, concurrent_greedy, descendants, hf_greedy, perturb_norms_and_biases,
+                      require_default_model)
 from lora_adapters import TARGETS, make_adapter
 from test_tp import start_group, stop_all
 
@@ -132,6 +136,15 @@ def test_mixed_batch_runtime_load_and_bad_adapters(lora_setup, tmp_path):
         with urllib.request.urlopen(s.url + "/v1/models", timeout=30) as r:
             assert "bad" not in {m["id"] for m in json.loads(r.read())["data"]}
         mixed_batch(s.url, base, ps, want, ["a1", "base", "a2", "a2", "a1", "base"])
+
+        # a worker lost and restarted gets the adapters again from the executor
+        worker = next(p for p in descendants(s.proc.pid) if "ms_worker serve" in cmdline(p))
+        os.kill(worker, signal.SIGKILL)
+        end = time.monotonic() + 240
+        while post(s.url, "/v1/completions", {"model": "a2", "prompt": ps[0], "max_tokens": 1})[0] != 200:
+            assert time.monotonic() < end, s.tail()
+            time.sleep(2)
+        mixed_batch(s.url, base, ps, want, ["a2", "a1", "base", "a1", "a2", "a1"])
     finally:
         s.stop()
 
