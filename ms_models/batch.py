@@ -51,6 +51,7 @@ class FlatBatch:
     seq_lens: np.ndarray         # [R] int32, context length after this step
     block_tables: np.ndarray     # [R, M] int32
     logits_indices: np.ndarray   # [S] int32
+    lora_slots: np.ndarray | None = None  # [T] int32, each token's LoRA slot (-1 = the base model); None = all base
 
     @property
     def num_tokens(self) -> int:
@@ -113,7 +114,8 @@ class FlatBatch:
             parts.append(FlatBatch(
                 self.input_ids[lo:hi], self.positions[lo:hi], self.slot_mapping[lo:hi],
                 np.concatenate([[0], np.cumsum(end - start)]).astype(np.int32), sl.astype(np.int32),
-                self.block_tables[rs], (sel - lo).astype(np.int32)))
+                self.block_tables[rs], (sel - lo).astype(np.int32),
+                None if self.lora_slots is None else self.lora_slots[lo:hi]))
         if sum(p.logits_indices.size for p in parts) != li.size or np.any(np.diff(li) < 0):
             raise ValueError("logits_indices must be ascending row indices of the batch")
         return parts

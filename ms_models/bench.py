@@ -9,6 +9,10 @@ Tensor parallel: run it once per rank with ``--tp-rank I --tp-size N --dist-addr
 and the cluster's scheduler beside them (``ms-worker sched --dist-addr HOST:PORT --tp-size N``).
 Decode rows each have ``ctx`` tokens of context (the cache holds arbitrary values: only
 timing is measured).
+LoRA: ``--lora-slots L --lora-rank R`` gives the model L slots of rank R on all seven targets, each holding a
+random adapter, and spreads the batch's rows over them (mixed adapters in every step); a second copy of the model
+without LoRA runs the same batches, the two alternating forward by forward (the same load on a shared host), and
+each line shows both medians and their ratio.
 """
 from __future__ import annotations
 
@@ -48,6 +52,8 @@ def main(argv=None):
     ap.add_argument("--tp-rank", type=int, default=0, help="tensor-parallel rank of this process")
     ap.add_argument("--tp-size", type=int, default=1, help="tensor-parallel size (one process per rank)")
     ap.add_argument("--dist-addr", default=None, help="HOST:PORT of the MindSpore cluster scheduler (tp-size > 1)")
+    ap.add_argument("--lora-slots", type=int, default=0, help="LoRA slots (0 = LoRA off)")
+    ap.add_argument("--lora-rank", type=int, default=16)
     a = ap.parse_args(argv)
 
     from . import load_model, runtime
@@ -61,8 +67,20 @@ def main(argv=None):
     bs, nb = a.block_size, a.num_blocks
     cases = [(int(b), 1, a.ctx) for b in a.decode_batches.split(",") if b]
     cases += [(1, int(q), int(q)) for q in a.prefill.split(",") if q]
-    model.allocate_kv_cache(nb, bs, max_num_seqs=max(c[0] for c in cases),
-                            max_model_len=max(c[2] for c in cases), max_num_batched_tokens=max(c[0] * c[1] for c in cases))
+    if a.lora_slots:
+        from .lora import TARGETS
+
+        slots = model.enable_lora(a.lora_slots, a.lora_rank)
+        g = np.random.default_rng(1)
+        for sl in range(a.lora_slots):
+            slots.write(sl, {(i, t): slots.fold(i, t, g.normal(0, 0.01, (a.lora_rank, slots.shapes[t][0])),
+                                                g.normal(0, 0.01, (slots.shapes[t][1], a.lora_rank)), 2.0)
+                             for i in range(model.config.num_layers) for t in TARGETS})
+    base = load_model(a.model_dir, device=a.device, use_jit=not a.eager) if a.lora_slots else None
+    for m in (model, base):
+        if m is not None:
+            m.allocate_kv_cache(nb, bs, max_num_seqs=max(c[0] for c in cases), max_model_len=max(c[2] for c in cases),
+                                max_num_batched_tokens=max(c[0] * c[1] for c in cases))
     print(f"setup {t1 - t0:.2f}s  load {t2 - t1:.2f}s  weights {model.weight_bytes() / 2**20:.1f} MiB  "
           f"kv/block {model.kv_cache_bytes_per_block(bs)} B  rss {_rss_mib()} MiB  pid {os.getpid()}")
     rng = np.random.default_rng(0)
@@ -75,14 +93,24 @@ def main(argv=None):
         blocks = np.arange(B * M, dtype=np.int32).reshape(B, M)
         toks = [rng.integers(0, vocab, ctx) for _ in range(B)]
         batch = FlatBatch.build(toks, [ctx - Q] * B, [Q] * B, list(blocks), bs)
-        ts = []
+        if a.lora_slots:
+            batch.lora_slots = np.repeat(np.arange(B, dtype=np.int32) % a.lora_slots, Q)
+        ts, tb = [], []
         for _ in range(a.reps + 1):
             t = time.perf_counter()
             model.forward(batch)
             ts.append(time.perf_counter() - t)
+            if base is not None:
+                t = time.perf_counter()
+                base.forward(batch)
+                tb.append(time.perf_counter() - t)
+        vs = ""
+        if tb:
+            vs = (f"  base median {np.median(tb[1:]) * 1e3:7.1f} ms  lora / base "
+                  f"{np.median(ts[1:]) / np.median(tb[1:]):.2f}")
         print(f"B={B:<3} Q={Q:<5} ctx={ctx:<5} tokens={B * Q} (graph {token_bucket(B * Q, model.buckets)}): "
               f"first {ts[0] * 1e3:7.0f} ms  median {np.median(ts[1:]) * 1e3:7.1f} ms  "
-              f"min {min(ts[1:]) * 1e3:7.1f} ms  rss {_rss_mib()} MiB")
+              f"min {min(ts[1:]) * 1e3:7.1f} ms  rss {_rss_mib()} MiB{vs}")
 
 
 if __name__ == "__main__":

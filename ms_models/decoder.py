@@ -16,6 +16,7 @@ from mindspore import nn, ops
 
 from .config import ModelConfig
 from .batch import FlatBatch
+from .lora import GROUPS, lora_input, lora_masks
 from .layers import (DeviceOps, RotaryEmbedding, build_fused_attention_metadata, embedding, flash_causal_mask,
                      fused_attention, fused_rotary, gated_mlp, gather_logits, head_rms_norm, lm_head, linear,
                      new_kv_cache, param_bytes, rms_norm, to_param, vocab_parallel_embedding)
@@ -68,6 +69,8 @@ class DecoderLayer(nn.Cell):
             self.attn_op = dev.attention_kernel()
         # tensor parallel: o_proj and down_proj are row-parallel, their partial sums are all-reduced
         self.all_reduce = ops.AllReduce() if dev.tp.enabled else None
+        for a_name in GROUPS:   # LoRA slots' stacked A (ms_models.lora.LoraSlots), when enabled
+            setattr(self, a_name, None)
         self.k_cache = None
         self.v_cache = None
 
@@ -78,10 +81,13 @@ class DecoderLayer(nn.Cell):
     def kv_cache_bytes_per_block(self, block_size: int) -> int:
         return 2 * self.num_kv_heads * block_size * self.head_dim * self.dev.itemsize
 
-    def construct(self, x, cos_sin, slots, query_start_loc, seq_lens, block_tables, params):
+    def construct(self, x, cos_sin, slots, query_start_loc, seq_lens, block_tables, params, m1=None, m2=None,
+                  m3=None):
         """The CPU path; inputs: DecoderModel's per-step inputs (DecoderModel.prepare_inputs). The attention
-        kernel (ms_models.kernels) applies RoPE to q and k, writes k and v into the paged cache and attends."""
-        h = rms_norm(x, self.eps, self.ln1, self.norm_op)
+        kernel (ms_models.kernels) applies RoPE to q and k, writes k and v into the paged cache and attends.
+        ``m1``/``m2``/``m3``: with LoRA slots, each token's slot columns for groups of one, two and three targets
+        (ms_models.lora); None: LoRA off, no extra ops."""
+        h = lora_input(rms_norm(x, self.eps, self.ln1, self.norm_op), self.la_qkv, m3)
         q = linear(h, self.wq, self.bq)
         k = linear(h, self.wk, self.bk)
         if self.qn is not None:  # Qwen3: RMSNorm per head, before RoPE
@@ -90,12 +96,17 @@ class DecoderLayer(nn.Cell):
         v = linear(h, self.wv, self.bv)
         o = self.attn_op(q, k, v, self.k_cache, self.v_cache, cos_sin, slots, query_start_loc, seq_lens,
                          block_tables, params)
-        y = linear(o, self.wo, self.bo)
+        y = linear(lora_input(o, self.la_o, m1), self.wo, self.bo)
         if self.all_reduce is not None:
             y = self.all_reduce(y)
         x = x + y
         h = rms_norm(x, self.eps, self.ln2, self.norm_op)
-        y = gated_mlp(h, self.wg, self.wu, self.wd, self.bg, self.bu, self.bd)
+        if m1 is None:
+            y = gated_mlp(h, self.wg, self.wu, self.wd, self.bg, self.bu, self.bd)
+        else:
+            h = lora_input(h, self.la_gu, m2)
+            a = ops.silu(linear(h, self.wg, self.bg)) * linear(h, self.wu, self.bu)
+            y = linear(lora_input(a, self.la_d, m1), self.wd, self.bd)
         if self.all_reduce is not None:
             y = self.all_reduce(y)
         return x + y
@@ -167,6 +178,7 @@ class DecoderModel(nn.Cell):
         self.vocab_start = dev.tp.vocab_range(cfg.vocab_size)[0]
         self.all_reduce = ops.AllReduce() if dev.tp.enabled else None
         self.all_gather = ops.AllGather() if dev.tp.enabled else None
+        self.lora_cols = None   # with LoRA slots (ms_models.lora.LoraSlots): the slot of each stacked A column
 
     # ---- protocol used by model.CausalLM
     def cache_layers(self):
@@ -189,8 +201,11 @@ class DecoderModel(nn.Cell):
             return (batch.input_ids, cos, sin, *build_fused_attention_metadata(batch, num_blocks, block_size,
                                                                                num_reqs, cfg.sliding_window))
         params = np.array([num_reqs, cfg.sliding_window or 0], np.int32)
-        return (batch.input_ids, self.rope.cos_sin_half(batch.positions), batch.slot_mapping,
+        step = (batch.input_ids, self.rope.cos_sin_half(batch.positions), batch.slot_mapping,
                 batch.query_start_loc, batch.seq_lens, batch.block_tables, params)
+        if self.lora_cols is None:
+            return step
+        return step + lora_masks(self.lora_cols, batch.lora_slots, batch.num_tokens)
 
     def body(self, input_ids, *step):
         if self.all_reduce is not None:
@@ -210,6 +225,24 @@ class DecoderModel(nn.Cell):
         if self.cast_logits:
             logits = ops.cast(logits, ms.float32)
         return logits
+
+
+def q_scale(cfg: ModelConfig) -> float:
+    """The attention scale folded into q_proj (1 with a q norm, whose gamma takes it)."""
+    return 1.0 if cfg.qk_norm else cfg.head_dim ** -0.5
+
+
+def tp_spans(cfg: ModelConfig, tp) -> tuple:
+    """(q_span, kv_span, mlp_span, local config) of tensor-parallel rank ``tp``: the [start, stop) output features
+    of q, of k/v and of gate/up (o and down: their input features) it holds; spans None without tensor parallel."""
+    if not tp.enabled:
+        return None, None, None, cfg
+    local = dict(num_heads=cfg.num_heads // tp.size, num_kv_heads=cfg.num_kv_heads // tp.size)
+    hd = cfg.head_dim
+    q_span = (tp.rank * local["num_heads"] * hd, (tp.rank + 1) * local["num_heads"] * hd)
+    kv_span = (tp.rank * local["num_kv_heads"] * hd, (tp.rank + 1) * local["num_kv_heads"] * hd)
+    mlp_span = tp.split(cfg.intermediate_size)
+    return q_span, kv_span, mlp_span, dataclasses.replace(cfg, intermediate_size=mlp_span[1] - mlp_span[0], **local)
 
 
 def build_decoder(cfg: ModelConfig, weights, dev: DeviceOps, sparse_layer=None) -> DecoderModel:
@@ -234,17 +267,8 @@ def build_decoder(cfg: ModelConfig, weights, dev: DeviceOps, sparse_layer=None) 
     """
     tp = dev.tp
     scale = cfg.head_dim ** -0.5
-    q_mul = 1.0 if cfg.qk_norm else scale
-    if tp.enabled:
-        local = dict(num_heads=cfg.num_heads // tp.size, num_kv_heads=cfg.num_kv_heads // tp.size)
-        hd = cfg.head_dim
-        q_span = (tp.rank * local["num_heads"] * hd, (tp.rank + 1) * local["num_heads"] * hd)
-        kv_span = (tp.rank * local["num_kv_heads"] * hd, (tp.rank + 1) * local["num_kv_heads"] * hd)
-        mlp_span = tp.split(cfg.intermediate_size)
-        lcfg = dataclasses.replace(cfg, intermediate_size=mlp_span[1] - mlp_span[0], **local)
-    else:
-        q_span = kv_span = mlp_span = None
-        lcfg = cfg
+    q_mul = q_scale(cfg)
+    q_span, kv_span, mlp_span, lcfg = tp_spans(cfg, tp)
 
     def read(name, dim=None, span=None, pad_to=None):
         if span is None:

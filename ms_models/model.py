@@ -67,6 +67,16 @@ class CausalLM:
         self.compiled: set = set()       # graph keys run at least once with the current cache
         self.compiling_since = 0.0       # time.monotonic() when the graph being compiled started; 0 = none
         self.graphs_compiled = 0         # for ever (metrics)
+        self.lora = None                 # ms_models.lora.LoraSlots once enable_lora() ran
+
+    def enable_lora(self, max_loras: int, max_rank: int):
+        """Gives every layer ``max_loras`` LoRA slots of rank ``max_rank`` (ms_models.lora; all empty) and returns
+        them; every step then carries each token's slot. Before allocate_kv_cache: the graphs take the slots."""
+        from .lora import LoraSlots
+
+        if self.lora is None or (self.lora.max_loras, self.lora.max_rank) != (max_loras, max_rank):
+            self.lora = LoraSlots(self, max_loras, max_rank)
+        return self.lora
 
     # ------------------------------------------------------------------ sizes
     def kv_cache_bytes_per_block(self, block_size: int) -> int:
@@ -142,7 +152,8 @@ class CausalLM:
         bt = np.full((Rp, self.max_blocks), -1, np.int32)
         bt[:R, :M] = batch.block_tables
         return FlatBatch(pad(batch.input_ids, Tp, 0), pad(batch.positions, Tp, 0), pad(batch.slot_mapping, Tp, -1),
-                         pad(batch.query_start_loc, Rp + 1, T), pad(batch.seq_lens, Rp, 0), bt, batch.logits_indices)
+                         pad(batch.query_start_loc, Rp + 1, T), pad(batch.seq_lens, Rp, 0), bt, batch.logits_indices,
+                         None if batch.lora_slots is None else pad(batch.lora_slots, Tp, -1))
 
     def _forward_part(self, batch: FlatBatch) -> np.ndarray:
         padded = self._pad(batch)

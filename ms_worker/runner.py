@@ -80,6 +80,12 @@ class ModelRunner:
 
     def forward(self, plan: StepPlan) -> ForwardOutput:
         batch, sample_row, lp_rows = build_batch(plan, self.state)
+        loras = self.state.loras
+        if loras is not None:   # each token's LoRA slot, the step's adapters put into slots first
+            ids = [s.req.lora_id for s in plan.scheduled]
+            slot_of = {0: -1, **loras.activate(i for i in ids if i)}
+            counts = np.diff(batch.query_start_loc)
+            batch.lora_slots = np.repeat(np.array([slot_of[i] for i in ids], np.int32), counts)
         logits = self.model.forward(batch)
         prompt = [None if r is None else prompt_logprobs_chunk(s, logits[r])
                   for s, r in zip(plan.scheduled, lp_rows)]

@@ -17,10 +17,11 @@ from dataclasses import dataclass
 import grpc
 import numpy as np
 
-from ms_rpc.v1 import FEATURE_STEPS_IN_FLIGHT, PROTOCOL_VERSION, STEP_ORDER_GRACE_S
+from ms_rpc.v1 import FEATURE_LORA, FEATURE_STEPS_IN_FLIGHT, PROTOCOL_VERSION, STEP_ORDER_GRACE_S
 from ms_rpc.v1 import worker_pb2 as pb
 from ms_rpc.v1 import worker_pb2_grpc as pb_grpc
 from ms_worker import memory, spec
+from ms_worker.lora import LoraError, LoraManager
 from ms_worker.runner import ModelRunner, RequestOutput
 from ms_worker.sampler import Sampler
 from ms_worker.state import BatchState, StepError, StepPlan
@@ -123,7 +124,8 @@ class WorkerService(pb_grpc.ModelWorkerServicer):
         return pb.WorkerInfo(
             protocol_version=PROTOCOL_VERSION, worker_id=self.worker_id, framework=self.framework,
             device=self.device, dtype=self.model.config.dtype, model_path=self.model_path,
-            model=self._model_info(), rank=self.rank, world_size=self.world_size, features=[spec.FEATURE, FEATURE_STEPS_IN_FLIGHT],
+            model=self._model_info(), rank=self.rank, world_size=self.world_size,
+            features=[spec.FEATURE, FEATURE_STEPS_IN_FLIGHT, FEATURE_LORA],
         )
 
     def _activation_peak(self, tokens: int, seqs: int) -> int:
@@ -204,6 +206,17 @@ class WorkerService(pb_grpc.ModelWorkerServicer):
                           f"{request.num_blocks} blocks need {need / 2**30:.2f} GiB, more than this host has free "
                           f"({free / 2**30:.2f} of {total / 2**30:.2f} GiB): decrease --kv-cache-memory-bytes, "
                           f"--gpu-memory-utilization or --num-gpu-blocks-override")
+        loras = None
+        if request.HasField("lora"):
+            lc = request.lora
+            try:
+                with self.lock:
+                    slots = self._on_model_thread(self.model.enable_lora, lc.max_loras, lc.max_lora_rank)
+            except ValueError as e:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"LoRA: {e}")
+            loras = LoraManager(slots)
+            log.info("LoRA: %d slots of rank %d (%.1f MiB)", lc.max_loras, lc.max_lora_rank,
+                     slots.weight_bytes() / 2**20)
         with self.lock:
             t0 = time.perf_counter()
             max_len = min(request.max_model_len or c.max_position_embeddings, c.max_position_embeddings)
@@ -214,6 +227,7 @@ class WorkerService(pb_grpc.ModelWorkerServicer):
                                   1 + (sc.num_speculative_tokens if sc is not None else 0))
             self.state = BatchState(request.num_blocks, request.block_size, c.vocab_size, max_len,
                                     request.max_num_seqs, request.max_num_batched_tokens)
+            self.state.loras = loras
             self.runner = ModelRunner(self.model, self.state, Sampler(request.sampling_seed), sc)
             self.next_step = 1
             self.pending = None
@@ -308,6 +322,50 @@ class WorkerService(pb_grpc.ModelWorkerServicer):
         t.sample_s = time.perf_counter() - t1
         t.total_s = time.perf_counter() - step.t0
         return reply
+
+    # -- LoRA adapters --------------------------------------------------------------------------------------
+    def _loras(self, request, context) -> LoraManager:
+        self._check_version(request, context)
+        loras = self.state.loras if self.state is not None else None
+        if loras is None:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          "LoRA is not enabled on this worker (InitializeCache without a LoRA config)")
+        return loras
+
+    def LoadLora(self, request_iterator, context):
+        """One adapter from a stream of chunks: read from its path, or from the files the chunks carry."""
+        first, files = None, {}
+        for chunk in request_iterator:
+            if first is None:
+                first = chunk
+            if chunk.file:
+                files.setdefault(chunk.file, []).append(chunk.data)
+        if first is None:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "LoadLora: an empty stream")
+        loras = self._loras(first, context)
+        try:
+            adapter = loras.read(first.lora_id, first.name, first.path, {f: b"".join(d) for f, d in files.items()})
+        except LoraError as e:
+            log.warning("LoadLora refused: %s", e)
+            context.abort(grpc.StatusCode.NOT_FOUND if e.missing else grpc.StatusCode.INVALID_ARGUMENT,
+                          f"worker {self.worker_id}: {e}")
+        with self.lock:
+            ok = loras.add(adapter, first.replace)
+        log.info("LoRA adapter %r (id %d, rank %d) %s %s", adapter.name, adapter.lora_id, adapter.rank,
+                 "loaded" if ok else "already loaded",
+                 "from the files the front sent" if files else f"from {first.path}")
+        return pb.LoraReply(ok=ok)
+
+    def RemoveLora(self, request, context):
+        loras = self._loras(request, context)
+        with self.lock:
+            return pb.LoraReply(ok=loras.remove(request.lora_id))
+
+    def PinLora(self, request, context):
+        return pb.LoraReply(ok=self._loras(request, context).pin(request.lora_id))
+
+    def ListLoras(self, request, context):
+        return pb.LoraList(lora_ids=self._loras(request, context).ids())
 
     def Shutdown(self, request, context):
         self._check_version(request, context)

@@ -81,6 +81,7 @@ class RequestState:
     table: "BatchState" = field(repr=False)
     generator: np.random.Generator | None = field(default=None, repr=False)
     prompt_lp: tuple | None = field(default=None, repr=False)   # prompt logprobs accumulated over chunks
+    lora_id: int = 0            # its LoRA adapter (ms_worker.lora); 0 = the base model
 
     @property
     def num_tokens(self) -> int:
@@ -176,6 +177,7 @@ class BatchState:
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.requests: dict[str, RequestState] = {}
+        self.loras = None   # the LoRA adapters the requests may name (ms_worker.lora.LoraManager); None = none
         rows = min(max(max_num_seqs, 8), 1024)   # a hint: the rows grow (see _take_row)
         self.token_ids = np.zeros((rows, max_model_len), np.int32)
         self.num_tokens = np.zeros(rows, np.int32)
@@ -285,7 +287,7 @@ class BatchState:
         finished = set(step.finished_req_ids)
         seen: set[str] = set()
         refused: dict[str, str] = {}
-        staged_new = []      # (req_id, tokens, blocks, sampling, start, count, drafts)
+        staged_new = []      # (req_id, tokens, blocks, sampling, start, count, drafts, lora_id)
         staged_cached = []   # (req, tokens or None, blocks, resumed, start, count, drafts)
         for deltas, stage, staged in ((step.new_requests, self._stage_new, staged_new),
                                       (step.cached_requests, self._stage_cached, staged_cached)):
@@ -313,12 +315,18 @@ class BatchState:
             raise StepError(f"{total} tokens scheduled in one step, more than max_num_batched_tokens "
                             f"{self.max_num_batched_tokens}")
 
+        loras = {x[-1] for x in staged_new} | {x[0].lora_id for x in staged_cached}
+        loras.discard(0)
+        if loras and len(loras) > self.loras.slots.max_loras:
+            raise StepError(f"{len(loras)} LoRA adapters in one step, more than --max-loras "
+                            f"{self.loras.slots.max_loras}")
+
         # Phase 2: commit.
         for rid in (*step.finished_req_ids, *refused):
             self._drop(rid)
         scheduled: list[Scheduled] = []
-        for rid, tokens, blocks, sampling, start, count, drafts in staged_new:
-            req = RequestState(rid, self._take_row(), len(tokens), sampling, self)
+        for rid, tokens, blocks, sampling, start, count, drafts, lora_id in staged_new:
+            req = RequestState(rid, self._take_row(), len(tokens), sampling, self, lora_id=lora_id)
             if sampling.seed is not None:
                 req.generator = np.random.default_rng(sampling.seed)
             self._write_tokens(req.row, tokens)
@@ -352,7 +360,13 @@ class BatchState:
                                     nr.num_scheduled_tokens)
         self._check_span(rid, len(tokens) + len(drafts), nr.num_computed_tokens, nr.num_scheduled_tokens,
                          len(blocks))
-        return rid, tokens, blocks, sampling, nr.num_computed_tokens, nr.num_scheduled_tokens, drafts
+        self._check_lora(rid, nr.lora_id)
+        return rid, tokens, blocks, sampling, nr.num_computed_tokens, nr.num_scheduled_tokens, drafts, nr.lora_id
+
+    def _check_lora(self, rid: str, lora_id: int) -> None:
+        if lora_id and (self.loras is None or lora_id not in self.loras):
+            raise StepError(f"request {rid!r}: LoRA adapter {lora_id} is not loaded on this worker"
+                            + ("" if self.loras is not None else " (LoRA is not enabled)"))
 
     def _stage_cached(self, cr, finished: set[str]) -> tuple:
         """A cached request's validated values, (req, tokens or None, blocks, resumed, start, count, drafts)."""
@@ -360,6 +374,7 @@ class BatchState:
         old = None if rid in finished else self.requests.get(rid)
         if old is None:
             raise StepError(f"request {rid!r} is not known to the worker (never sent, or already finished)")
+        self._check_lora(rid, old.lora_id)
         tokens = None
         if cr.all_token_ids:
             tokens = self._check_tokens(rid, cr.all_token_ids)

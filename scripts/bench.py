@@ -21,6 +21,10 @@ the worker's step metrics (mean Execute/Sample wall time per step, mean batch si
 the executor's step breakdown (encode, transfer, the worker's prepare/forward/sample, decode: the
 `ms_rpc step breakdown` lines it logs every MS_RPC_STATS_INTERVAL_S, 5 s here, summed over the level).
 
+A +lora suffix (native+lora, ms_rpc+lora) serves `--lora-adapters` random PEFT adapters of rank `--lora-rank` on all
+seven target modules (written into the log directory) with `--enable-lora --max-loras N`, and the requests cycle
+through the adapters' names: every batch mixes the adapters.
+
 Backends: native, ms_rpc, and ms_rpc_tpN (ms_rpc with --tensor-parallel-size N: N embedded worker ranks joined
 by MindSpore's collectives; the collectives' time is inside "forward").
 
@@ -57,6 +61,7 @@ MAX_MODEL_LEN = 1024
 
 sys.path.insert(0, str(ROOT / "tests"))
 from conftest import cmdline, descendants, free_port  # noqa: E402  (the tests' /proc and port helpers)
+from lora_adapters import TARGETS, make_adapter  # noqa: E402
 
 
 # -- helpers ----------------------------------------------------------------------------------------------------
@@ -279,18 +284,20 @@ async def one_request(client, url: str, model: str, prompt: list[int], max_token
                 streamed=ntok, latency=t_end - t0)
 
 
-async def run_level(url: str, model: str, prompts: list[list[int]], max_tokens: int, concurrency: int) -> dict:
+async def run_level(url: str, model, prompts: list[list[int]], max_tokens: int, concurrency: int) -> dict:
+    """``model``: the served name, or a list of names the requests cycle through (LoRA adapters)."""
     import httpx
 
+    names = model if isinstance(model, list) else [model]
     sem = asyncio.Semaphore(concurrency)
     limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
     async with httpx.AsyncClient(timeout=httpx.Timeout(1800.0), limits=limits) as client:
-        async def go(p):
+        async def go(i, p):
             async with sem:
-                return await one_request(client, url, model, p, max_tokens)
+                return await one_request(client, url, names[i % len(names)], p, max_tokens)
 
         t0 = time.perf_counter()
-        results = await asyncio.gather(*(go(p) for p in prompts), return_exceptions=True)
+        results = await asyncio.gather(*(go(i, p) for i, p in enumerate(prompts)), return_exceptions=True)
         wall = time.perf_counter() - t0
     errors = [r for r in results if isinstance(r, BaseException)]
     ok = [r for r in results if not isinstance(r, BaseException)]
@@ -350,11 +357,21 @@ def bench_online(backend: str, a, logdir: Path, out: dict) -> dict:
     """Fills `out` as it goes, so that the levels done are kept when a later one fails."""
     vocab = vocab_size(a.model)
     out.update(backend=backend, levels={}, steps={}, breakdown={}, t_health=float("nan"), t_first=float("nan"))
-    srv = Server(backend, a.model, a.kv_cache_bytes, logdir, a.serve_arg)
+    extra, model = list(a.serve_arg), a.model
+    if backend.endswith("+lora"):
+        names = [f"lora{i}" for i in range(a.lora_adapters)]
+        for i, n in enumerate(names):
+            if not (logdir / n / "adapter_model.safetensors").exists():
+                make_adapter(logdir / n, Path(a.model), r=a.lora_rank, alpha=2 * a.lora_rank, targets=TARGETS,
+                             seed=i)
+        extra += ["--enable-lora", "--max-loras", str(a.lora_adapters), "--max-lora-rank", str(a.lora_rank),
+                  "--lora-modules", *(f"{n}={logdir / n}" for n in names)]
+        model = names
+    srv = Server(backend, a.model, a.kv_cache_bytes, logdir, extra)
     try:
         out["t_health"] = srv.wait_healthy()
         warm = make_prompts(1, a.input_len, vocab, seed=999, workload=a.workload)
-        asyncio.run(run_level(srv.url, a.model, warm, a.output_len, 1))
+        asyncio.run(run_level(srv.url, model, warm, a.output_len, 1))
         out["t_first"] = time.monotonic() - srv.t_start
         out["rss_idle"] = srv.rss.peaks_mib()
         wm = srv.worker_metrics()
@@ -365,7 +382,7 @@ def bench_online(backend: str, a, logdir: Path, out: dict) -> dict:
         for c in a.concurrency:
             n = a.num_prompts or min(2 * c, 64)
             if a.warmup:
-                asyncio.run(run_level(srv.url, a.model, make_prompts(c, a.input_len, vocab, seed=10_000 + c,
+                asyncio.run(run_level(srv.url, model, make_prompts(c, a.input_len, vocab, seed=10_000 + c,
                                                                      workload=a.workload), a.output_len, c))
             m0 = srv.worker_metrics()
             log_at = srv.log_path.stat().st_size
@@ -373,7 +390,7 @@ def bench_online(backend: str, a, logdir: Path, out: dict) -> dict:
             for r in range(a.repeat):
                 srv.rss.reset()
                 prompts = make_prompts(n, a.input_len, vocab, seed=c + 1000 * r, workload=a.workload)
-                res = asyncio.run(run_level(srv.url, a.model, prompts, a.output_len, c))
+                res = asyncio.run(run_level(srv.url, model, prompts, a.output_len, c))
                 res["rss_model"], res["rss_tree"] = srv.rss.peaks_mib()
                 res["n"] = n
                 runs.append(res)
@@ -532,8 +549,14 @@ def print_online(results: dict, a):
             print(f"{b:12} {c:>4} {runs[0]['n']:>3} {row['tps']:>9.1f} {row['t50']:>9.1f} {row['t99']:>9.1f} "
                   f"{row['i50']:>8.1f} {row['i99']:>8.1f} {row['rm']:>9.0f} {row['rt']:>9.0f} "
                   f"{sum(len(lv['errors']) + lv['short'] for lv in runs):>3}{spread}")
-    for b in [b for b in results if b.startswith("ms_rpc")]:
-        nb = "native+ngram" if b.endswith("+ngram") else "native"     # the same speculative config
+    pairs = []
+    for b in results:
+        base, plus, suffix = b.partition("+")
+        if b.startswith("ms_rpc"):
+            pairs.append((b, "native" + plus + suffix))    # the same speculative config or adapters
+        if suffix == "lora":
+            pairs.append((b, base))                       # adapters against the base model alone
+    for b, nb in pairs:
         for c in a.concurrency:
             n, m = rows.get((nb, c)), rows.get((b, c))
             if n and m:
@@ -541,7 +564,7 @@ def print_online(results: dict, a):
                     f"{fmt_ratio(m[k], n[k]):>{w}}" for k, w in
                     [("tps", 9), ("t50", 9), ("t99", 9), ("i50", 8), ("i99", 8), ("rm", 9), ("rt", 9)])
                     + f"   ({b} / {nb})")
-    print("(ratio = ms_rpc / native: >1 is better for tok/s, worse for latency and RSS)")
+    print("(ratio = first / second backend: >1 is better for tok/s, worse for latency and RSS)")
     print("\nStart-up (s): process start -> /health 200 -> first request served; VmHWM: sum over the model "
           "processes of their peak RSS over the whole run")
     for b, r in results.items():
@@ -591,6 +614,8 @@ def main():
     ap.add_argument("--sim-step-ms", type=float, default=15.0,
                     help="reference-sim: the simulated device's time per step (ms)")
     ap.add_argument("--sync-front", action="store_true", help="reference-sim: without --async-scheduling")
+    ap.add_argument("--lora-adapters", type=int, default=2, help="+lora backends: adapters served (and --max-loras)")
+    ap.add_argument("--lora-rank", type=int, default=16, help="+lora backends: the adapters' rank (all 7 targets)")
     a = ap.parse_args()
     if a.prefill_heavy:
         a.concurrency, a.input_len, a.output_len = [16], 500, 8

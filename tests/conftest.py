@@ -171,7 +171,8 @@ def metric(url: str, name: str) -> float:
 def concurrent_greedy(url: str, model, prompt_ids: list[list[int]], max_new: int, stagger_s: float = 0.0,
                       timeout: float = 900) -> list[list[int]]:
     """One greedy /v1/completions request per prompt, all in flight together (request i starts after
-    i * stagger_s seconds); returns each request's token ids. Any request's failure fails the caller."""
+    i * stagger_s seconds); returns each request's token ids. Any request's failure fails the caller. ``model``:
+    the served model name, or a list of one per prompt (e.g. LoRA adapters' names)."""
     import json
     import threading
     import urllib.request
@@ -182,7 +183,7 @@ def concurrent_greedy(url: str, model, prompt_ids: list[list[int]], max_new: int
     def run(i: int) -> None:
         try:
             time.sleep(stagger_s * i)
-            body = {"model": str(model), "prompt": prompt_ids[i], "max_tokens": max_new, "temperature": 0,
+            body = {"model": str(model[i] if isinstance(model, list) else model), "prompt": prompt_ids[i], "max_tokens": max_new, "temperature": 0,
                     "ignore_eos": True, "return_token_ids": True}
             req = urllib.request.Request(url + "/v1/completions", data=json.dumps(body).encode(),
                                          headers={"Content-Type": "application/json"})

@@ -196,7 +196,7 @@ def test_tensor_parallel_expert_parallel_and_quantized_checkpoints_refused(ckpts
     log = tmp_path / "worker.log"
     with open(log, "w") as f:
         p = subprocess.run([str(WORKER_PY), "-m", "ms_worker", "serve", "--model", str(q), "--port", "0"], cwd=ROOT,
-                           stdout=f, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=120)
+                           stdout=f, stderr=subprocess.STDOUT, timeout=120)
     text = log.read_text()
     assert p.returncode != 0 and "quantized checkpoints (quantization_config, quant_method 'fp8')" in text, text
 
@@ -216,7 +216,7 @@ def test_warmup_when_the_token_budget_exceeds_what_the_requests_can_hold(ckpts, 
     max_num_seqs * max_model_len; the graphs stop at that product, and warm-up's dummy requests fit the block
     tables."""
     p = subprocess.run([str(WORKER_PY), "-c", WARMUP_CHECK, str(ckpts["v2"][0])], cwd=str(tmp_path),
-                       env=dict(os.environ, GLOG_v="3", PYTHONPATH=str(ROOT)), capture_output=True, text=True,
+                       env=dict(os.environ, GLOG_v="3"), capture_output=True, text=True,
                        timeout=300)
     assert p.returncode == 0, p.stderr[-4000:]
     assert "BUCKETS [1, 2, 4, 8, 16, 32]" in p.stdout, p.stdout

@@ -167,8 +167,7 @@ def test_unsupported_flags_are_refused_at_start_up(default_model):
                                                               "kv_role": "kv_both"}),
              "--ec-transfer-config": dict(ec_transfer_config={"ec_connector": "ECExampleConnector",
                                                               "ec_role": "ec_both"}),
-             "--logits-processors": dict(logits_processors=["vllm.v1.sample.logits_processor.MinPLogitsProcessor"]),
-             "--enable-lora": dict(enable_lora=True)}
+             "--logits-processors": dict(logits_processors=["vllm.v1.sample.logits_processor.MinPLogitsProcessor"])}
     code = textwrap.dedent(f"""
         import json, sys
         from vllm.config import ECTransferConfig, KVTransferConfig

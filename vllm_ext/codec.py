@@ -82,12 +82,13 @@ def encode_step(so: SchedulerOutput, step_id: int, logprobs_mode: str = "raw_log
             continue
         if r.prompt_token_ids is None:
             raise UnsupportedRequestError(f"request {r.req_id}: prompt embeddings are not supported by ms_rpc")
-        if r.lora_request is not None or r.mm_features:
-            raise UnsupportedRequestError(f"request {r.req_id}: LoRA and multimodal inputs are not supported")
+        if r.mm_features:
+            raise UnsupportedRequestError(f"request {r.req_id}: multimodal inputs are not supported")
         msg.new_requests.add(
             req_id=r.req_id, prompt_token_ids=r.prompt_token_ids, sampling=encode_sampling(r.sampling_params, logprobs_mode),
             block_ids=_only_group(r.block_ids, r.req_id), num_computed_tokens=r.num_computed_tokens,
             num_scheduled_tokens=n[r.req_id], draft_token_ids=drafts.get(r.req_id, ()),
+            lora_id=r.lora_request.lora_int_id if r.lora_request is not None else 0,
         )
     c = so.scheduled_cached_reqs
     for i, rid in enumerate(c.req_ids):

@@ -23,13 +23,14 @@ from vllm.v1.kv_cache_interface import (FullAttentionSpec, KVCacheConfig, KVCach
                                         SlidingWindowSpec)
 from vllm.v1.outputs import DraftTokenIds, ModelRunnerOutput
 
-from ms_rpc.v1 import FEATURE_SPEC_DECODE_NGRAM, FEATURE_STEPS_IN_FLIGHT
+from ms_rpc.v1 import FEATURE_LORA, FEATURE_SPEC_DECODE_NGRAM, FEATURE_STEPS_IN_FLIGHT
 from ms_rpc.v1 import worker_pb2 as pb
 from vllm_ext.client import WorkerError
 from vllm_ext.codec import decode_result, encode_grammar, encode_step
 from vllm_ext.group import ConfigError, WorkerGroup, group_addresses
 from vllm_ext.heartbeat import HangDetector
 from vllm_ext.launcher import default_worker_python
+from vllm_ext.lora import LoraAdapters
 from vllm_ext.stats import StepStats
 
 log = logging.getLogger("vllm.ms_rpc")  # under vLLM's logger: same format and level
@@ -209,6 +210,7 @@ class MsRpcExecutor(Executor):
         self._in_flight = 0                       # steps sent whose output is not back
         self._down: str | None = None             # why the workers are lost (None: serving)
         self._gave_up: str | None = None
+        self.loras = LoraAdapters(self.vllm_config.lora_config)
         self._restarts: deque[float] = deque()
         self._step_times: deque[float] = deque(maxlen=64)
         self.stats = StepStats(self.settings["stats_interval_s"])
@@ -241,6 +243,9 @@ class MsRpcExecutor(Executor):
         if self._async and FEATURE_STEPS_IN_FLIGHT not in info.features:
             raise ConfigError(f"ms_rpc worker {address} cannot take two steps in flight ({FEATURE_STEPS_IN_FLIGHT}); "
                               f"upgrade it or drop --async-scheduling")
+        if self.loras.enabled and FEATURE_LORA not in info.features:
+            raise ConfigError(f"ms_rpc worker {address} does not serve LoRA adapters ({FEATURE_LORA}); upgrade it or "
+                              f"drop --enable-lora")
 
     def register_failure_callback(self, callback) -> None:
         self._failure_callback = callback
@@ -314,7 +319,7 @@ class MsRpcExecutor(Executor):
             max_num_seqs=sc.max_num_seqs, max_num_batched_tokens=sc.max_num_batched_tokens,
             max_model_len=self.model_config.max_model_len,
             # One seed for every rank: their unseeded random draws stay identical, and so do their request states.
-            sampling_seed=secrets.randbits(63) or 1, speculative=self._speculative,
+            sampling_seed=secrets.randbits(63) or 1, speculative=self._speculative, lora=self.loras.config(),
         )
         self.group.handshake(self._cache, warmup=False)
         self._step = 0
@@ -579,6 +584,7 @@ class MsRpcExecutor(Executor):
                 self.group.connect(self._check_model, timeout=5.0)
                 if self._cache is not None:
                     self.group.handshake(self._cache, warmup=True)
+                    self.loras.restore(self.group)   # the new workers hold no adapters
                 self._step = 0
                 self._step_times.clear()
                 self._down = None
@@ -641,6 +647,19 @@ class MsRpcExecutor(Executor):
                 return f
             return result
         raise NotImplementedError(f"ms_rpc workers do not implement the worker call {name!r}")
+
+    # -- LoRA adapters (vLLM's engine core calls these between steps) ------------------------------------------
+    def add_lora(self, lora_request) -> bool:
+        return self.loras.add(self.group, lora_request)
+
+    def remove_lora(self, lora_id: int) -> bool:
+        return self.loras.remove(self.group, lora_id)
+
+    def pin_lora(self, lora_id: int) -> bool:
+        return self.loras.pin(self.group, lora_id)
+
+    def list_loras(self) -> set[int]:
+        return self.loras.list(self.group)
 
     def check_health(self) -> None:
         if self._gave_up:

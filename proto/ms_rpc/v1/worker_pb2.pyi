@@ -118,7 +118,7 @@ class MemoryInfo(_message.Message):
     def __init__(self, available_kv_bytes: _Optional[int] = ..., bytes_per_block: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., total_bytes: _Optional[int] = ..., free_bytes: _Optional[int] = ..., budget_bytes: _Optional[int] = ..., runtime_bytes: _Optional[int] = ..., activation_peak_bytes: _Optional[int] = ..., sized_by: _Optional[str] = ...) -> None: ...
 
 class CacheConfig(_message.Message):
-    __slots__ = ("protocol_version", "num_blocks", "block_size", "num_layers", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "sampling_seed", "speculative")
+    __slots__ = ("protocol_version", "num_blocks", "block_size", "num_layers", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "sampling_seed", "speculative", "lora")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -128,6 +128,7 @@ class CacheConfig(_message.Message):
     MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_SEED_FIELD_NUMBER: _ClassVar[int]
     SPECULATIVE_FIELD_NUMBER: _ClassVar[int]
+    LORA_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     num_blocks: int
     block_size: int
@@ -137,7 +138,54 @@ class CacheConfig(_message.Message):
     max_model_len: int
     sampling_seed: int
     speculative: SpeculativeConfig
-    def __init__(self, protocol_version: _Optional[int] = ..., num_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., max_num_batched_tokens: _Optional[int] = ..., max_model_len: _Optional[int] = ..., sampling_seed: _Optional[int] = ..., speculative: _Optional[_Union[SpeculativeConfig, _Mapping]] = ...) -> None: ...
+    lora: LoraConfig
+    def __init__(self, protocol_version: _Optional[int] = ..., num_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., max_num_batched_tokens: _Optional[int] = ..., max_model_len: _Optional[int] = ..., sampling_seed: _Optional[int] = ..., speculative: _Optional[_Union[SpeculativeConfig, _Mapping]] = ..., lora: _Optional[_Union[LoraConfig, _Mapping]] = ...) -> None: ...
+
+class LoraConfig(_message.Message):
+    __slots__ = ("max_loras", "max_lora_rank")
+    MAX_LORAS_FIELD_NUMBER: _ClassVar[int]
+    MAX_LORA_RANK_FIELD_NUMBER: _ClassVar[int]
+    max_loras: int
+    max_lora_rank: int
+    def __init__(self, max_loras: _Optional[int] = ..., max_lora_rank: _Optional[int] = ...) -> None: ...
+
+class LoraChunk(_message.Message):
+    __slots__ = ("protocol_version", "lora_id", "name", "path", "file", "data", "replace")
+    PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    LORA_ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    FILE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    REPLACE_FIELD_NUMBER: _ClassVar[int]
+    protocol_version: int
+    lora_id: int
+    name: str
+    path: str
+    file: str
+    data: bytes
+    replace: bool
+    def __init__(self, protocol_version: _Optional[int] = ..., lora_id: _Optional[int] = ..., name: _Optional[str] = ..., path: _Optional[str] = ..., file: _Optional[str] = ..., data: _Optional[bytes] = ..., replace: _Optional[bool] = ...) -> None: ...
+
+class LoraRequest(_message.Message):
+    __slots__ = ("protocol_version", "lora_id")
+    PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    LORA_ID_FIELD_NUMBER: _ClassVar[int]
+    protocol_version: int
+    lora_id: int
+    def __init__(self, protocol_version: _Optional[int] = ..., lora_id: _Optional[int] = ...) -> None: ...
+
+class LoraReply(_message.Message):
+    __slots__ = ("ok",)
+    OK_FIELD_NUMBER: _ClassVar[int]
+    ok: bool
+    def __init__(self, ok: _Optional[bool] = ...) -> None: ...
+
+class LoraList(_message.Message):
+    __slots__ = ("lora_ids",)
+    LORA_IDS_FIELD_NUMBER: _ClassVar[int]
+    lora_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, lora_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class SpeculativeConfig(_message.Message):
     __slots__ = ("method", "num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max")
@@ -225,7 +273,7 @@ class SamplingParams(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., min_p: _Optional[float] = ..., seed: _Optional[int] = ..., logprobs: _Optional[int] = ..., want_logprobs: _Optional[bool] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., logit_bias: _Optional[_Mapping[int, float]] = ..., allowed_token_ids: _Optional[_Iterable[int]] = ..., bad_words: _Optional[_Iterable[_Union[TokenSequence, _Mapping]]] = ..., min_tokens: _Optional[int] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., logprobs_mode: _Optional[_Union[LogprobsMode, str]] = ..., prompt_logprobs: _Optional[int] = ...) -> None: ...
 
 class NewRequest(_message.Message):
-    __slots__ = ("req_id", "prompt_token_ids", "sampling", "block_ids", "num_computed_tokens", "num_scheduled_tokens", "draft_token_ids")
+    __slots__ = ("req_id", "prompt_token_ids", "sampling", "block_ids", "num_computed_tokens", "num_scheduled_tokens", "draft_token_ids", "lora_id")
     REQ_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
@@ -233,6 +281,7 @@ class NewRequest(_message.Message):
     NUM_COMPUTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     NUM_SCHEDULED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     DRAFT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    LORA_ID_FIELD_NUMBER: _ClassVar[int]
     req_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: SamplingParams
@@ -240,7 +289,8 @@ class NewRequest(_message.Message):
     num_computed_tokens: int
     num_scheduled_tokens: int
     draft_token_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, req_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., block_ids: _Optional[_Iterable[int]] = ..., num_computed_tokens: _Optional[int] = ..., num_scheduled_tokens: _Optional[int] = ..., draft_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    lora_id: int
+    def __init__(self, req_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., block_ids: _Optional[_Iterable[int]] = ..., num_computed_tokens: _Optional[int] = ..., num_scheduled_tokens: _Optional[int] = ..., draft_token_ids: _Optional[_Iterable[int]] = ..., lora_id: _Optional[int] = ...) -> None: ...
 
 class CachedRequest(_message.Message):
     __slots__ = ("req_id", "resumed", "all_token_ids", "new_token_ids", "new_block_ids", "num_computed_tokens", "num_scheduled_tokens", "draft_token_ids")

@@ -79,6 +79,26 @@ class ModelWorkerStub:
                 request_serializer=ms__rpc_dot_v1_dot_worker__pb2.HeartbeatRequest.SerializeToString,
                 response_deserializer=ms__rpc_dot_v1_dot_worker__pb2.HeartbeatReply.FromString,
                 _registered_method=True)
+        self.LoadLora = channel.stream_unary(
+                '/ms_rpc.v1.ModelWorker/LoadLora',
+                request_serializer=ms__rpc_dot_v1_dot_worker__pb2.LoraChunk.SerializeToString,
+                response_deserializer=ms__rpc_dot_v1_dot_worker__pb2.LoraReply.FromString,
+                _registered_method=True)
+        self.RemoveLora = channel.unary_unary(
+                '/ms_rpc.v1.ModelWorker/RemoveLora',
+                request_serializer=ms__rpc_dot_v1_dot_worker__pb2.LoraRequest.SerializeToString,
+                response_deserializer=ms__rpc_dot_v1_dot_worker__pb2.LoraReply.FromString,
+                _registered_method=True)
+        self.PinLora = channel.unary_unary(
+                '/ms_rpc.v1.ModelWorker/PinLora',
+                request_serializer=ms__rpc_dot_v1_dot_worker__pb2.LoraRequest.SerializeToString,
+                response_deserializer=ms__rpc_dot_v1_dot_worker__pb2.LoraReply.FromString,
+                _registered_method=True)
+        self.ListLoras = channel.unary_unary(
+                '/ms_rpc.v1.ModelWorker/ListLoras',
+                request_serializer=ms__rpc_dot_v1_dot_worker__pb2.LoraRequest.SerializeToString,
+                response_deserializer=ms__rpc_dot_v1_dot_worker__pb2.LoraList.FromString,
+                _registered_method=True)
 
 
 class ModelWorkerServicer:
@@ -143,6 +163,35 @@ class ModelWorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LoadLora(self, request_iterator, context):
+        """LoRA adapters (feature "lora"; CacheConfig.lora set). LoadLora streams one adapter: the first chunk names it
+        (lora_id, name, path); the worker reads the PEFT directory at path, or, when chunks carry file content, the
+        files the chunks assemble. A bad adapter is INVALID_ARGUMENT (NOT_FOUND: path unreadable) naming the adapter
+        and why; nothing changes and the worker keeps serving.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoveLora(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PinLora(self, request, context):
+        """A pinned adapter keeps its slot: never evicted to make room for another.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListLoras(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ModelWorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -190,6 +239,26 @@ def add_ModelWorkerServicer_to_server(servicer, server):
                     servicer.Heartbeat,
                     request_deserializer=ms__rpc_dot_v1_dot_worker__pb2.HeartbeatRequest.FromString,
                     response_serializer=ms__rpc_dot_v1_dot_worker__pb2.HeartbeatReply.SerializeToString,
+            ),
+            'LoadLora': grpc.stream_unary_rpc_method_handler(
+                    servicer.LoadLora,
+                    request_deserializer=ms__rpc_dot_v1_dot_worker__pb2.LoraChunk.FromString,
+                    response_serializer=ms__rpc_dot_v1_dot_worker__pb2.LoraReply.SerializeToString,
+            ),
+            'RemoveLora': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveLora,
+                    request_deserializer=ms__rpc_dot_v1_dot_worker__pb2.LoraRequest.FromString,
+                    response_serializer=ms__rpc_dot_v1_dot_worker__pb2.LoraReply.SerializeToString,
+            ),
+            'PinLora': grpc.unary_unary_rpc_method_handler(
+                    servicer.PinLora,
+                    request_deserializer=ms__rpc_dot_v1_dot_worker__pb2.LoraRequest.FromString,
+                    response_serializer=ms__rpc_dot_v1_dot_worker__pb2.LoraReply.SerializeToString,
+            ),
+            'ListLoras': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListLoras,
+                    request_deserializer=ms__rpc_dot_v1_dot_worker__pb2.LoraRequest.FromString,
+                    response_serializer=ms__rpc_dot_v1_dot_worker__pb2.LoraList.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -435,6 +504,114 @@ class ModelWorker:
             '/ms_rpc.v1.ModelWorker/Heartbeat',
             ms__rpc_dot_v1_dot_worker__pb2.HeartbeatRequest.SerializeToString,
             ms__rpc_dot_v1_dot_worker__pb2.HeartbeatReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadLora(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/ms_rpc.v1.ModelWorker/LoadLora',
+            ms__rpc_dot_v1_dot_worker__pb2.LoraChunk.SerializeToString,
+            ms__rpc_dot_v1_dot_worker__pb2.LoraReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveLora(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ms_rpc.v1.ModelWorker/RemoveLora',
+            ms__rpc_dot_v1_dot_worker__pb2.LoraRequest.SerializeToString,
+            ms__rpc_dot_v1_dot_worker__pb2.LoraReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PinLora(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ms_rpc.v1.ModelWorker/PinLora',
+            ms__rpc_dot_v1_dot_worker__pb2.LoraRequest.SerializeToString,
+            ms__rpc_dot_v1_dot_worker__pb2.LoraReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListLoras(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ms_rpc.v1.ModelWorker/ListLoras',
+            ms__rpc_dot_v1_dot_worker__pb2.LoraRequest.SerializeToString,
+            ms__rpc_dot_v1_dot_worker__pb2.LoraList.FromString,
             options,
             channel_credentials,
             insecure,
