@@ -163,9 +163,12 @@ class Session:
             req.results.append(res)
 
     def step(self, sched: list[tuple[Req, int]], finished=(), **flags) -> pb.StepResult:
-        msg, commit = self.build(sched, finished, **flags)
+        return self.send(*self.build(sched, finished, **flags))
+
+    def send(self, msg: pb.StepRequest, commit, call=None) -> pb.StepResult:
+        """Executes a built step (or waits for `call`, its Execute already sent) and commits its reply."""
         try:
-            reply = self.wire.call("Execute", msg)
+            reply = self.wire.finish("Execute", call) if call is not None else self.wire.call("Execute", msg)
         except Refused:
             commit(None)
             raise

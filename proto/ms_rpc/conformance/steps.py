@@ -157,14 +157,22 @@ def replay_refused(s: Session) -> None:
     _finish_held(s, r, want, "after a refused replay")
 
 
-def reorder_refused(s: Session) -> None:
-    """Step N+1 before step N is refused; then N and N+1 in order are served."""
+def _early_successor(s: Session):
+    """A held request, its expected tokens, its next step N (built, with its commit) and step N+1 built ahead of
+    N's reply, as a front with two steps in flight sends it (the request's next token, no new blocks)."""
     r, want = s.held(PROMPT_LEN, N, seed=1)
     first, commit = s.build([(r, 1)])
     second = pb.StepRequest()
     second.CopyFrom(first)
     second.step_id += 1
     second.cached_requests[0].num_computed_tokens += 1
+    del second.cached_requests[0].new_block_ids[:]
+    return r, want, first, commit, second
+
+
+def reorder_refused(s: Session) -> None:
+    """Step N+1 before step N (and N not sent) is refused; then N and N+1 in order are served."""
+    r, want, first, commit, second = _early_successor(s)
     s.expect_refused("Execute", second, FAILED_PRECONDITION, f"step {second.step_id} before {first.step_id}")
     commit(None)
     s.advance([r])
@@ -174,43 +182,21 @@ def reorder_refused(s: Session) -> None:
 
 def two_in_flight(s: Session) -> None:
     """A worker that lists steps_in_flight: step N+1 sent just before step N (a front with two steps in flight)
-    waits for N and both are served, with the tokens of a request alone. Otherwise N+1 is refused as out of
-    order, and N then served."""
-    r, want = s.held(PROMPT_LEN, N, seed=1)
-    first, commit = s.build([(r, 1)])
-    second = pb.StepRequest()
-    second.CopyFrom(first)
-    second.step_id += 1
-    second.cached_requests[0].num_computed_tokens += 1
-    del second.cached_requests[0].new_block_ids[:]
-    if FEATURE_STEPS_IN_FLIGHT not in s.info.features:
-        s.expect_refused("Execute", second, FAILED_PRECONDITION, f"step {second.step_id} before {first.step_id}")
-        commit(None)
-        _finish_held(s, r, want, "after a refused early step")
-        return
+    waits for N and both are served, with the tokens of a request alone."""
+    expect(FEATURE_STEPS_IN_FLIGHT in s.info.features,
+           f"the worker does not list {FEATURE_STEPS_IN_FLIGHT}: a front with async scheduling refuses it")
+    r, want, first, commit, second = _early_successor(s)
     lead = min(0.2, STEP_ORDER_GRACE_S / 4)
     early = s.wire.start("Execute", second)
     time.sleep(lead)        # it reaches the worker first
-    try:
-        reply = s.wire.call("Execute", first)
-    except Exception:
-        commit(None)
-        raise
-    s.last_step = first
-    commit(reply)
+    s.send(first, commit)
     again, commit2 = s.build([(r, 1)])
-    expect(again.step_id == second.step_id and again.cached_requests[0].num_computed_tokens ==
-           second.cached_requests[0].num_computed_tokens and not again.cached_requests[0].new_block_ids,
-           "internal: the early step is not the one the session would send next")
+    expect(again == second, "internal: the early step is not the one the session would send next")
     try:
-        reply2 = s.wire.finish("Execute", early)
+        s.send(second, commit2, call=early)
     except Refused as e:
-        commit2(None)
         raise CheckFailed(f"step {second.step_id} sent {lead:.1f} s before step {first.step_id}: refused "
                           f"({e.code.name}: {e.details}), though the worker lists {FEATURE_STEPS_IN_FLIGHT}") from None
-    expect(reply2.step_id == second.step_id, f"Execute of step {second.step_id} answered for step {reply2.step_id}")
-    s.last_step = second
-    commit2(reply2)
     _finish_held(s, r, want, "two steps in flight")
 
 

@@ -99,7 +99,7 @@ def serve(args) -> int:
                          options=[("grpc.max_receive_message_length", mb), ("grpc.max_send_message_length", mb)])
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
-        SERVICE.full_name, {m.name: _handler(service, m) for m in SERVICE.methods})])
+        SERVICE.full_name, {m.name: _handler(service, m) for m in SERVICE.methods if hasattr(service, m.name)})])
     try:
         port = server.add_insecure_port(f"{args.host}:{args.port}")
     except RuntimeError:
