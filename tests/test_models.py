@@ -300,7 +300,7 @@ if pytest is not None:
 
         hf = json.loads((front_dir / "config.json").read_text())
         model_config = SimpleNamespace(
-            model=str(front_dir),
+            model=str(front_dir), use_mla=False,
             hf_config=SimpleNamespace(architectures=hf["architectures"], num_hidden_layers=hf["num_hidden_layers"],
                                       num_attention_heads=hf["num_attention_heads"]),
             get_vocab_size=lambda: hf["vocab_size"], get_total_num_kv_heads=lambda: hf["num_key_value_heads"],
