@@ -377,13 +377,6 @@ class MsRpcExecutor(Executor):
         self.stats.add_rpc(call.rpc.lower(), dt, res.timings)
         return res
 
-    def _call_step(self, rpc: str, msg, step_id: int) -> pb.StepResult:
-        try:
-            call = self._start_step(rpc, msg)
-        except WorkerError as e:
-            raise WorkerLost(f"step {step_id}: {e}") from None
-        return self._finish_step(call, step_id)
-
     def _track(self, so) -> None:
         self._live.difference_update(so.finished_req_ids)
         self._live.update(r.req_id for r in so.scheduled_new_reqs)
