@@ -25,11 +25,13 @@ _KEY = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(
 
 
 class LoraError(ValueError):
-    """An adapter that cannot be loaded; ``missing``: its files cannot be read."""
+    """An adapter that cannot be loaded; ``missing``: its files cannot be read; ``full``: the worker holds
+    max_cpu_loras adapters already."""
 
-    def __init__(self, message: str, missing: bool = False):
+    def __init__(self, message: str, missing: bool = False, full: bool = False):
         super().__init__(message)
         self.missing = missing
+        self.full = full
 
 
 @dataclass
@@ -106,12 +108,13 @@ def read_peft(directory: str, name: str, slots, max_rank: int, num_layers: int) 
 
 
 class LoraManager:
-    """The adapters this worker holds (every one loaded, in host memory) and which of them sit in the model's
-    ``max_loras`` slots. load/remove/pin come from gRPC threads; activate runs on the model thread, under the
-    service's step lock, as load's final insert and remove do."""
+    """The adapters this worker holds (at most ``max_cpu_loras``, in host memory) and which of them sit in the
+    model's ``max_loras`` slots. load/remove/pin come from gRPC threads; activate runs on the model thread, under
+    the service's step lock, as load's final insert and remove do."""
 
-    def __init__(self, slots):
+    def __init__(self, slots, max_cpu_loras: int = 0):
         self.slots = slots
+        self.max_cpu_loras = max(max_cpu_loras, slots.max_loras)
         self.adapters: dict[int, Adapter] = {}
         self.pinned: set[int] = set()
         self.resident: OrderedDict[int, int] = OrderedDict()   # lora_id -> slot, least recently used first
@@ -138,8 +141,16 @@ class LoraManager:
             shutil.rmtree(tmp, ignore_errors=True)
         return Adapter(lora_id, name, rank, weights)
 
+    def check_room(self, lora_id: int, name: str) -> None:
+        """LoraError (full) if a new adapter would pass max_cpu_loras: the front removes one first."""
+        with self.lock:
+            if lora_id not in self.adapters and len(self.adapters) >= self.max_cpu_loras:
+                raise LoraError(f"LoRA adapter {name!r}: this worker holds {len(self.adapters)} adapters "
+                                f"(--max-cpu-loras {self.max_cpu_loras}); remove one first", full=True)
+
     def add(self, adapter: Adapter, replace: bool) -> bool:
         """False if the id is loaded already and ``replace`` is not set (vLLM's add_lora)."""
+        self.check_room(adapter.lora_id, adapter.name)
         with self.lock:
             if adapter.lora_id in self.adapters and not replace:
                 return False

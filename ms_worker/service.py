@@ -214,9 +214,9 @@ class WorkerService(pb_grpc.ModelWorkerServicer):
                     slots = self._on_model_thread(self.model.enable_lora, lc.max_loras, lc.max_lora_rank)
             except ValueError as e:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"LoRA: {e}")
-            loras = LoraManager(slots)
-            log.info("LoRA: %d slots of rank %d (%.1f MiB)", lc.max_loras, lc.max_lora_rank,
-                     slots.weight_bytes() / 2**20)
+            loras = LoraManager(slots, lc.max_cpu_loras)
+            log.info("LoRA: %d slots of rank %d (%.1f MiB), at most %d adapters held", lc.max_loras,
+                     lc.max_lora_rank, slots.weight_bytes() / 2**20, loras.max_cpu_loras)
         with self.lock:
             t0 = time.perf_counter()
             max_len = min(request.max_model_len or c.max_position_embeddings, c.max_position_embeddings)
@@ -344,13 +344,14 @@ class WorkerService(pb_grpc.ModelWorkerServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "LoadLora: an empty stream")
         loras = self._loras(first, context)
         try:
+            loras.check_room(first.lora_id, first.name)
             adapter = loras.read(first.lora_id, first.name, first.path, {f: b"".join(d) for f, d in files.items()})
+            with self.lock:
+                ok = loras.add(adapter, first.replace)
         except LoraError as e:
             log.warning("LoadLora refused: %s", e)
-            context.abort(grpc.StatusCode.NOT_FOUND if e.missing else grpc.StatusCode.INVALID_ARGUMENT,
-                          f"worker {self.worker_id}: {e}")
-        with self.lock:
-            ok = loras.add(adapter, first.replace)
+            code = "RESOURCE_EXHAUSTED" if e.full else "NOT_FOUND" if e.missing else "INVALID_ARGUMENT"
+            context.abort(grpc.StatusCode[code], f"worker {self.worker_id}: {e}")
         log.info("LoRA adapter %r (id %d, rank %d) %s %s", adapter.name, adapter.lora_id, adapter.rank,
                  "loaded" if ok else "already loaded",
                  "from the files the front sent" if files else f"from {first.path}")
@@ -359,7 +360,10 @@ class WorkerService(pb_grpc.ModelWorkerServicer):
     def RemoveLora(self, request, context):
         loras = self._loras(request, context)
         with self.lock:
-            return pb.LoraReply(ok=loras.remove(request.lora_id))
+            ok = loras.remove(request.lora_id)
+        if ok:
+            log.info("LoRA adapter id %d removed", request.lora_id)
+        return pb.LoraReply(ok=ok)
 
     def PinLora(self, request, context):
         return pb.LoraReply(ok=self._loras(request, context).pin(request.lora_id))

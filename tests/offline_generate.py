@@ -1,7 +1,8 @@
 """Greedy generation with vLLM's offline API, for comparing backends. Prints one JSON list of token id lists.
 
 usage: offline_generate.py MODEL BACKEND PROMPTS_JSON MAX_NEW [--skip-tokenizer-init] [--max-model-len N]
-                           [--kv-cache-mib N] [--also MODEL2 ...]          (BACKEND: native | ms_rpc)
+                           [--kv-cache-mib N] [--also MODEL2 ...] [--engine-args JSON] [--loras JSON]
+                                                                            (BACKEND: native | ms_rpc)
 
 --skip-tokenizer-init: the model directory has no tokenizer (prompts are token ids; outputs are not detokenized).
 --max-model-len: vLLM's max_model_len (default 512).
@@ -9,6 +10,9 @@ usage: offline_generate.py MODEL BACKEND PROMPTS_JSON MAX_NEW [--skip-tokenizer-
 --also: more models, run one after another in this process (one engine each, the same prompts), saving the
         start-up of a Python process per model (and, unless VLLM_ENABLE_V1_MULTIPROCESSING is set, of an engine
         core process: the engines run in this process). One RESULT line is printed per model, MODEL first.
+--engine-args: more keyword arguments of vllm.LLM, e.g. '{"tensor_parallel_size": 2}'.
+--loras: one LoRA adapter directory (or null: the base model) per prompt, each passed as the prompt's
+         LoRARequest (named after its directory, ids from 1 in order of first use); vLLM loads them on demand.
 """
 
 import argparse
@@ -26,6 +30,8 @@ if __name__ == "__main__":
     ap.add_argument("--max-model-len", type=int, default=512)
     ap.add_argument("--kv-cache-mib", type=int, default=0)
     ap.add_argument("--also", action="append", default=[])
+    ap.add_argument("--engine-args", type=json.loads, default={})
+    ap.add_argument("--loras", type=json.loads, default=None)
     a = ap.parse_args()
     if a.also:  # several engines one after another: run each engine core in this process (no process start-up)
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -41,10 +47,17 @@ if __name__ == "__main__":
             kwargs["distributed_executor_backend"] = "ms_rpc"
         else:
             kwargs["gpu_memory_utilization"] = 0.2
-        llm = LLM(**kwargs)
+        llm = LLM(**kwargs, **a.engine_args)
         params = SamplingParams(temperature=0, max_tokens=a.max_new, ignore_eos=True,
                                 detokenize=not a.skip_tokenizer_init)
-        outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in a.prompts], params, use_tqdm=False)
+        loras = None
+        if a.loras is not None:
+            from vllm.lora.request import LoRARequest
+
+            ids = {d: i + 1 for i, d in enumerate(dict.fromkeys(d for d in a.loras if d))}
+            loras = [d and LoRARequest(os.path.basename(d), ids[d], d) for d in a.loras]
+        outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in a.prompts], params, use_tqdm=False,
+                            lora_request=loras)
         print("RESULT " + json.dumps([list(o.outputs[0].token_ids) for o in outs]), flush=True)
         if a.also:  # stop this engine (and its ms_rpc worker) before starting the next
             llm.llm_engine.engine_core.shutdown()

@@ -10,6 +10,8 @@ import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -89,7 +91,7 @@ def lora_setup(tmp_path_factory):
 
 def serve_args(d: Path, extra=()) -> list[str]:
     return ["--enable-lora", "--lora-modules", f"a1={d / 'a1'}", f"a2={d / 'a2'}", "--max-loras", "2",
-            "--max-lora-rank", "16", "--max-model-len", "128", "--max-num-seqs", "8", "--max-num-batched-tokens", "64",
+            "--max-cpu-loras", "2", "--max-lora-rank", "16", "--max-model-len", "128", "--max-num-seqs", "8", "--max-num-batched-tokens", "64",
             "--kv-cache-memory-bytes", str(32 << 20), *extra]
 
 
@@ -112,10 +114,14 @@ def test_mixed_batch_runtime_load_and_bad_adapters(lora_setup, tmp_path):
         names = ["base", "a1", "a2", "a1", "base", "a2"]
         mixed_batch(s.url, base, ps, want, names)
 
-        # a third adapter loaded at run time: with --max-loras 2 it takes the least recently used slot
+        # a third adapter loaded at run time: the workers hold at most --max-cpu-loras 2 adapters (they refuse a
+        # third), so the front removes the least recently used one and loads it again when a request needs it
         assert post(s.url, "/v1/load_lora_adapter", {"lora_name": "a3", "lora_path": str(d / "a3")})[0] == 200
         mixed_batch(s.url, base, ps, want, ["a3", "a1", "base", "a3", "a1", "base"])
         mixed_batch(s.url, base, ps, want, ["a2", "a3", "a2", "base", "a3", "a2"])
+        log = s.tail(100000)
+        assert "at most 2 adapters held" in log and "LoRA adapter id 1 removed" in log, log[-3000:]
+        assert log.count("LoRA adapter 'a2' (id 2, rank 16) loaded") >= 2, log[-3000:]
         assert post(s.url, "/v1/unload_lora_adapter", {"lora_name": "a3"})[0] == 200
         code, body = post(s.url, "/v1/completions", {"model": "a3", "prompt": ps[0], "max_tokens": 2})
         assert code == 404, body
@@ -149,23 +155,31 @@ def test_mixed_batch_runtime_load_and_bad_adapters(lora_setup, tmp_path):
         s.stop()
 
 
-def test_tp2_external_workers_get_adapter_content(lora_setup, tmp_path):
-    """Two external tensor-parallel ranks: the front streams the adapter files to them (an external worker may be
-    on another host; the workers' logs say they loaded what was sent); LoRA weights sharded like their base
-    layers."""
+def test_tp2_offline_requests_load_adapters_on_demand(lora_setup, tmp_path):
+    """vLLM's offline API with a LoRARequest per prompt (never added through add_lora: the executor loads each
+    adapter when a request first needs it), on two external tensor-parallel ranks: the front streams the adapter
+    files to them (an external worker may be on another host; the workers' logs say they loaded what was sent);
+    LoRA weights sharded like their base layers."""
     d, base, ps, want = lora_setup
     procs, addresses, _, logs = start_group(base, 2, tmp_path)
-    cfg = {"ms_rpc": {"workers": addresses}}
-    s = Server(base, serve_args(d, ["--tensor-parallel-size", "2", "--additional-config", json.dumps(cfg)]),
-               log_path=tmp_path / "serve.log")
+    names = ["a2", "base", "a1", "a1", "a2", "base"]
+    engine = {"tensor_parallel_size": 2, "additional_config": {"ms_rpc": {"workers": addresses}},
+              "enable_lora": True, "max_loras": 2, "max_lora_rank": 16, "max_num_seqs": 8,
+              "max_num_batched_tokens": 64}
     try:
-        s.wait_healthy()
-        mixed_batch(s.url, base, ps, want, ["a2", "base", "a1", "a1", "a2", "base"])
+        out = subprocess.run([sys.executable, str(Path(__file__).parent / "offline_generate.py"), str(base), "ms_rpc",
+                              json.dumps(ps), str(MAX_NEW), "--max-model-len", "128", "--kv-cache-mib", "32",
+                              "--engine-args", json.dumps(engine),
+                              "--loras", json.dumps([None if n == "base" else str(d / n) for n in names])],
+                             capture_output=True, text=True, timeout=900)
+        got = [json.loads(line[7:]) for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+        assert got, out.stdout[-3000:] + out.stderr[-3000:]
+        for i, n in enumerate(names):
+            assert got[0][i] == want[n][i], f"prompt {i} with {n}: {got[0][i]} != HF {want[n][i]}"
         for log in logs:
             text = log.read_text(errors="replace")
-            assert "LoRA adapter 'a1' (id 1, rank 8) loaded from the files the front sent" in text, text[-2000:]
+            assert "LoRA adapter 'a1' (id 2, rank 8) loaded from the files the front sent" in text, text[-2000:]
     finally:
-        s.stop()
         stop_all(procs)
 
 
@@ -182,12 +196,14 @@ class _Slots:
 
 
 def test_manager_evicts_least_recently_used_and_keeps_pinned():
-    from ms_worker.lora import Adapter, LoraManager
+    from ms_worker.lora import Adapter, LoraError, LoraManager
 
     slots = _Slots()
-    m = LoraManager(slots)
+    m = LoraManager(slots, max_cpu_loras=3)
     for i in (1, 2, 3):
         assert m.add(Adapter(i, f"a{i}", 4, f"w{i}"), replace=False)
+    with pytest.raises(LoraError, match=r"holds 3 adapters \(--max-cpu-loras 3\)"):
+        m.add(Adapter(4, "a4", 4, "w4"), replace=False)
     assert not m.add(Adapter(1, "a1", 4, "other"), replace=False)      # already loaded: vLLM's False
     assert m.activate([1, 2]) == {1: 0, 2: 1}
     assert m.activate([1]) == {1: 0}                                    # 2 is now the least recently used

@@ -389,6 +389,8 @@ class MsRpcExecutor(Executor):
         self._track(so)
         if self._down is not None:
             return _Step(0, so, False, output=self._fail(so, f"ms_rpc workers are down ({self._down}); recovering"))
+        if self.loras.enabled:
+            self.loras.ensure(self.group, so)
         self._step += 1
         step = _Step(self._step, so, bool(so.has_structured_output_requests))
         self.stats.step_started()

@@ -142,12 +142,14 @@ class CacheConfig(_message.Message):
     def __init__(self, protocol_version: _Optional[int] = ..., num_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., max_num_batched_tokens: _Optional[int] = ..., max_model_len: _Optional[int] = ..., sampling_seed: _Optional[int] = ..., speculative: _Optional[_Union[SpeculativeConfig, _Mapping]] = ..., lora: _Optional[_Union[LoraConfig, _Mapping]] = ...) -> None: ...
 
 class LoraConfig(_message.Message):
-    __slots__ = ("max_loras", "max_lora_rank")
+    __slots__ = ("max_loras", "max_lora_rank", "max_cpu_loras")
     MAX_LORAS_FIELD_NUMBER: _ClassVar[int]
     MAX_LORA_RANK_FIELD_NUMBER: _ClassVar[int]
+    MAX_CPU_LORAS_FIELD_NUMBER: _ClassVar[int]
     max_loras: int
     max_lora_rank: int
-    def __init__(self, max_loras: _Optional[int] = ..., max_lora_rank: _Optional[int] = ...) -> None: ...
+    max_cpu_loras: int
+    def __init__(self, max_loras: _Optional[int] = ..., max_lora_rank: _Optional[int] = ..., max_cpu_loras: _Optional[int] = ...) -> None: ...
 
 class LoraChunk(_message.Message):
     __slots__ = ("protocol_version", "lora_id", "name", "path", "file", "data", "replace")
