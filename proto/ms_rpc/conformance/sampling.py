@@ -170,9 +170,14 @@ def chosen_token_logprobs(s: Session) -> None:
     want = s.reference(p, N)
     every = s.new_req(p, greedy(logprobs=ALL_LOGPROBS, want_logprobs=True))
     s.generate(every, N)
-    full = [np.asarray(x.logprobs.logprobs[1:]) for x in every.results]
-    expect(all(len(f) == s.vocab for f in full), f"a whole-vocabulary row has {[len(f) for f in full]} logprobs, "
-                                                 f"the vocabulary {s.vocab}")
+    full = []                                      # per token: the logprob of each vocabulary id, by id
+    for x in every.results:
+        ids = np.asarray(x.logprobs.token_ids[1:])
+        expect(np.array_equal(np.sort(ids), np.arange(s.vocab)),
+               f"a whole-vocabulary row names {len(ids)} ids, not each of the vocabulary's {s.vocab} once")
+        f = np.empty(s.vocab)
+        f[ids] = x.logprobs.logprobs[1:]
+        full.append(f)
     chosen = [want[0], *s.prompt(3, seed=36), want[0]]
     for extra in ({}, {"logprobs": TOP}):
         what = f"logprob_token_ids {chosen}" + (f" with logprobs {TOP}" if extra else "")
