@@ -27,7 +27,7 @@ RAW_LOGPROBS, RAW_LOGITS, PROCESSED_LOGPROBS, PROCESSED_LOGITS = range(4)
 @dataclass
 class SampleResult:
     token: int
-    logprob_token_ids: list[int] | None = None   # sampled token first, then the top-N
+    logprob_token_ids: list[int] | None = None   # sampled token first, then the top-N (or the request's ids)
     logprobs: list[float] | None = None
     rank: int = 0
 
@@ -303,7 +303,8 @@ class Sampler:
 
     @staticmethod
     def _logprobs(out, want, raw_rows, raw, x, rand, xt, tokens, ss) -> None:
-        """Logprobs of rows `want` (sampled token, top-N with ties by index, rank) in each row's mode."""
+        """Logprobs of rows `want` (sampled token, then its logprob_token_ids or the top-N with ties by index;
+        rank) in each row's mode."""
         vocab = x.shape[-1]
         base = np.empty((len(want), vocab), np.float32)
         pos_raw = {i: j for j, i in enumerate(raw_rows)}
@@ -322,8 +323,17 @@ class Sampler:
         picked = base[np.arange(len(want)), tok]
         ranks = (base >= picked[:, None]).sum(-1)            # as vLLM: ties count
         tops: list = [None] * len(want)
-        for k in sorted({max(ss[i].logprobs, 0) for i in want}):
-            rows = [j for j, i in enumerate(want) if max(ss[i].logprobs, 0) == k]
+        chosen = [j for j, i in enumerate(want) if ss[i].logprob_token_ids]
+        if chosen:                                           # the rows' own token ids, in their order
+            r, c = _rows([(j, ss[want[j]].logprob_token_ids) for j in chosen])
+            vals = base[r, c].tolist()
+            at = 0
+            for j in chosen:
+                ids = ss[want[j]].logprob_token_ids
+                tops[j] = (list(ids), vals[at:at + len(ids)])
+                at += len(ids)
+        for k in sorted({max(ss[i].logprobs, 0) for j, i in enumerate(want) if tops[j] is None}):
+            rows = [j for j, i in enumerate(want) if tops[j] is None and max(ss[i].logprobs, 0) == k]
             top = _top_n(base[rows], k)
             vals = np.take_along_axis(base[rows], top, axis=-1)
             for r, j in enumerate(rows):

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import grpc
 import numpy as np
 
-from ms_rpc.v1 import FEATURE_LORA, FEATURE_STEPS_IN_FLIGHT, PROTOCOL_VERSION, STEP_ORDER_GRACE_S
+from ms_rpc.v1 import (FEATURE_LOGPROB_TOKEN_IDS, FEATURE_LORA, FEATURE_STEPS_IN_FLIGHT, PROTOCOL_VERSION,
+                       STEP_ORDER_GRACE_S)
 from ms_rpc.v1 import worker_pb2 as pb
 from ms_rpc.v1 import worker_pb2_grpc as pb_grpc
 from ms_worker import memory, spec
@@ -125,7 +126,7 @@ class WorkerService(pb_grpc.ModelWorkerServicer):
             protocol_version=PROTOCOL_VERSION, worker_id=self.worker_id, framework=self.framework,
             device=self.device, dtype=self.model.config.dtype, model_path=self.model_path,
             model=self._model_info(), rank=self.rank, world_size=self.world_size,
-            features=[spec.FEATURE, FEATURE_STEPS_IN_FLIGHT, FEATURE_LORA],
+            features=[spec.FEATURE, FEATURE_STEPS_IN_FLIGHT, FEATURE_LORA, FEATURE_LOGPROB_TOKEN_IDS],
         )
 
     def _activation_peak(self, tokens: int, seqs: int) -> int:

@@ -41,6 +41,7 @@ class Sampling:
     min_tokens: int = 0
     stop_token_ids: list[int] = field(default_factory=list)
     prompt_logprobs: int | None = None
+    logprob_token_ids: list[int] = field(default_factory=list)   # non-empty: logprobs of these, not the top-N
 
     @classmethod
     def from_proto(cls, p) -> "Sampling":
@@ -51,7 +52,7 @@ class Sampling:
             min_p=p.min_p,
             seed=p.seed if p.HasField("seed") else None,
             logprobs=p.logprobs,
-            want_logprobs=p.want_logprobs,
+            want_logprobs=p.want_logprobs or len(p.logprob_token_ids) > 0,
             logprobs_mode=p.logprobs_mode,
             presence_penalty=p.presence_penalty,
             frequency_penalty=p.frequency_penalty,
@@ -62,11 +63,12 @@ class Sampling:
             min_tokens=p.min_tokens,
             stop_token_ids=list(p.stop_token_ids),
             prompt_logprobs=p.prompt_logprobs if p.HasField("prompt_logprobs") else None,
+            logprob_token_ids=list(p.logprob_token_ids),
         )
 
     def token_ids_used(self) -> list[int]:
         """Every token id the parameters name (checked against the vocabulary)."""
-        ids = list(self.logit_bias) + self.allowed_token_ids + self.stop_token_ids
+        ids = list(self.logit_bias) + self.allowed_token_ids + self.stop_token_ids + self.logprob_token_ids
         return ids + [t for w in self.bad_words for t in w]
 
 

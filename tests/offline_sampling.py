@@ -1,7 +1,7 @@
 """Run sampling cases through vLLM's offline API; print one JSON result (tokens and logprobs per case).
 
 usage: offline_sampling.py MODEL BACKEND LOGPROBS_MODE CASES_JSON
-  CASES_JSON: [{"prompt": [ids], "params": {SamplingParams kwargs}}, ...]
+  CASES_JSON: [{"prompt": [ids], "params": {SamplingParams kwargs}, "batch": 0}, ...] ("batch" optional)
 With BACKEND ms_rpc, the seeded cases also run a second time alone, to check batch independence.
 """
 
@@ -12,6 +12,18 @@ from vllm import LLM, SamplingParams, TokensPrompt
 
 
 def run(llm, cases):
+    """Each case's result, in order; the cases of each "batch" (0 unless given) are generated together, apart from
+    the others (vLLM's sampler gives every request of a batch logprob_token_ids' layout when one asks for it, so
+    those cases run in their own batch)."""
+    res = [None] * len(cases)
+    for b in sorted({c.get("batch", 0) for c in cases}):
+        idx = [i for i, c in enumerate(cases) if c.get("batch", 0) == b]
+        for i, r in zip(idx, run_batch(llm, [cases[i] for i in idx])):
+            res[i] = r
+    return res
+
+
+def run_batch(llm, cases):
     prompts = [TokensPrompt(prompt_token_ids=c["prompt"]) for c in cases]
     params = []
     for c in cases:

@@ -78,7 +78,7 @@ cfg = EngineArgs(model=sys.argv[1], dtype="float32", distributed_executor_backen
                  block_size=B, enable_prefix_caching=True).create_engine_config()
 for flag, (is_set, _) in support._FLAGS.items():       # each reads an attribute that exists (AttributeError)
     assert not is_set(cfg), flag
-values = {"logprob_token_ids": [1, 2], "prompt_logprob_token_ids": [[1, 2]], "prompt_logprob_start": 0,
+values = {"prompt_logprob_token_ids": [[1, 2]], "prompt_logprob_start": 0,
           "thinking_token_budget": 0}
 for name in support._FIELDS:                            # each is a field vLLM still has, and is refused
     assert hasattr(SamplingParams(), name), name

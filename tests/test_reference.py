@@ -174,6 +174,7 @@ SAMPLING_CASES = [
     {"logit_bias": {5: 4.0, 17: -100.0}}, {"allowed_token_ids": [3, 9, 40, 41, 63]},
     {"bad_words": [{"token_ids": [12]}, {"token_ids": [30, 31]}]}, {"min_tokens": 9, "stop_token_ids": [0, 1, 2]},
     {"temperature": 0.7, "top_k": 6}, {"temperature": 1.3, "top_p": 0.6}, {"temperature": 0.9, "min_p": 0.2},
+    {"logprob_token_ids": [7, 3, 7, 60]}, {"temperature": 0.7, "top_k": 6, "logprob_token_ids": [63, 0, 2]},
 ]
 
 
@@ -181,8 +182,8 @@ SAMPLING_CASES = [
                                                 "processed_logits"])
 def test_sampler_agrees_with_ms_worker(mode):
     """Each sampling parameter on random logits of a request with outputs: the reference sampler and ms_worker's
-    give the same greedy token and the same top-5 logprobs in every LogprobsMode (and the parameters change the
-    result: the test would notice a sampler that ignored them)."""
+    give the same greedy token and the same top-5 logprobs (or those of logprob_token_ids) in every LogprobsMode
+    (and the parameters change the result: the test would notice a sampler that ignored them)."""
     from ms_rpc.reference.sampler import Sampler as Ours
     from ms_worker.sampler import Sampler as Theirs
 

@@ -1,8 +1,9 @@
 """The batched sampler (ms_worker/sampler.py) gives bit-identical results to the row-at-a-time sampler it replaced
-(kept below, verbatim, as the oracle): tokens, logprob values and ids, ranks, prompt logprobs, and the state of
-every generator afterwards, on random batches that mix every feature (greedy and random rows, seeded and not,
-penalties, logit bias, allowed ids, bad words, min_tokens, grammar masks, all four logprobs modes, top-k, top-p,
-min_p, ties, fully masked rows), with token_ids given as lists or as int32 array slices.
+(kept below as the oracle, plus logprob_token_ids): tokens, logprob values and ids, ranks, prompt logprobs, and the
+state of every generator afterwards, on random batches that mix every feature (greedy and random rows, seeded and
+not, penalties, logit bias, allowed ids, bad words, min_tokens, grammar masks, all four logprobs modes,
+logprob_token_ids, top-k, top-p, min_p, ties, fully masked rows), with token_ids given as lists or as int32 array
+slices.
 
 Pure numpy: runs in the front env (pytest, numpy 2) and, as a script, in the worker env (numpy 1):
     .venv-worker/bin/python tests/test_sampler_batch.py            # the same checks
@@ -175,6 +176,8 @@ class OldSampler:
                 base = raw if mode in (RAW_LOGPROBS, RAW_LOGITS) else processed
                 lp = log_softmax(base) if mode in (RAW_LOGPROBS, PROCESSED_LOGPROBS) else base
                 top = np.argsort(-lp, kind="stable")[: s.logprobs] if s.logprobs > 0 else np.empty(0, np.int64)
+                if s.logprob_token_ids:
+                    top = np.asarray(s.logprob_token_ids, np.int64)
                 res.logprob_token_ids = [token] + [int(t) for t in top]
                 res.logprobs = [float(lp[token])] + [float(lp[t]) for t in top]
                 res.rank = int((lp >= lp[token]).sum())       # as vLLM: ties count
@@ -214,6 +217,8 @@ def _request(rng, i, vocab, as_array):
         s.want_logprobs = True
         s.logprobs = int(rng.choice([0, 1, 2, 5, 20, 100, 2000]))
         s.logprobs_mode = int(rng.integers(4))
+        if rng.random() < 0.3:
+            s.logprob_token_ids = rng.integers(0, vocab, size=rng.integers(1, 9)).tolist()
     if rng.random() < 0.3:
         s.repetition_penalty = float(rng.choice([1.0, 0.5, 1.3, 2.0]))
     if rng.random() < 0.3:

@@ -1,8 +1,9 @@
 """Sampling through ms_rpc gives what vLLM's own CPU backend gives on the same checkpoint.
 
 Greedy cases with each penalty / bias / allowed-ids / bad-words / min_tokens give the same tokens; top-5 logprobs
-(raw and processed modes) agree within 1e-3; seeded random sampling does not depend on the batch; the sampler's
-draws follow the model's distribution (chi-square with a fixed failure probability).
+and those of chosen tokens (logprob_token_ids, with and without logprobs=N) agree within 1e-3 (raw and processed
+modes); seeded random sampling does not depend on the batch; the sampler's draws follow the model's distribution
+(chi-square with a fixed failure probability).
 """
 
 from __future__ import annotations
@@ -58,6 +59,10 @@ def greedy_cases(tok) -> list[dict]:
         {"prompt": _ids(tok, "Explain gravity to a child in one paragraph. " * 10),   # > 64 tokens: chunked
          "params": {**base, "logprobs": 2, "prompt_logprobs": 5}},
         {"prompt": p2, "params": {**base, "logprobs": 2, "prompt_logprobs": 3}},
+        # logprobs of chosen tokens (repeats too), alone and with logprobs = their count
+        {"prompt": p0, "params": {**base, "logprob_token_ids": [paris, 13, _ids(tok, " Rome")[0], paris]},
+         "batch": 1},
+        {"prompt": p1, "params": {**base, "logprobs": 3, "logprob_token_ids": [500, 7, 2000]}, "batch": 1},
     ]
 
 
@@ -83,15 +88,18 @@ def assert_logprobs_close(ours, native, where):
 def test_greedy_params_and_logprobs_match_native(default_model, tok, mode):
     cases = greedy_cases(tok)
     if mode != "raw_logprobs":
-        cases = [c for c in cases if "logprobs" in c["params"]]
+        cases = [c for c in cases if "logprobs" in c["params"] or "logprob_token_ids" in c["params"]]
     ours = offline(default_model, "ms_rpc", mode, cases + (random_cases(tok) if mode == "raw_logprobs" else []))
     native = offline(default_model, "native", mode, cases)
     for i, c in enumerate(cases):
         a, b = ours["batched"][i], native["batched"][i]
         where = f"case {i} {c['params']}"
         assert a["tokens"] == b["tokens"], f"{where}: {a['tokens']} != {b['tokens']}"
-        if "logprobs" in c["params"]:
+        if "logprobs" in c["params"] or "logprob_token_ids" in c["params"]:
             assert_logprobs_close(a["logprobs"], b["logprobs"], where)
+        if "logprob_token_ids" in c["params"]:           # each step: the sampled token and the chosen ones
+            chosen = {str(t) for t in c["params"]["logprob_token_ids"]}
+            assert all(set(lp) == chosen | {str(t)} for lp, t in zip(a["logprobs"], a["tokens"])), (where, a)
         if "prompt_logprobs" in c["params"]:
             assert a["prompt_logprobs"][0] is None and b["prompt_logprobs"][0] is None
             assert len(a["prompt_logprobs"]) == len(c["prompt"])

@@ -157,16 +157,30 @@ def test_bad_request_fails_alone(server, default_model):
     assert ok.choices[0].text
 
 
-def test_unsupported_request_field_gets_a_400_alone(server, default_model):
-    """A request field the workers cannot serve (logprob_token_ids) is refused for that request with a 400 naming
-    it and ms_rpc, through vLLM's platform validate_request (plugin.py); the server goes on serving."""
+def test_logprob_token_ids_through_the_server(server, default_model):
+    """logprob_token_ids through the completions API: each token's top_logprobs are the sampled token and the chosen
+    ids, with the logprobs a top-5 request gives the same tokens; ids outside the vocabulary get a 400 for that
+    request alone, and the server goes on serving."""
     import openai
 
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="none")
+    kw = dict(model=str(default_model), prompt="The capital of France is", max_tokens=3, temperature=0,
+              extra_body={"return_tokens_as_token_ids": True})
+    top = client.completions.create(logprobs=5, **kw).choices[0].logprobs
+    chosen = [int(t.split(":")[1]) for t in top.top_logprobs[0]][::-1][:4]
+    kw["extra_body"] = {**kw["extra_body"], "logprob_token_ids": chosen}
+    got = client.completions.create(logprobs=1, **kw).choices[0].logprobs    # the API asks for logprobs set too
+    assert got.tokens == top.tokens, (got.tokens, top.tokens)
+    first = got.top_logprobs[0]
+    assert set(first) == {got.tokens[0], *(f"token_id:{t}" for t in chosen)}, first
+    for t, lp in first.items():
+        assert abs(lp - top.top_logprobs[0][t]) <= 1e-3, (t, lp, top.top_logprobs[0])
+    assert all(set(step) == {tok, *(f"token_id:{t}" for t in chosen)}
+               for step, tok in zip(got.top_logprobs, got.tokens)), got.top_logprobs
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model=str(default_model), prompt="Hi", max_tokens=4, logprobs=1,
-                                  extra_body={"logprob_token_ids": [1, 2]})
-    assert "logprob_token_ids" in str(e.value) and "ms_rpc" in str(e.value), e.value
+                                  extra_body={"logprob_token_ids": [1, 10**7]})
+    assert "logprob_token_ids" in str(e.value), e.value
     ok = client.completions.create(model=str(default_model), prompt="Hi", max_tokens=4, temperature=0)
     assert ok.choices[0].text
 

@@ -11,7 +11,7 @@ import torch
 from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.outputs import LogprobsLists, LogprobsTensors, ModelRunnerOutput
 
-from ms_rpc.v1 import PROTOCOL_VERSION
+from ms_rpc.v1 import ALL_LOGPROBS, PROTOCOL_VERSION
 from ms_rpc.v1 import worker_pb2 as pb
 
 
@@ -33,10 +33,8 @@ def _only_group(block_ids, req_id: str) -> list[int]:
     return list(block_ids[0])
 
 
-ALL_LOGPROBS = 2**32 - 1   # vLLM's -1 (the whole vocabulary) on the wire; the worker caps counts at its vocabulary
-
-
 def _logprob_count(n: int | None) -> int:
+    """vLLM's count (-1 = the whole vocabulary) on the wire; the worker caps counts at its vocabulary."""
     return ALL_LOGPROBS if n == -1 else max(n or 0, 0)
 
 
@@ -45,7 +43,8 @@ def encode_sampling(sp, logprobs_mode: str = "raw_logprobs") -> pb.SamplingParam
         raise UnsupportedRequestError("pooling requests are not supported by ms_rpc workers")
     out = pb.SamplingParams(
         temperature=sp.temperature, top_k=max(sp.top_k or 0, 0), top_p=sp.top_p, min_p=sp.min_p,
-        logprobs=_logprob_count(sp.logprobs), want_logprobs=sp.logprobs is not None,
+        logprobs=_logprob_count(sp.logprobs), want_logprobs=sp.logprobs is not None or bool(sp.logprob_token_ids),
+        logprob_token_ids=sp.logprob_token_ids or [],
         logprobs_mode=_LOGPROBS_MODES[logprobs_mode],
         presence_penalty=sp.presence_penalty, frequency_penalty=sp.frequency_penalty,
         repetition_penalty=sp.repetition_penalty, logit_bias={int(k): float(v) for k, v in (sp.logit_bias or {}).items()},
@@ -121,8 +120,9 @@ def decode_result(res: pb.StepResult) -> ModelRunnerOutput:
     logprobs = None
     with_lp = [r for r in res.results if r.logprobs.token_ids]
     if with_lp:
-        # vLLM's LogprobsLists: one row per sampled token, [sampled, top-1..top-N], padded to the widest request;
-        # a request's rows start at cu_num_generated_tokens[its index].
+        # vLLM's LogprobsLists: one row per sampled token, [sampled, top-1..top-N] (or [sampled, its
+        # logprob_token_ids]), padded to the widest request with token 0 at -inf as vLLM's sampler pads; a
+        # request's rows start at cu_num_generated_tokens[its index].
         width = max(len(r.logprobs.token_ids) // len(r.sampled_token_ids) for r in with_lp)
         total = sum(len(s) for s in sampled)
         ids = np.zeros((total, width), np.int32)

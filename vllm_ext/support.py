@@ -35,7 +35,6 @@ _FLAGS = {
 
 # SamplingParams field -> why it is refused when set (not None)
 _FIELDS = {
-    "logprob_token_ids": "the workers return the top-N logprobs, not those of chosen tokens",
     "prompt_logprob_token_ids": "the workers return the top-N prompt logprobs, not those of chosen tokens",
     "prompt_logprob_start": "the workers return prompt logprobs from the first position",
     "thinking_token_budget": "the workers' sampler does not enforce a thinking budget",

@@ -86,6 +86,8 @@ CASES = {
     "new_request_with_a_live_id": lambda s, m, d: _add_new(m, _ok(s), _spare(s, 1), req_id=d.req_id),
     "sampling_not_finite": lambda s, m, d: _add_new(m, _ok(s), _spare(s, 1), temperature=math.nan),
     "sampling_token_beyond_vocabulary": lambda s, m, d: _add_new(m, _ok(s), _spare(s, 1), logit_bias={s.vocab: 1.0}),
+    "logprob_token_id_beyond_vocabulary": lambda s, m, d: _add_new(m, _ok(s), _spare(s, 1),
+                                                                   logprob_token_ids=[1, s.vocab]),
 }
 
 

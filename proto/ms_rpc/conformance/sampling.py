@@ -1,13 +1,13 @@
 """Checks of sampling through the contract: deferred sampling with a grammar bitmask (Execute with
-defer_sampling, then Sample), prompt logprobs (also over a chunked prefill) and sampled-token logprobs. Expected
-values come from the worker's own greedy tokens."""
+defer_sampling, then Sample), prompt logprobs (also over a chunked prefill), sampled-token logprobs and those of
+chosen tokens (logprob_token_ids). Expected values come from the worker's own greedy tokens and logprobs."""
 
 from __future__ import annotations
 
 import grpc
 import numpy as np
 
-from ms_rpc.v1 import PROTOCOL_VERSION
+from ms_rpc.v1 import ALL_LOGPROBS, FEATURE_LOGPROB_TOKEN_IDS, PROTOCOL_VERSION
 from ms_rpc.v1 import worker_pb2 as pb
 
 from .report import expect
@@ -160,9 +160,44 @@ def sampled_logprobs(s: Session) -> None:
            f"{scored.tolist()}")
 
 
+def chosen_token_logprobs(s: Session) -> None:
+    """logprob_token_ids: per token [sampled, the ids in their order (repeats too)], each logprob and the sampled
+    token's rank those of a whole-vocabulary (logprobs = 2**32-1) request for the same prompt; the ids win over
+    `logprobs` when both are set; the tokens are as without logprobs."""
+    expect(FEATURE_LOGPROB_TOKEN_IDS in s.info.features,
+           f"the worker does not list {FEATURE_LOGPROB_TOKEN_IDS} (features {list(s.info.features)})")
+    p = s.prompt(20, seed=35)
+    want = s.reference(p, N)
+    every = s.new_req(p, greedy(logprobs=ALL_LOGPROBS, want_logprobs=True))
+    s.generate(every, N)
+    full = []                                      # per token: the logprob of each vocabulary id, by id
+    for x in every.results:
+        ids = np.asarray(x.logprobs.token_ids[1:])
+        expect(np.array_equal(np.sort(ids), np.arange(s.vocab)),
+               f"a whole-vocabulary row names {len(ids)} ids, not each of the vocabulary's {s.vocab} once")
+        f = np.empty(s.vocab)
+        f[ids] = x.logprobs.logprobs[1:]
+        full.append(f)
+    chosen = [want[0], *s.prompt(3, seed=36), want[0]]
+    for extra in ({}, {"logprobs": TOP}):
+        what = f"logprob_token_ids {chosen}" + (f" with logprobs {TOP}" if extra else "")
+        r = s.new_req(p, greedy(logprob_token_ids=chosen, **extra))
+        s.generate(r, N)
+        expect(r.out == want, f"{what}: the tokens are {r.out}, without logprobs {want}")
+        for k, (x, e, f) in enumerate(zip(r.results, every.results, full)):
+            ids, lps = list(x.logprobs.token_ids), np.asarray(x.logprobs.logprobs)
+            expect(ids == [r.out[k], *chosen], f"{what}, token {k}: ids {ids}, expected {[r.out[k], *chosen]}")
+            ref = f[[r.out[k], *chosen]]
+            expect(np.abs(lps - ref).max() <= LOGPROB_TOL,
+                   f"{what}, token {k}: logprobs {lps.tolist()}, the whole vocabulary's {ref.tolist()}")
+            expect(list(x.logprobs.ranks) == list(e.logprobs.ranks),
+                   f"{what}, token {k}: rank {list(x.logprobs.ranks)}, the whole vocabulary's {list(e.logprobs.ranks)}")
+
+
 CHECKS = [
     ("sampling.deferred_with_grammar_bitmask", deferred_grammar_bitmask),
     ("sampling.deferred_without_bitmask", deferred_without_bitmask),
     ("sampling.prompt_logprobs", prompt_logprobs),
     ("sampling.sampled_logprobs", sampled_logprobs),
+    ("sampling.chosen_token_logprobs", chosen_token_logprobs),
 ]

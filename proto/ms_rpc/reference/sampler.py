@@ -3,8 +3,8 @@
 penalties -> greedy argmax, or temperature -> min_p -> top-k -> top-p -> a draw. A seeded request draws from its
 own generator (so its tokens do not depend on its batch), the others from the worker's shared one.
 
-Logprobs per row, in the request's LogprobsMode: the sampled token's, the top-N (ties by token id) and its rank
-(the number of tokens scoring at least as high).
+Logprobs per row, in the request's LogprobsMode: the sampled token's, the top-N (ties by token id) or those of the
+request's logprob_token_ids, and its rank (the number of tokens scoring at least as high).
 """
 
 from __future__ import annotations
@@ -17,13 +17,12 @@ from .state import Request
 
 GREEDY_BELOW = 1e-5                    # a temperature below this is greedy
 RAW_LOGPROBS, RAW_LOGITS, PROCESSED_LOGPROBS, PROCESSED_LOGITS = range(4)
-ALL = 2**32 - 1                         # "every token" as a count of logprobs
 
 
 @dataclass
 class Sampled:
     token: int
-    logprob_ids: list[int] | None = None   # the sampled token, then the top-N
+    logprob_ids: list[int] | None = None   # the sampled token, then the top-N or the logprob_token_ids
     logprobs: list[float] | None = None
     rank: int = 0
 
@@ -43,6 +42,10 @@ def top_n(row: np.ndarray, n: int) -> np.ndarray:
         return np.argsort(-row, kind="stable")[:n]
     cand = np.flatnonzero(row >= np.partition(row, row.shape[-1] - n)[row.shape[-1] - n])
     return cand[np.lexsort((cand, -row[cand]))][:n]
+
+
+def wants_logprobs(p) -> bool:
+    return p.want_logprobs or len(p.logprob_token_ids) > 0
 
 
 def _scores(x: np.ndarray, mode: int) -> np.ndarray:
@@ -103,7 +106,7 @@ class Sampler:
         x = np.array(logits, np.float32)
         if allowed is not None:
             x[~allowed] = -np.inf
-        raw = x.copy() if p.want_logprobs and p.logprobs_mode in (RAW_LOGPROBS, RAW_LOGITS) else None
+        raw = x.copy() if wants_logprobs(p) and p.logprobs_mode in (RAW_LOGPROBS, RAW_LOGITS) else None
         _process(x, req)
         if p.temperature < GREEDY_BELOW:
             token = int(np.argmax(x))
@@ -116,10 +119,10 @@ class Sampler:
             while prob[token] == 0:                      # a draw on a boundary never lands on a dropped token
                 token -= 1
         out = Sampled(token)
-        if p.want_logprobs:
+        if wants_logprobs(p):
             base = raw if p.logprobs_mode in (RAW_LOGPROBS, RAW_LOGITS) else x
             scores = _scores(base, p.logprobs_mode)
-            top = top_n(scores, p.logprobs)
+            top = np.asarray(p.logprob_token_ids, np.int64) if p.logprob_token_ids else top_n(scores, p.logprobs)
             out.logprob_ids = [token, *top.tolist()]
             out.logprobs = [float(scores[token]), *scores[top].tolist()]
             out.rank = int((scores >= scores[token]).sum())

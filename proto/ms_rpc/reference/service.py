@@ -16,7 +16,7 @@ import uuid
 import grpc
 import numpy as np
 
-from ms_rpc.v1 import FEATURE_STEPS_IN_FLIGHT, PROTOCOL_VERSION, STEP_ORDER_GRACE_S
+from ms_rpc.v1 import FEATURE_LOGPROB_TOKEN_IDS, FEATURE_STEPS_IN_FLIGHT, PROTOCOL_VERSION, STEP_ORDER_GRACE_S
 from ms_rpc.v1 import worker_pb2 as pb
 
 from . import memory
@@ -90,7 +90,7 @@ class Service:
         c = self.cfg
         return pb.WorkerInfo(
             protocol_version=PROTOCOL_VERSION, worker_id=self.worker_id, framework=self.framework, device="cpu",
-            dtype="float32", model_path=self.model_path, rank=0, world_size=1, features=[FEATURE_STEPS_IN_FLIGHT],
+            dtype="float32", model_path=self.model_path, rank=0, world_size=1, features=[FEATURE_STEPS_IN_FLIGHT, FEATURE_LOGPROB_TOKEN_IDS],
             model=pb.ModelInfo(architecture=c.architecture, vocab_size=c.vocab_size, num_layers=c.num_layers,
                                num_heads=c.num_heads, num_kv_heads=c.num_kv_heads, head_dim=c.head_dim,
                                hidden_size=c.hidden_size, max_position_embeddings=c.max_position_embeddings,

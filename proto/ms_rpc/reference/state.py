@@ -89,7 +89,8 @@ def check_sampling(rid: str, p, vocab: int) -> None:
         refuse("logprobs_mode", p.logprobs_mode, "a LogprobsMode")
     if not all(math.isfinite(b) for b in p.logit_bias.values()):
         refuse("logit_bias", dict(p.logit_bias), "finite")
-    ids = [*p.logit_bias, *p.allowed_token_ids, *p.stop_token_ids, *(t for w in p.bad_words for t in w.token_ids)]
+    ids = [*p.logit_bias, *p.allowed_token_ids, *p.stop_token_ids, *(t for w in p.bad_words for t in w.token_ids),
+           *p.logprob_token_ids]
     bad = [t for t in ids if not 0 <= t < vocab]
     if bad:
         refuse("token ids", bad[:5], f"in the vocabulary (0..{vocab - 1})")
