@@ -37,8 +37,10 @@ MAX_MODEL_LEN = 2048
 ADAPTATIONS = [
     ("model", f"{MODEL.relative_to(ROOT)} for every hub model name (served under the test's model name)",
      "no hub access here"),
-    ("HF cache", "every hub model name the selected files mention resolves offline to that model",
-     "tokenizers and HF reference models the tests load by hub name"),
+    ("HF cache", "every hub model name the selected files (and their conftest.py files) mention resolves offline "
+     "to that model", "tokenizers and HF reference models the tests load by hub name"),
+    ("LoRA adapters", "each hub adapter in LORA_REPOS resolves to a random rank-8 PEFT adapter of the local model "
+     "(q/k/v/o/gate/up/down, made once, a seed per adapter)", "no hub access; their base models are not here either"),
     ("dtype", "float32", "ms_rpc computes in float32 on CPU; native runs the same for a like-for-like comparison"),
     ("kv_cache_memory_bytes", f"{KV_BYTES >> 20} MiB", "CPU memory: vLLM's default takes 92% of host RAM"),
     ("max_model_len", f"at most {MAX_MODEL_LEN} ({MAX_MODEL_LEN} when unset)", "CPU memory; SmolLM2's context is 8192"),
@@ -125,6 +127,8 @@ SELECTIONS = {
         "entrypoints/openai/completion/test_completion.py",
         "entrypoints/openai/chat_completion/test_chat.py",
         "entrypoints/openai/models/test_models.py",
+        "entrypoints/serve/lora/test_lora_adapters.py",
+        "v1/e2e/test_cpu_spec_decode.py",
     ],
 }
 
@@ -134,6 +138,8 @@ SELECTIONS = {
 DESELECT = {
     "v1/sample/test_logprobs.py::test_spec_decode_logprobs": "speculative decoding with a hub draft model (eagle3)",
     "v1/sample/test_logprobs.py::test_prompt_logprob_token_ids": "VLLM_USE_V2_MODEL_RUNNER (GPU model runner only)",
+    "v1/e2e/test_cpu_spec_decode.py::test_v2_speculator_smoke": "hub draft models (eagle3, dflash, mtp) on the V2 "
+                                                                "model runner (triton-cpu)",
 }
 
 # The upstream test suite's own test requirements (requirements/test/cpu.txt) missing from .venv, installed with
@@ -153,24 +159,72 @@ def install_test_requirements(ver: str) -> Path:
     return target
 
 
-def prepare_hf_home(tests: Path, files: list[str]) -> Path:
-    """An offline HF cache in which every hub model name the selected files mention is the local model."""
-    home = CACHE / "hf-home"
-    names = set()
+# Hub LoRA adapters the selected tests download (snapshot_download in a fixture); each gets its own random weights.
+LORA_REPOS = ["typeof/zephyr-7b-beta-lora", "charent/self_cognition_Alice", "Jackmin108/Qwen3-0.6B-Meow-LoRA",
+              "Jackmin108/Qwen3-0.6B-Woof-LoRA"]
+LORA_TARGETS = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
+                "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+
+
+def make_lora(directory: Path, seed: int, rank: int = 8) -> Path:
+    """A random PEFT LoRA adapter of the local (Llama) model: adapter_config.json + adapter_model.safetensors."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    cfg = json.loads((MODEL / "config.json").read_text())
+    h, inter = cfg["hidden_size"], cfg["intermediate_size"]
+    kv = cfg["num_key_value_heads"] * cfg.get("head_dim", h // cfg["num_attention_heads"])
+    dims = {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
+            "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h)}
+    rng = np.random.default_rng(seed)
+    tensors = {}
+    for layer in range(cfg["num_hidden_layers"]):
+        for target, module in LORA_TARGETS.items():
+            n_in, n_out = dims[target]
+            key = f"base_model.model.model.layers.{layer}.{module}.{target}"
+            tensors[f"{key}.lora_A.weight"] = (rng.standard_normal((rank, n_in)) / np.sqrt(n_in)).astype(np.float32)
+            tensors[f"{key}.lora_B.weight"] = (rng.standard_normal((n_out, rank)) * 0.01).astype(np.float32)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(directory / "adapter_model.safetensors"))
+    (directory / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": list(LORA_TARGETS),
+         "bias": "none", "base_model_name_or_path": MODEL.name}))
+    return directory
+
+
+def hub_names(tests: Path, files: list[str]) -> set[str]:
+    """Hub repository names in the selected files and in the conftest.py files pytest loads for them."""
+    paths = set()
     for f in files:
-        names |= set(HUB_NAME.findall((tests / f.split("::")[0]).read_text()))
-    for name in sorted(names):
+        path = tests / f.split("::")[0]
+        paths.add(path)
+        paths |= {d / "conftest.py" for d in path.parents if d == tests or tests in d.parents}
+    return {n for p in paths if p.exists() for n in HUB_NAME.findall(p.read_text())}
+
+
+def prepare_hf_home(tests: Path, files: list[str]) -> Path:
+    """An offline HF cache in which every hub model name the selected tests mention is the local model, and each
+    hub LoRA adapter of LORA_REPOS a PEFT adapter made for it."""
+    home = CACHE / "hf-home"
+    adapters = {}
+    for seed, name in enumerate(LORA_REPOS):
+        adapters[name] = CACHE / "lora" / name.replace("/", "--")
+        if not (adapters[name] / "adapter_model.safetensors").exists():
+            make_lora(adapters[name], seed)
+    names = hub_names(tests, files)
+    for name in sorted(names | set(LORA_REPOS)):
         repo = home / "hub" / ("models--" + name.replace("/", "--"))
         snap = repo / "snapshots" / ("0" * 40)
         snap.mkdir(parents=True, exist_ok=True)
         (repo / "refs").mkdir(exist_ok=True)
         (repo / "refs" / "main").write_text("0" * 40)
-        for src in MODEL.iterdir():
-            link = snap / src.name
-            if link.is_symlink() and link.readlink() != src:   # made for another checkout's model directory
-                link.unlink()
-            if not link.is_symlink():
-                link.symlink_to(src)
+        source = adapters.get(name, MODEL)
+        for stale in snap.iterdir():   # made for another checkout, or for the other kind of repository
+            if stale.is_symlink() and stale.readlink().parent != source:
+                stale.unlink()
+        for src in source.iterdir():
+            if not (snap / src.name).is_symlink():
+                (snap / src.name).symlink_to(src)
     return home
 
 
