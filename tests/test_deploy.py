@@ -68,10 +68,10 @@ def _help_text() -> str:
 
 
 def _front_variables() -> set[str]:
-    from vllm_ext.executor import _SECURITY_KEYS
+    from vllm_ext.settings import SECURITY_KEYS
 
     return {"MS_RPC_WORKERS", "MS_RPC_WORKER_PYTHON", "MS_RPC_WORKER_ARGS", "MS_RPC_CONNECT_TIMEOUT_S",
-            "MS_RPC_STEP_TIMEOUT_S"} | {f"MS_RPC_{k.upper()}" for k in _SECURITY_KEYS}
+            "MS_RPC_STEP_TIMEOUT_S"} | {f"MS_RPC_{k.upper()}" for k in SECURITY_KEYS}
 
 
 def _k8s_docs() -> list[dict]:

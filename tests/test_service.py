@@ -264,11 +264,11 @@ def test_metrics_move_when_requests_are_served(tiny_llama, tmp_path):
 # -- security -----------------------------------------------------------------------------------------------------
 def _front_client(address: str, connect_timeout_s: float = 20, **ms_rpc):
     """The executor's own connection code (settings parsing, credentials, health wait), as the front runs it."""
-    from vllm_ext.executor import rpc_settings
     from vllm_ext.group import connect_worker
+    from vllm_ext.settings import RpcSettings
 
     cfg = SimpleNamespace(additional_config={"ms_rpc": {"connect_timeout_s": connect_timeout_s, **ms_rpc}})
-    return connect_worker(rpc_settings(cfg), address)
+    return connect_worker(RpcSettings.from_vllm_config(cfg), address)
 
 
 def _describe(address: str, **ms_rpc) -> str:

@@ -14,18 +14,16 @@ import socket
 import threading
 import time
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from dataclasses import replace
 
 from ms_rpc.security import is_loopback
 from ms_rpc.v1 import PROTOCOL_VERSION
 from ms_rpc.v1 import worker_pb2 as pb
-from vllm_ext.client import ChannelSecurity, WorkerClient, WorkerError
+from vllm_ext.client import WorkerClient, WorkerError
 from vllm_ext.launcher import LocalWorker
+from vllm_ext.settings import ConfigError, RpcSettings
 
 log = logging.getLogger("vllm.ms_rpc")  # under vLLM's logger: same format and level
-
-
-class ConfigError(RuntimeError):
-    pass
 
 
 def _free_port() -> int:
@@ -34,7 +32,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def group_addresses(workers: list[str], tp_size: int, dp_index: int) -> list[str]:
+def group_addresses(workers: tuple[str, ...], tp_size: int, dp_index: int) -> list[str]:
     """This DP rank's worker addresses out of the configured list: one group of tp_size per DP rank, in order
     (DP rank r gets workers[r*tp_size:(r+1)*tp_size]). [] = the embedded default (local workers).
 
@@ -45,8 +43,8 @@ def group_addresses(workers: list[str], tp_size: int, dp_index: int) -> list[str
     if len(workers) % tp_size or (dp_index + 1) * tp_size > len(workers):
         raise ConfigError(f"ms_rpc: {len(workers)} worker addresses do not hold a group of {tp_size} (tensor parallel "
                           f"size) for data parallel rank {dp_index}: give tp_size x dp_size addresses, DP rank r "
-                          f"using addresses r*{tp_size} .. r*{tp_size}+{tp_size - 1}: {workers}")
-    return workers[dp_index * tp_size:(dp_index + 1) * tp_size]
+                          f"using addresses r*{tp_size} .. r*{tp_size}+{tp_size - 1}: {list(workers)}")
+    return list(workers[dp_index * tp_size:(dp_index + 1) * tp_size])
 
 
 def _without_options(args: list[str], names: tuple[str, ...]) -> list[str]:
@@ -62,18 +60,15 @@ def _without_options(args: list[str], names: tuple[str, ...]) -> list[str]:
     return out
 
 
-def connect_worker(settings: dict, address: str, timeout: float | None = None) -> WorkerClient:
+def connect_worker(settings: RpcSettings, address: str, timeout: float | None = None) -> WorkerClient:
     """A client for the worker at `address` with the configured TLS/token, once its health says SERVING."""
-    try:
-        security = ChannelSecurity.load(**settings["security"])
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+    security = settings.channel_security()
     if not security.tls and not security.token and not is_loopback(address.rsplit(":", 1)[0]):
         log.warning("ms_rpc: worker %s is reached without TLS or a token: anyone who can reach its port can "
                     "drive it (see the ms_rpc tls_ca/token settings)", address)
     client = WorkerClient(address, security=security)
     try:
-        client.wait_ready(settings["connect_timeout_s"] if timeout is None else timeout)
+        client.wait_ready(settings.connect_timeout_s if timeout is None else timeout)
     except BaseException:
         client.close()
         raise
@@ -81,7 +76,7 @@ def connect_worker(settings: dict, address: str, timeout: float | None = None) -
 
 
 class WorkerGroup:
-    def __init__(self, settings: dict, model: str, tp_size: int, addresses: list[str]):
+    def __init__(self, settings: RpcSettings, model: str, tp_size: int, addresses: list[str]):
         self.settings, self.model, self.size = settings, model, tp_size
         self.external = list(addresses)
         self.local: list[LocalWorker] = []
@@ -112,21 +107,18 @@ class WorkerGroup:
         if not os.path.isdir(self.model):
             raise ConfigError(f"ms_rpc: the embedded worker needs a local model directory; {self.model!r} is not one")
         # The embedded workers listen on loopback in plaintext; a configured token still guards them.
-        sec = self.settings["security"]
-        self.settings["security"] = {"token": sec.get("token"), "token_file": sec.get("token_file")}
-        try:
-            token = ChannelSecurity.load(**self.settings["security"]).token
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
+        sec = self.settings.security
+        self.settings = replace(self.settings, security={k: sec.get(k) for k in ("token", "token_file")})
+        token = self.settings.channel_security().token
         dist = f"127.0.0.1:{_free_port()}" if self.size > 1 else None
         try:
             for rank in range(self.size):
-                extra = list(self.settings["worker_args"])
+                extra = list(self.settings.worker_args)
                 if rank > 0:  # one port each: the metrics and health ports of worker_args go to rank 0 only
                     extra = _without_options(extra, ("--metrics-port", "--health-port"))
                 if dist:
                     extra += ["--rank", str(rank), "--world-size", str(self.size), "--dist-addr", dist]
-                self.local.append(LocalWorker(self.settings["worker_python"], os.path.abspath(self.model), extra,
+                self.local.append(LocalWorker(self.settings.worker_python, os.path.abspath(self.model), extra,
                                               token=token, rank=rank))
             for w in self.local:
                 w.wait_ready()
