@@ -72,6 +72,7 @@ from vllm.v1.request import Request
 from vllm.v1.structured_output import StructuredOutputManager
 import torch
 from vllm_ext import plugin, support
+from vllm_ext.executor import awaiting_scheduler
 
 B = 16
 cfg = EngineArgs(model=sys.argv[1], dtype="float32", distributed_executor_backend="ms_rpc", max_model_len=256,
@@ -93,7 +94,7 @@ class Executor:                                         # stands for MsRpcExecut
     handle = None
     def attach_scheduler(self, handle):
         Executor.handle = handle
-plugin.await_scheduler(Executor())
+awaiting_scheduler.append(Executor())
 spec = FullAttentionSpec(block_size=B, num_kv_heads=1, head_size=8, dtype=torch.float32)
 cfg.cache_config.num_gpu_blocks = 64                   # what the engine core sets before building its scheduler
 kv = KVCacheConfig(num_blocks=64, kv_cache_tensors=[], kv_cache_groups=[KVCacheGroupSpec(["layer.0"], spec)])

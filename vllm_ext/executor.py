@@ -35,6 +35,11 @@ log = logging.getLogger("vllm.ms_rpc")  # under vLLM's logger: same format and l
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
+# Executors of this process waiting for the scheduler the engine core builds after them: the plugin's
+# Scheduler.__init__ hook hands each a plugin.SchedulerHandle (attach_scheduler).
+awaiting_scheduler: list = []
+
+
 def _done(result) -> Future:
     f: Future = Future()
     f.set_result(result)
@@ -139,9 +144,7 @@ class MsRpcExecutor(Executor):
         i = self.info
         log.info("ms_rpc: %s (%s): %s on %s, %s, model %s", self.group.describe_ranks(),
                  self.group.clients[0].security.describe(), i.framework, i.device, i.dtype, i.model_path)
-        from vllm_ext.plugin import await_scheduler
-
-        await_scheduler(self)
+        awaiting_scheduler.append(self)
 
     @property
     def info(self) -> pb.WorkerInfo:

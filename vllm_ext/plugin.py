@@ -9,9 +9,10 @@ own names as an import path (`pkg.module.Class`); a bare `ms_rpc` has no dot, so
 When a config names ms_rpc, `get_class` first refuses the engine flags ms_rpc cannot serve (vllm_ext.support),
 and wraps the platform's `validate_request` so that vLLM refuses the request fields it cannot serve (a 400).
 
-It also hands the engine core's scheduler to an executor that asks for it (`await_scheduler`), as a
-SchedulerHandle: when the workers are lost, the executor ends the requests they held through the scheduler's own
-error path and resets its prefix cache, so vLLM keeps serving once the workers are back (see MsRpcExecutor).
+It also hands the engine core's scheduler, as a SchedulerHandle, to the executors built before it (they wait in
+`vllm_ext.executor.awaiting_scheduler`): when the workers are lost, the executor ends the requests they held
+through the scheduler's own error path and resets its prefix cache, so vLLM keeps serving once the workers are
+back (see vllm_ext/supervisor.py).
 
 vLLM has no public hook for these, so every use of vLLM's internals is here and nowhere else in vllm_ext
 (tests/test_contract.py::test_the_vllm_internals_ms_rpc_relies_on checks each against the installed vLLM):
@@ -37,6 +38,7 @@ parallel config picks a backend only when none is given, so `--tensor-parallel-s
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 
 BACKEND_NAME = "ms_rpc"
@@ -157,15 +159,6 @@ class SchedulerHandle:
         self._reset_pending = True
 
 
-_awaiting_scheduler: list = []   # executors of this process that asked for the scheduler built after them
-
-
-def await_scheduler(executor) -> None:
-    """The engine core builds its executor, then its scheduler: hand `executor.attach_scheduler` a
-    SchedulerHandle of that scheduler."""
-    _awaiting_scheduler.append(executor)
-
-
 def _hand_scheduler_to_executor() -> None:
     # vLLM's engine core loads the plugins inside its own __init__, before it builds the executor and then the
     # scheduler: wrapping Scheduler.__init__ (subclasses call it) is the hook that sees the scheduler.
@@ -177,8 +170,9 @@ def _hand_scheduler_to_executor() -> None:
 
     def __init__(self, *args, **kwargs):
         init(self, *args, **kwargs)
-        while _awaiting_scheduler:
-            _awaiting_scheduler.pop().attach_scheduler(SchedulerHandle(self))
+        executor = sys.modules.get("vllm_ext.executor")   # loaded wherever an MsRpcExecutor was built
+        while executor is not None and executor.awaiting_scheduler:
+            executor.awaiting_scheduler.pop().attach_scheduler(SchedulerHandle(self))
 
     __init__._ms_rpc_wrapped = True
     Scheduler.__init__ = __init__
