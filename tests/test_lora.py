@@ -133,7 +133,7 @@ def test_mixed_batch_runtime_load_and_bad_adapters(lora_setup, tmp_path):
                      shape_of={"q_proj": (cfg["hidden_size"] + 1, cfg["hidden_size"])})
         make_adapter(tmp_path / "target", base, r=4, alpha=4, targets=["lm_head"], seed=6)
         bad = {str(tmp_path / "missing"): ("No adapter found", 404),
-               str(tmp_path / "big"): ("rank 32 is above --max-lora-rank 16", 500),
+               str(tmp_path / "big"): ("LoRA rank 32 is greater than max_lora_rank 16", 500),
                str(tmp_path / "shape"): ("do not match the model (expected [4, 64] and [64, 4] for rank 4)", 500),
                str(tmp_path / "target"): ("target modules ['lm_head'] are not supported", 500)}
         for path, (why, status) in bad.items():

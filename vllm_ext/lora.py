@@ -21,23 +21,42 @@ CHUNK_BYTES = 2**20 - 2**16   # content per LoadLora chunk: under a worker's sma
 LORA_TIMEOUT_S = 300.0
 
 
-def adapter_chunks(lora_request, with_content: bool) -> list[pb.LoraChunk]:
-    """The LoadLora stream of one adapter: its id, name and path, then (``with_content``) its files' bytes.
-    Raises vLLM's LoRAAdapterNotFoundError when the front cannot read the files it must send."""
+def _not_found(lora_request, why: str) -> ValueError:
+    """vLLM's LoRAAdapterNotFoundError message (its API server answers 404 for it)."""
+    from vllm.exceptions import LoRAAdapterNotFoundError
+
+    return ValueError(f"{LoRAAdapterNotFoundError(lora_request.lora_name, lora_request.lora_path)} ({why})")
+
+
+def checked_path(lora_request, lora_config) -> str:
+    """The adapter's directory (a hub name resolved as vLLM does), after vLLM's own check of its
+    adapter_config.json against the LoRA settings (PEFTHelper.validate_legal, as vLLM's workers run it before
+    loading): the same errors as native vLLM for a missing or unreadable config, DoRA, a rank above
+    --max-lora-rank, modules_to_save, unsupported inits."""
+    from vllm.lora.peft_helper import PEFTHelper
+    from vllm.lora.utils import get_adapter_absolute_path
+
+    path = get_adapter_absolute_path(lora_request.lora_path)
+    try:
+        PEFTHelper.from_local_dir(path, None).validate_legal(lora_config)
+    except FileNotFoundError as e:
+        raise _not_found(lora_request, e.strerror) from None
+    return path
+
+
+def adapter_chunks(lora_request, path: str, with_content: bool) -> list[pb.LoraChunk]:
+    """The LoadLora stream of one adapter: its id, name and directory, then (``with_content``) its files' bytes."""
     head = dict(protocol_version=PROTOCOL_VERSION, lora_id=lora_request.lora_int_id, name=lora_request.lora_name,
-                path=lora_request.lora_path, replace=lora_request.load_inplace)
+                path=path, replace=lora_request.load_inplace)
     if not with_content:
         return [pb.LoraChunk(**head)]
     chunks = []
     for f in LORA_FILES:
         try:
-            with open(os.path.join(lora_request.lora_path, f), "rb") as fh:
+            with open(os.path.join(path, f), "rb") as fh:
                 data = fh.read()
         except OSError as e:
-            from vllm.exceptions import LoRAAdapterNotFoundError
-
-            raise ValueError(f"{LoRAAdapterNotFoundError(lora_request.lora_name, lora_request.lora_path)} "
-                             f"({f}: {e.strerror})") from None
+            raise _not_found(lora_request, f"{f}: {e.strerror}") from None
         for lo in range(0, max(len(data), 1), CHUNK_BYTES):
             chunks.append(pb.LoraChunk(**head, file=f, data=data[lo:lo + CHUNK_BYTES]))
     return chunks
@@ -74,17 +93,15 @@ class LoraAdapters:
         workers hold --max-cpu-loras. A bad adapter raises one error naming it and why (vLLM answers the load with
         it; a missing adapter is vLLM's 404, LoRAAdapterNotFoundError) and changes nothing."""
         lora_id = lora_request.lora_int_id
+        path = checked_path(lora_request, self.lora_config)
         if lora_id not in self.held:
             self._make_room(group, lora_request.lora_name, keep)
-        chunks = adapter_chunks(lora_request, with_content=bool(group.external))
+        chunks = adapter_chunks(lora_request, path, with_content=bool(group.external))
         try:
             ok = group.call_all(lambda c: c.call("LoadLora", iter(chunks), LORA_TIMEOUT_S)).ok
         except WorkerError as e:
             if e.code is not None and e.code.name == "NOT_FOUND":
-                from vllm.exceptions import LoRAAdapterNotFoundError
-
-                raise ValueError(f"{LoRAAdapterNotFoundError(lora_request.lora_name, lora_request.lora_path)}: "
-                                 f"{e.details}") from None
+                raise _not_found(lora_request, e.details) from None
             raise ValueError(f"ms_rpc: loading LoRA adapter {lora_request.lora_name!r} failed: {e.details}") from None
         self.known[lora_id] = lora_request
         self.held[lora_id] = None
@@ -114,7 +131,7 @@ class LoraAdapters:
                 lr = self.known.get(lora_id, need[lora_id])   # removed by remove_lora: again from its path
                 try:
                     self.add(group, lr, keep=set(need))
-                except (ValueError, WorkerError) as e:
+                except Exception as e:  # noqa: BLE001 - the workers refuse the requests alone; the engine goes on
                     log.error("ms_rpc: LoRA adapter %r not loaded for step's requests: %s", lr.lora_name, e)
             if lora_id in self.held:
                 self.held.move_to_end(lora_id)
