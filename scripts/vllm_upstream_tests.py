@@ -129,6 +129,9 @@ SELECTIONS = {
         "entrypoints/openai/models/test_models.py",
         "entrypoints/serve/lora/test_lora_adapters.py",
         "v1/e2e/test_cpu_spec_decode.py",
+        "v1/core/test_scheduler_e2e.py",
+        "v1/core/test_reset_prefix_cache_e2e.py",
+        "v1/e2e/general/test_min_tokens.py",
     ],
 }
 
