@@ -173,7 +173,7 @@ class Sampler:
 
         # What each row needs (per-row Python over the parameters only).
         grammar = [i for i in range(n) if allowed is not None and allowed[i] is not None]
-        allow_ids, banned, bias, pen = [], [], [], []
+        allow_ids, banned, stops, bias, pen = [], [], [], [], []
         for i, (req, s) in enumerate(zip(reqs, ss)):
             if not (s.allowed_token_ids or s.bad_words or s.min_tokens or s.logit_bias
                     or s.repetition_penalty != 1.0 or s.frequency_penalty or s.presence_penalty):
@@ -187,17 +187,17 @@ class Sampler:
                 if len(word) <= len(output) + 1 and (
                         not prefix or _as_list(output[len(output) - len(prefix):]) == list(prefix)):
                     ban.append(word[-1])
-            if s.min_tokens and len(output) < s.min_tokens and s.stop_token_ids:
-                ban.extend(s.stop_token_ids)
             if ban:
                 banned.append((i, ban))
+            if s.min_tokens and len(output) < s.min_tokens and s.stop_token_ids:
+                stops.append((i, list(s.stop_token_ids)))
             if s.logit_bias:
                 bias.append(i)
             if s.repetition_penalty != 1.0 or s.frequency_penalty or s.presence_penalty:
                 pen.append(i)
         want = [i for i in range(n) if ss[i].want_logprobs]
         raw_rows = [i for i in want if ss[i].logprobs_mode in (RAW_LOGPROBS, RAW_LOGITS)]
-        if grammar or allow_ids or banned or bias or pen:
+        if grammar or allow_ids or banned or stops or bias or pen:
             x = np.array(x)                                  # the caller's logits stay as they were
 
         if grammar:
@@ -214,6 +214,13 @@ class Sampler:
             x[rows] = sub
         if banned:
             x[_rows(banned)] = -np.inf
+        if stops:   # min_tokens; a grammar row left with no token at all keeps its stop tokens (vLLM's rule)
+            r, c = _rows(stops)
+            kept = x[r, c]
+            x[r, c] = -np.inf
+            for i in set(grammar).intersection(r.tolist()):
+                if np.isneginf(x[i]).all():
+                    x[i, c[r == i]] = kept[r == i]
         if bias:
             r, c = _rows([(i, list(ss[i].logit_bias.keys())) for i in bias])
             x[r, c] += np.concatenate([np.fromiter(ss[i].logit_bias.values(), np.float32) for i in bias])

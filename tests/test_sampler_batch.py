@@ -442,3 +442,25 @@ if __name__ == "__main__":
                 t = time.perf_counter()
                 fn()
                 print(f"{name}: ok ({time.perf_counter() - t:.1f} s, numpy {np.__version__})")
+
+
+def test_min_tokens_yields_to_a_grammar_that_only_allows_stopping():
+    """vLLM's MinTokensLogitsProcessor: min_tokens masks the stop tokens, but a structured-output row that would be
+    left with no token at all keeps them (the grammar allows only stopping); an unconstrained row does not, and a
+    grammar row with other allowed tokens takes one of those. Both workers' samplers."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "proto"))
+    from ms_rpc.reference.sampler import _process
+    vocab, eos = 12, 2
+    x = np.linspace(1.0, 0.0, vocab, dtype=np.float32)[None].repeat(3, 0)   # token 0 is every row's argmax
+    only_eos = np.zeros(vocab, bool)
+    only_eos[eos] = True
+    eos_or_5 = only_eos.copy()
+    eos_or_5[5] = True
+    s = Sampling(min_tokens=4, stop_token_ids=[eos])
+    reqs = [RequestState(f"r{i}", [7, 8], 2, [0], copy.copy(s)) for i in range(3)]
+    got = [r.token for r in new.Sampler(0).sample(x, reqs, [only_eos, None, eos_or_5])]
+    assert got == [eos, 0, 5], got
+    for mask, want in ((only_eos, eos), (eos_or_5, 5)):   # the reference worker's sampler, one row at a time
+        row = np.where(mask, x[0], -np.inf).astype(np.float32)
+        _process(row, type("R", (), {"sampling": s, "output": [], "tokens": [7, 8]})(), structured=True)
+        assert int(np.argmax(row)) == want

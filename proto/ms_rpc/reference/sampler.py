@@ -52,8 +52,10 @@ def _scores(x: np.ndarray, mode: int) -> np.ndarray:
     return x if mode in (RAW_LOGITS, PROCESSED_LOGITS) else log_softmax(x)
 
 
-def _process(x: np.ndarray, req: Request) -> None:
-    """allowed_token_ids, bad_words, min_tokens, logit_bias and the penalties, in place on one row."""
+def _process(x: np.ndarray, req: Request, structured: bool) -> None:
+    """allowed_token_ids, bad_words, min_tokens, logit_bias and the penalties, in place on one row. A
+    ``structured`` row that min_tokens would leave with no token at all keeps its stop tokens (the grammar allows
+    nothing else)."""
     p, out = req.sampling, req.output
     if p.allowed_token_ids:
         keep = np.zeros(x.shape, bool)
@@ -64,7 +66,11 @@ def _process(x: np.ndarray, req: Request) -> None:
         if w and len(w) - 1 <= len(out) and (len(w) == 1 or out[len(out) - len(w) + 1:] == w[:-1]):
             x[w[-1]] = -np.inf
     if p.min_tokens and len(out) < p.min_tokens and p.stop_token_ids:
-        x[list(p.stop_token_ids)] = -np.inf
+        stops = list(p.stop_token_ids)
+        kept = x[stops]
+        x[stops] = -np.inf
+        if structured and np.isneginf(x).all():
+            x[stops] = kept
     for t, b in p.logit_bias.items():
         x[t] += np.float32(b)
     rep = p.repetition_penalty or 1.0
@@ -107,7 +113,7 @@ class Sampler:
         if allowed is not None:
             x[~allowed] = -np.inf
         raw = x.copy() if wants_logprobs(p) and p.logprobs_mode in (RAW_LOGPROBS, RAW_LOGITS) else None
-        _process(x, req)
+        _process(x, req, allowed is not None)
         if p.temperature < GREEDY_BELOW:
             token = int(np.argmax(x))
         else:
