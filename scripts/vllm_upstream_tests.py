@@ -26,6 +26,8 @@ from importlib.metadata import version
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+from lora_adapters import TARGETS, make_adapter  # noqa: E402  (the tests' and the benchmark's PEFT adapters)
 CACHE = Path(os.environ.get("VLLM_UPSTREAM_CACHE", Path.home() / ".cache" / "vllm-ms-rpc" / "upstream"))
 INDEX = os.environ.get("PIP_INDEX_URL", "https://pypi.org/simple").rstrip("/")
 MODEL = ROOT / "models" / "SmolLM2-135M-Instruct"
@@ -165,34 +167,6 @@ def install_test_requirements(ver: str) -> Path:
 # Hub LoRA adapters the selected tests download (snapshot_download in a fixture); each gets its own random weights.
 LORA_REPOS = ["typeof/zephyr-7b-beta-lora", "charent/self_cognition_Alice", "Jackmin108/Qwen3-0.6B-Meow-LoRA",
               "Jackmin108/Qwen3-0.6B-Woof-LoRA"]
-LORA_TARGETS = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
-                "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
-
-
-def make_lora(directory: Path, seed: int, rank: int = 8) -> Path:
-    """A random PEFT LoRA adapter of the local (Llama) model: adapter_config.json + adapter_model.safetensors."""
-    import numpy as np
-    from safetensors.numpy import save_file
-
-    cfg = json.loads((MODEL / "config.json").read_text())
-    h, inter = cfg["hidden_size"], cfg["intermediate_size"]
-    kv = cfg["num_key_value_heads"] * cfg.get("head_dim", h // cfg["num_attention_heads"])
-    dims = {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
-            "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h)}
-    rng = np.random.default_rng(seed)
-    tensors = {}
-    for layer in range(cfg["num_hidden_layers"]):
-        for target, module in LORA_TARGETS.items():
-            n_in, n_out = dims[target]
-            key = f"base_model.model.model.layers.{layer}.{module}.{target}"
-            tensors[f"{key}.lora_A.weight"] = (rng.standard_normal((rank, n_in)) / np.sqrt(n_in)).astype(np.float32)
-            tensors[f"{key}.lora_B.weight"] = (rng.standard_normal((n_out, rank)) * 0.01).astype(np.float32)
-    directory.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(directory / "adapter_model.safetensors"))
-    (directory / "adapter_config.json").write_text(json.dumps(
-        {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": list(LORA_TARGETS),
-         "bias": "none", "base_model_name_or_path": MODEL.name}))
-    return directory
 
 
 def hub_names(tests: Path, files: list[str]) -> set[str]:
@@ -213,7 +187,7 @@ def prepare_hf_home(tests: Path, files: list[str]) -> Path:
     for seed, name in enumerate(LORA_REPOS):
         adapters[name] = CACHE / "lora" / name.replace("/", "--")
         if not (adapters[name] / "adapter_model.safetensors").exists():
-            make_lora(adapters[name], seed)
+            make_adapter(adapters[name], MODEL, r=8, alpha=16, targets=TARGETS, seed=seed)
     names = hub_names(tests, files)
     for name in sorted(names | set(LORA_REPOS)):
         repo = home / "hub" / ("models--" + name.replace("/", "--"))
