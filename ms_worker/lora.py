@@ -118,7 +118,7 @@ class LoraManager:
         self.adapters: dict[int, Adapter] = {}
         self.pinned: set[int] = set()
         self.resident: OrderedDict[int, int] = OrderedDict()   # lora_id -> slot, least recently used first
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()   # add checks room and inserts under one hold
 
     def read(self, lora_id: int, name: str, path: str, files: dict[str, bytes]) -> Adapter:
         """The adapter from ``path``, or from ``files`` (name -> content) when the front sent them."""
@@ -150,8 +150,8 @@ class LoraManager:
 
     def add(self, adapter: Adapter, replace: bool) -> bool:
         """False if the id is loaded already and ``replace`` is not set (vLLM's add_lora)."""
-        self.check_room(adapter.lora_id, adapter.name)
         with self.lock:
+            self.check_room(adapter.lora_id, adapter.name)   # under the same lock as the insert
             if adapter.lora_id in self.adapters and not replace:
                 return False
             self.adapters[adapter.lora_id] = adapter
