@@ -52,6 +52,8 @@ def main(argv=None):
     ap.add_argument("--tp-rank", type=int, default=0, help="tensor-parallel rank of this process")
     ap.add_argument("--tp-size", type=int, default=1, help="tensor-parallel size (one process per rank)")
     ap.add_argument("--dist-addr", default=None, help="HOST:PORT of the MindSpore cluster scheduler (tp-size > 1)")
+    ap.add_argument("--enable-expert-parallel", action="store_true",
+                    help="mixture-of-experts: each rank holds tp-size'th of the experts whole (else 1/tp-size of each)")
     ap.add_argument("--lora-slots", type=int, default=0, help="LoRA slots (0 = LoRA off)")
     ap.add_argument("--lora-rank", type=int, default=16)
     a = ap.parse_args(argv)
@@ -62,7 +64,8 @@ def main(argv=None):
     t0 = time.perf_counter()
     runtime.setup(a.device, tp_rank=a.tp_rank, tp_size=a.tp_size, dist_addr=a.dist_addr, join_timeout_s=300)
     t1 = time.perf_counter()
-    model = load_model(a.model_dir, device=a.device, use_jit=not a.eager, tp_rank=a.tp_rank, tp_size=a.tp_size)
+    model = load_model(a.model_dir, device=a.device, use_jit=not a.eager, tp_rank=a.tp_rank, tp_size=a.tp_size,
+                       expert_parallel=a.enable_expert_parallel)
     t2 = time.perf_counter()
     bs, nb = a.block_size, a.num_blocks
     cases = [(int(b), 1, a.ctx) for b in a.decode_batches.split(",") if b]

@@ -234,15 +234,18 @@ def q_scale(cfg: ModelConfig) -> float:
 
 def tp_spans(cfg: ModelConfig, tp) -> tuple:
     """(q_span, kv_span, mlp_span, local config) of tensor-parallel rank ``tp``: the [start, stop) output features
-    of q, of k/v and of gate/up (o and down: their input features) it holds; spans None without tensor parallel."""
+    of q, of k/v and of gate/up (o and down: their input features) it holds; spans None without tensor parallel.
+    With fewer KV heads than ranks, the rank's one KV head is the one its query heads read (TensorParallel.kv_heads)."""
     if not tp.enabled:
         return None, None, None, cfg
-    local = dict(num_heads=cfg.num_heads // tp.size, num_kv_heads=cfg.num_kv_heads // tp.size)
+    heads = cfg.num_heads // tp.size
+    kv0, kvn = tp.kv_heads(cfg.num_kv_heads)
     hd = cfg.head_dim
-    q_span = (tp.rank * local["num_heads"] * hd, (tp.rank + 1) * local["num_heads"] * hd)
-    kv_span = (tp.rank * local["num_kv_heads"] * hd, (tp.rank + 1) * local["num_kv_heads"] * hd)
+    q_span = (tp.rank * heads * hd, (tp.rank + 1) * heads * hd)
+    kv_span = (kv0 * hd, (kv0 + kvn) * hd)
     mlp_span = tp.split(cfg.intermediate_size)
-    return q_span, kv_span, mlp_span, dataclasses.replace(cfg, intermediate_size=mlp_span[1] - mlp_span[0], **local)
+    return q_span, kv_span, mlp_span, dataclasses.replace(cfg, intermediate_size=mlp_span[1] - mlp_span[0],
+                                                          num_heads=heads, num_kv_heads=kvn)
 
 
 def build_decoder(cfg: ModelConfig, weights, dev: DeviceOps, sparse_layer=None) -> DecoderModel:

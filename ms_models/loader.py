@@ -269,7 +269,7 @@ class _CheckedWeights:
 
 def load_model(model_dir: str, device: str = "cpu", use_jit: bool = True, threads: int | None = None,
                tp_rank: int = 0, tp_size: int = 1, dtype: str = "auto",
-               kernels=None):
+               kernels=None, expert_parallel: bool = False):
     """Loads a HF model directory (config.json + safetensors) as a :class:`CausalLM`.
 
     Raises FileNotFoundError / ValueError (naming the path) for a missing or invalid
@@ -278,6 +278,8 @@ def load_model(model_dir: str, device: str = "cpu", use_jit: bool = True, thread
     ``tp_rank``/``tp_size``: this process's shard of a tensor-parallel model (ms_models.parallel): only its
     1/tp_size of the weights is read; the process must have joined the MindSpore cluster first
     (``runtime.setup(..., tp_rank=, tp_size=, dist_addr=)``). ValueError if tp_size does not divide the heads.
+    ``expert_parallel``: a mixture-of-experts model's experts are partitioned whole across the ranks (vLLM's
+    --enable-expert-parallel); ValueError if they do not divide, or if the model has no routed experts.
     ``dtype``: weights, activations and KV cache; "auto" = float32 on cpu (its only dtype), bfloat16 on ascend
     (float16 also; layers.DeviceOps). ``kernels``: stand-ins for the fused kernels of the ascend path (tests).
     """
@@ -287,8 +289,8 @@ def load_model(model_dir: str, device: str = "cpu", use_jit: bool = True, thread
     dev_name = runtime.normalize_device(device)
     dtype = runtime.resolve_dtype(dev_name, dtype, stand_ins=kernels is not None)
     cfg = ModelConfig.from_model_dir(model_dir, dtype=dtype)  # before importing MindSpore: cheap failures first
-    tp = TensorParallel(int(tp_rank), int(tp_size))
-    problem = check_tensor_parallel(cfg, tp.size)
+    tp = TensorParallel(int(tp_rank), int(tp_size), bool(expert_parallel))
+    problem = check_tensor_parallel(cfg, tp.size, tp.expert_parallel)
     if problem:
         raise ValueError(f"{problem} (model: {os.fspath(model_dir)})")
     src = SafetensorsWeights(model_dir)
@@ -318,4 +320,4 @@ def load_model(model_dir: str, device: str = "cpu", use_jit: bool = True, thread
         src.close()
     log.info("weights loaded: %.1f MiB read, %.1f MiB as %s, in %.1f s", src.bytes_read / 2**20,
              net.weight_bytes() / 2**20, cfg.dtype, time.perf_counter() - t0)
-    return CausalLM(cfg, net, device=dev_name, use_jit=use_jit, model_dir=os.fspath(model_dir))
+    return CausalLM(cfg, net, device=dev_name, use_jit=use_jit, model_dir=os.fspath(model_dir), tp=tp)

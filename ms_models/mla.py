@@ -26,9 +26,15 @@ highest top-2 sum, weights = the scores of the chosen, renormalised when norm_to
 weight matrix w [T, E] (zero for unchosen experts); the MoeFFN kernel (moe.py) then gets log(w) as its logits:
 its softmax + top-k + renormalisation choose exactly the nonzero experts with weights w / sum(w), multiplied back
 by sum(w) when the model does not renormalise.
+
+Tensor parallel (ms_models.parallel): each rank holds H/N query heads (their q, W_UK, W_UV and o_proj rows) and
+computes the shared latent and rope key itself, so the latent cache is replicated on every rank (as vLLM's MLA
+cache); dense MLPs and shared experts split like Llama's, routed experts as moe.read_experts places them; the
+o_proj and MLP outputs are partial sums added by one all-reduce each.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -38,7 +44,6 @@ from .config import ModelConfig
 from .decoder import DecoderModel
 from .layers import DeviceOps, RotaryEmbedding, expand_to, gated_mlp, linear, rms_norm, to_param
 from .moe import QWEN_EXPERTS, read_experts
-from .parallel import check_tensor_parallel
 from .registry import UnsupportedModelError
 
 __all__ = ["MlaDecoderLayer", "MlaModel", "build_mla_decoder", "yarn_factors"]
@@ -143,7 +148,8 @@ class MlaDecoderLayer(nn.Cell):
         self.top_k, self.n_group, self.topk_group = cfg.num_experts_per_tok, cfg.n_group, cfg.topk_group
         self.sigmoid = cfg.routing == "sigmoid"
         self.renorm = cfg.norm_topk_prob
-        self.moe_cfg = Tensor(np.array([cfg.num_experts_per_tok, 1], np.int32))
+        self.moe_cfg = Tensor(np.array([cfg.num_experts_per_tok, 1, w.get("first_expert", 0)], np.int32))
+        self.all_reduce = ops.AllReduce() if dev.tp.enabled else None
         self.k_cache = None
 
     @property
@@ -182,10 +188,16 @@ class MlaDecoderLayer(nn.Cell):
                          block_tables, params)
         o_lat = o.reshape(T, self.H, self.D)[:, :, :self.Dc].transpose(1, 0, 2)
         o = self.bmm(o_lat, self.wuv).transpose(1, 0, 2).reshape(T, self.H * self.dv)
-        x = x + linear(o, self.wo, self.bo)
+        y = linear(o, self.wo, self.bo)
+        if self.all_reduce is not None:
+            y = self.all_reduce(y)
+        x = x + y
         h = rms_norm(x, self.eps)
         if self.moe_op is None:
-            return x + gated_mlp(h, self.wg, self.wu, self.wd)
+            y = gated_mlp(h, self.wg, self.wu, self.wd)
+            if self.all_reduce is not None:
+                y = self.all_reduce(y)
+            return x + y
         logits = linear(h, self.router)
         if self.sigmoid:
             wts = sigmoid_router(logits, self.score_bias, self.top_k, self.n_group, self.topk_group)
@@ -197,14 +209,16 @@ class MlaDecoderLayer(nn.Cell):
             y = y * expand_to(ops.sum(wts, -1, keepdim=True), y.shape)
         if self.sg is not None:
             y = y + gated_mlp(h, self.sg, self.su, self.sd)
+        if self.all_reduce is not None:
+            y = self.all_reduce(y)
         return x + y
 
 
 class MlaModel(DecoderModel):
-    """DecoderModel with MLA layers. body inputs: input_ids [T], then q_cos, q_sin [T, H*rope] (each head's
-    rope-dim cos/sin, YaRN's attention factor included), k_cos, k_sin [T, rope], ident [T, head_dim] (the
-    attention kernel's identity RoPE: cos 1, sin 0), slots, query_start_loc, seq_lens, block_tables, params as
-    DecoderModel's CPU path."""
+    """DecoderModel with MLA layers (``cfg``: this rank's heads). body inputs: input_ids [T], then q_cos, q_sin
+    [T, H*rope] (each head's rope-dim cos/sin, YaRN's attention factor included), k_cos, k_sin [T, rope], ident
+    [T, head_dim] (the attention kernel's identity RoPE: cos 1, sin 0), slots, query_start_loc, seq_lens,
+    block_tables, params as DecoderModel's CPU path."""
 
     def __init__(self, cfg: ModelConfig, embed, layers: list, norm: np.ndarray, lm_head_w, dev: DeviceOps):
         super().__init__(cfg, embed, layers, norm, lm_head_w, dev)
@@ -224,21 +238,35 @@ class MlaModel(DecoderModel):
 
 
 def build_mla_decoder(cfg: ModelConfig, weights, dev: DeviceOps) -> MlaModel:
-    """Reads a DeepSeek-V2/V3 checkpoint (HF names) into an MlaModel, folding as the module docstring says."""
+    """Reads a DeepSeek-V2/V3 checkpoint (HF names) into an MlaModel, folding as the module docstring says;
+    under tensor parallel this rank's share only (``dev.tp``: heads h0 .. h0 + H - 1 of the model's)."""
     if dev.fused:
         raise UnsupportedModelError(f"{cfg.architecture}: multi-head latent attention runs on the CPU path only")
-    if dev.tp.enabled:  # loader.load_model refuses it first, naming the model
-        raise ValueError(check_tensor_parallel(cfg, dev.tp.size))
-    H, dn, R, dv, Dc = cfg.num_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
+    tp = dev.tp
+    H, dn, R, dv, Dc = cfg.num_heads // tp.size, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, \
+        cfg.kv_lora_rank
+    h0 = tp.rank * H
+    lcfg = dataclasses.replace(cfg, num_heads=H)
     scale = np.float32((dn + R) ** -0.5 * yarn_factors(cfg)[1])
     rot = _rotate_half_matrix(R)
     order = _deinterleave(R) if cfg.rope_interleave else np.arange(R)
 
-    def lin(name, gamma=None, bias=False):
-        w = np.ascontiguousarray(weights.get(name + ".weight").T)
+    def lin(name, gamma=None, bias=False, col=None, row=None):
+        """[in, out] (gamma folded into its input rows); col / row = (start, stop): this rank's output / input
+        features (a row-parallel bias stays with rank 0, added before the all-reduce)."""
+        if col is None and row is None:
+            w = weights.get(name + ".weight")
+        else:
+            dim, (start, stop) = (0, col) if col else (1, row)
+            w = weights.get(name + ".weight", dim=dim, start=start, stop=stop)
+        w = np.ascontiguousarray(w.T)
         if gamma is not None:
             w *= gamma[:, None]
-        return w, (weights.get(name + ".bias") if bias else None)
+        if not bias or (row and tp.rank):
+            return w, None
+        if col is None:
+            return w, weights.get(name + ".bias")
+        return w, weights.get(name + ".bias", dim=0, start=col[0], stop=col[1])
 
     def rope_pair(w, b=None):
         """Columns [*, n*R] of rope dims in the checkpoint's order -> (halves order, its rotate_half) per head."""
@@ -252,9 +280,16 @@ def build_mla_decoder(cfg: ModelConfig, weights, dev: DeviceOps) -> MlaModel:
 
     bias = cfg.attention_bias
     layers = []
-    embed = to_param(weights.get("model.embed_tokens.weight"), "model.embed_tokens.weight", dev.dtype)
-    lm_head_w = None if cfg.tie_word_embeddings else to_param(weights.get("lm_head.weight"), "lm_head.weight",
-                                                              dev.dtype)
+    vstart, vstop, vpad = tp.vocab_range(cfg.vocab_size)
+
+    def vocab_rows(name):
+        if not tp.enabled:
+            return to_param(weights.get(name), name, dev.dtype)
+        return to_param(weights.get(name, dim=0, start=vstart, stop=vstop, pad_to=vpad), name, dev.dtype)
+
+    embed = vocab_rows("model.embed_tokens.weight")
+    lm_head_w = None if cfg.tie_word_embeddings else vocab_rows("lm_head.weight")
+    q_heads = (h0 * (dn + R), (h0 + H) * (dn + R))
     for i in range(cfg.num_layers):
         p = f"model.layers.{i}"
         a = p + ".self_attn."
@@ -263,9 +298,9 @@ def build_mla_decoder(cfg: ModelConfig, weights, dev: DeviceOps) -> MlaModel:
         w = {}
         if cfg.q_lora_rank:
             w["wqa"], w["bqa"] = lin(a + "q_a_proj", g1, bias)
-            wq, _ = lin(a + "q_b_proj", weights.get(a + "q_a_layernorm.weight"))
+            wq, _ = lin(a + "q_b_proj", weights.get(a + "q_a_layernorm.weight"), col=q_heads)
         else:
-            wq, _ = lin(a + "q_proj", g1)
+            wq, _ = lin(a + "q_proj", g1, col=q_heads)
         wq = wq.reshape(wq.shape[0], H, dn + R) * scale
         w["wq_nope"] = np.ascontiguousarray(wq[:, :, :dn].reshape(-1, H * dn))
         w["wq_pe"], w["wq_rot"], _, _ = rope_pair(wq[:, :, dn:].reshape(-1, H * R))
@@ -275,25 +310,28 @@ def build_mla_decoder(cfg: ModelConfig, weights, dev: DeviceOps) -> MlaModel:
         w["bc"] = None if bkv is None else np.ascontiguousarray(bkv[:Dc])
         w["wk_pe"], w["wk_rot"], w["bk_pe"], w["bk_rot"] = rope_pair(wkv[:, Dc:], None if bkv is None else bkv[Dc:])
         gc = weights.get(a + "kv_a_layernorm.weight")
-        kvb = weights.get(a + "kv_b_proj.weight").reshape(H, dn + dv, Dc)  # HF [out, in]
+        kvb = weights.get(a + "kv_b_proj.weight", dim=0, start=h0 * (dn + dv), stop=(h0 + H) * (dn + dv))
+        kvb = kvb.reshape(H, dn + dv, Dc)  # HF [out, in]
         w["wuk"] = np.ascontiguousarray(kvb[:, :dn, :] * gc[None, None, :])                     # [H, dn, Dc]
         w["wuv"] = np.ascontiguousarray(kvb[:, dn:, :].transpose(0, 2, 1) * gc[None, :, None])  # [H, Dc, dv]
         del kvb
-        w["wo"], w["bo"] = lin(a + "o_proj", None, bias)
+        w["wo"], w["bo"] = lin(a + "o_proj", None, bias, row=(h0 * dv, (h0 + H) * dv))
         if i in cfg.moe_layers:
-            mlp = read_experts(weights, p, g2, cfg, QWEN_EXPERTS)
+            mlp = read_experts(weights, p, g2, cfg, QWEN_EXPERTS, tp)
             mlp["ed"] *= np.float32(cfg.routed_scaling_factor)
             w.update(mlp)
             if cfg.routing == "sigmoid":
                 w["score_bias"] = weights.get(p + ".mlp.gate.e_score_correction_bias")
             if cfg.n_shared_experts:
                 s = p + ".mlp.shared_experts."
-                w["sg"], _ = lin(s + "gate_proj", g2)
-                w["su"], _ = lin(s + "up_proj", g2)
-                w["sd"], _ = lin(s + "down_proj")
+                span = tp.split(cfg.n_shared_experts * cfg.moe_intermediate_size)
+                w["sg"], _ = lin(s + "gate_proj", g2, col=span)
+                w["su"], _ = lin(s + "up_proj", g2, col=span)
+                w["sd"], _ = lin(s + "down_proj", row=span)
         else:
-            w["wg"], _ = lin(p + ".mlp.gate_proj", g2)
-            w["wu"], _ = lin(p + ".mlp.up_proj", g2)
-            w["wd"], _ = lin(p + ".mlp.down_proj")
-        layers.append(MlaDecoderLayer(cfg, w, p, dev))
-    return MlaModel(cfg, embed, layers, weights.get("model.norm.weight"), lm_head_w, dev)
+            span = tp.split(cfg.intermediate_size)
+            w["wg"], _ = lin(p + ".mlp.gate_proj", g2, col=span)
+            w["wu"], _ = lin(p + ".mlp.up_proj", g2, col=span)
+            w["wd"], _ = lin(p + ".mlp.down_proj", row=span)
+        layers.append(MlaDecoderLayer(lcfg, w, p, dev))
+    return MlaModel(lcfg, embed, layers, weights.get("model.norm.weight"), lm_head_w, dev)

@@ -17,6 +17,7 @@ from mindspore import Tensor, nn
 
 from .batch import LOGITS_BUCKETS, FlatBatch, logits_bucket, token_bucket, token_buckets
 from .config import ModelConfig
+from .parallel import TensorParallel
 
 __all__ = ["CausalLM", "MAX_GRAPH_TOKENS"]
 
@@ -50,8 +51,9 @@ class CausalLM:
     the batch's ``logits_indices`` rows."""
 
     def __init__(self, config: ModelConfig, net: nn.Cell, device: str = "cpu", use_jit: bool = True,
-                 model_dir: str | None = None):
+                 model_dir: str | None = None, tp: TensorParallel | None = None):
         self.config = config
+        self.tp = tp or TensorParallel()   # this process's rank, group size and expert placement
         self.net = net
         self.net.set_train(False)
         self.device = device

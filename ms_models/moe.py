@@ -15,8 +15,9 @@ Weights come from HF checkpoints as transformers writes them: per expert (``{blo
 names, ``ExpertNames``) or fused (``mlp.experts.gate_up_proj`` [E, 2I, H] and ``mlp.experts.down_proj``
 [E, H, I], transformers 5's in-memory layout), stacked here to [E, H, I] / [E, I, H] ([in, out] per expert);
 the post-attention norm's gamma is folded into the router, the experts' gate/up and the shared expert (its
-gate included), as the dense builder folds it into gate/up. Tensor parallel (parallel.check_tensor_parallel) and
-the fused (Ascend) path are refused for these models.
+gate included), as the dense builder folds it into gate/up. Tensor and expert parallel: ms_models.parallel (each
+rank routes every token, computes its experts' part and the layer ends with one all-reduce). The fused (Ascend)
+path is refused for these models.
 """
 from __future__ import annotations
 
@@ -28,7 +29,6 @@ from mindspore import Tensor, ops
 from .config import ModelConfig
 from .decoder import DecoderLayer, DecoderModel, build_decoder
 from .layers import DeviceOps, expand_to, gated_mlp, head_rms_norm, linear, rms_norm, to_param
-from .parallel import check_tensor_parallel
 from .registry import UnsupportedModelError
 
 __all__ = ["ExpertNames", "QWEN_EXPERTS", "MIXTRAL_EXPERTS", "MoeDecoderLayer", "read_experts", "build_moe_decoder"]
@@ -50,7 +50,8 @@ MIXTRAL_EXPERTS = ExpertNames("block_sparse_moe", "w1", "w3", "w2")
 
 class MoeDecoderLayer(DecoderLayer):
     """A decoder layer whose MLP is routed experts (and optionally a gated shared expert). ``w``: DecoderLayer's
-    attention weights plus ``router`` [H, E], ``eg``/``eu`` [E, H, I], ``ed`` [E, I, H] and, for a shared
+    attention weights plus ``router`` [H, E], this rank's experts ``first_expert`` .. + El: ``eg``/``eu`` [El, H, I],
+    ``ed`` [El, I, H] (El = E, I its share of moe_intermediate_size, without expert parallel) and, for a shared
     expert, ``sg``/``su`` [H, Is], ``sd`` [Is, H], ``sgate`` [H, 1] (read_experts)."""
 
     def __init__(self, cfg: ModelConfig, w: dict, prefix: str, dev: DeviceOps):
@@ -67,7 +68,7 @@ class MoeDecoderLayer(DecoderLayer):
         self.sd = to_param(w.get("sd"), m + "shared_expert.down_proj.weight")
         self.sgate = to_param(w.get("sgate"), m + "shared_expert_gate.weight")
         self.moe_op = moe_ffn_op()
-        self.moe_cfg = Tensor(np.array([cfg.num_experts_per_tok, int(cfg.norm_topk_prob)], np.int32))
+        self.moe_cfg = Tensor(np.array([cfg.num_experts_per_tok, int(cfg.norm_topk_prob), w["first_expert"]], np.int32))
 
     def construct(self, x, cos_sin, slots, query_start_loc, seq_lens, block_tables, params):
         """DecoderLayer.construct with the MLP replaced (written out whole, as FusedDecoderLayer explains)."""
@@ -80,46 +81,57 @@ class MoeDecoderLayer(DecoderLayer):
         v = linear(h, self.wv, self.bv)
         o = self.attn_op(q, k, v, self.k_cache, self.v_cache, cos_sin, slots, query_start_loc, seq_lens,
                          block_tables, params)
-        x = x + linear(o, self.wo, self.bo)
+        y = linear(o, self.wo, self.bo)
+        if self.all_reduce is not None:
+            y = self.all_reduce(y)
+        x = x + y
         h = rms_norm(x, self.eps, self.ln2, self.norm_op)
         logits = linear(h, self.router)
         y = self.moe_op(h, logits, self.eg, self.eu, self.ed, query_start_loc, params, self.moe_cfg)
         if self.sg is not None:
             s = gated_mlp(h, self.sg, self.su, self.sd)
             y = y + s * expand_to(ops.sigmoid(linear(h, self.sgate)), s.shape)
+        if self.all_reduce is not None:  # tensor / expert parallel: each rank's partial sum of the experts
+            y = self.all_reduce(y)
         return x + y
 
 
-def read_experts(weights, prefix: str, gamma, cfg: ModelConfig, names: ExpertNames) -> dict:
-    """A sparse layer's weights for MoeDecoderLayer (numpy, [in, out]), ``gamma`` (or None) folded in."""
+def read_experts(weights, prefix: str, gamma, cfg: ModelConfig, names: ExpertNames, tp) -> dict:
+    """A sparse layer's weights for MoeDecoderLayer (numpy, [in, out]), ``gamma`` (or None) folded in. ``cfg``: the
+    whole model's config; ``tp``: this rank's place (parallel.TensorParallel): with expert parallel the experts
+    ``tp.experts(E)`` whole, else every expert's ``tp.split(I)`` intermediate features; the shared expert split
+    like a dense MLP, the router and the shared expert's gate whole."""
     b = f"{prefix}.{names.block}."
     E, H, I = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
+    e0, e1 = tp.experts(E)
+    i0, i1 = (0, I) if tp.expert_parallel else tp.split(I)
     router = np.ascontiguousarray(weights.get(b + "gate.weight").T)
     if weights.has(b + "experts.gate_up_proj"):  # fused: gate_up [E, 2I, H], down [E, H, I]
-        gu = weights.get(b + "experts.gate_up_proj")
-        if gu.shape != (E, 2 * I, H):
+        gu = weights.get(b + "experts.gate_up_proj", dim=0, start=e0, stop=e1)
+        if gu.shape != (e1 - e0, 2 * I, H):
             raise ValueError(f"weight {b}experts.gate_up_proj has shape {list(gu.shape)}, expected {[E, 2 * I, H]}")
-        wg = np.ascontiguousarray(gu[:, :I].transpose(0, 2, 1))
-        wu = np.ascontiguousarray(gu[:, I:].transpose(0, 2, 1))
+        wg = np.ascontiguousarray(gu[:, i0:i1].transpose(0, 2, 1))
+        wu = np.ascontiguousarray(gu[:, I + i0:I + i1].transpose(0, 2, 1))
         del gu
-        wd = weights.get(b + "experts.down_proj")
-        if wd.shape != (E, H, I):
+        wd = weights.get(b + "experts.down_proj", dim=0, start=e0, stop=e1)
+        if wd.shape != (e1 - e0, H, I):
             raise ValueError(f"weight {b}experts.down_proj has shape {list(wd.shape)}, expected {[E, H, I]}")
-        wd = np.ascontiguousarray(wd.transpose(0, 2, 1))
+        wd = np.ascontiguousarray(wd[:, :, i0:i1].transpose(0, 2, 1))
     else:
-        wg, wu, wd = (np.empty((E, H, I), np.float32), np.empty((E, H, I), np.float32),
-                      np.empty((E, I, H), np.float32))
-        for e in range(E):
+        n, w = e1 - e0, i1 - i0
+        wg, wu, wd = np.empty((n, H, w), np.float32), np.empty((n, H, w), np.float32), np.empty((n, w, H), np.float32)
+        for j, e in enumerate(range(e0, e1)):
             x = f"{b}experts.{e}."
-            wg[e] = weights.get(x + names.gate + ".weight").T
-            wu[e] = weights.get(x + names.up + ".weight").T
-            wd[e] = weights.get(x + names.down + ".weight").T
-    out = dict(router=router, eg=wg, eu=wu, ed=wd)
+            wg[j] = weights.get(x + names.gate + ".weight", dim=0, start=i0, stop=i1).T
+            wu[j] = weights.get(x + names.up + ".weight", dim=0, start=i0, stop=i1).T
+            wd[j] = weights.get(x + names.down + ".weight", dim=1, start=i0, stop=i1).T
+    out = dict(router=router, eg=wg, eu=wu, ed=wd, first_expert=e0)
     if cfg.shared_expert_intermediate_size:
         s = b + "shared_expert."
-        out.update(sg=np.ascontiguousarray(weights.get(s + "gate_proj.weight").T),
-                   su=np.ascontiguousarray(weights.get(s + "up_proj.weight").T),
-                   sd=np.ascontiguousarray(weights.get(s + "down_proj.weight").T),
+        s0, s1 = tp.split(cfg.shared_expert_intermediate_size)
+        out.update(sg=np.ascontiguousarray(weights.get(s + "gate_proj.weight", dim=0, start=s0, stop=s1).T),
+                   su=np.ascontiguousarray(weights.get(s + "up_proj.weight", dim=0, start=s0, stop=s1).T),
+                   sd=np.ascontiguousarray(weights.get(s + "down_proj.weight", dim=1, start=s0, stop=s1).T),
                    sgate=np.ascontiguousarray(weights.get(b + "shared_expert_gate.weight").T))
     if gamma is not None:  # every consumer of the normed h: scale its input rows
         for key in ("router", "sg", "su", "sgate"):
@@ -135,7 +147,5 @@ def build_moe_decoder(cfg: ModelConfig, weights, dev: DeviceOps, names: ExpertNa
     if dev.fused:
         raise UnsupportedModelError(f"{cfg.architecture}: mixture-of-experts layers run on the CPU path only "
                                     "(no fused MoE kernels on the Ascend path yet)")
-    if dev.tp.enabled:  # loader.load_model refuses it first, naming the model (parallel.check_tensor_parallel)
-        raise ValueError(check_tensor_parallel(cfg, dev.tp.size))
-    return build_decoder(cfg, weights, dev,
-                         lambda prefix, gamma: (MoeDecoderLayer, read_experts(weights, prefix, gamma, cfg, names)))
+    return build_decoder(cfg, weights, dev, lambda prefix, gamma: (
+        MoeDecoderLayer, read_experts(weights, prefix, gamma, cfg, names, dev.tp)))

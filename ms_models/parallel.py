@@ -3,12 +3,25 @@
 Each rank holds 1/N of the weights and computes 1/N of every layer:
 
 * column-parallel q/k/v and gate/up projections (the output dim is split: a rank owns whole
-  attention heads / KV heads and 1/N of the MLP's intermediate features);
+  attention heads / KV heads and 1/N of the MLP's intermediate features); with fewer KV heads than
+  ranks, each KV head is replicated on N / kv_heads ranks (rank r holds KV head r * kv_heads // N), as
+  vLLM's QKVParallelLinear does;
 * row-parallel o_proj and down_proj (the input dim is split), followed by ``ops.AllReduce``
   (their bias, if any, is added by rank 0 only, before the sum);
 * vocab-parallel embedding (each rank looks up the rows it owns, zeros for the others, then
   ``ops.AllReduce``) and lm head (each rank computes the logits of its vocab slice, then
   ``ops.AllGather``), so that every rank ends with the same full logits, bit for bit.
+
+* mixture-of-experts layers (ms_models.moe): the router is replicated; without expert parallel every
+  expert is split like a dense MLP (1/N of its intermediate features per rank); with expert parallel
+  (vLLM's --enable-expert-parallel) rank r holds experts [r*E/N, (r+1)*E/N) whole and computes only
+  their share of the routed tokens. Either way each rank ends the layer with a partial sum of the
+  experts' output (the shared expert split like a dense MLP adds its own), and one ``ops.AllReduce``
+  completes it: every rank routes every token itself, so no token has to be sent to another rank
+  before the experts (the all-reduce plays the part of the all-to-all's combine).
+
+* multi-head latent attention (ms_models.mla): query heads split as above, the latent and its rope key
+  computed on every rank (the latent cache is replicated, as in vLLM).
 
 The vocabulary is padded to a multiple of N (zero rows; their logits are cut off after the
 gather). The collectives are primitives inside the ``ms.jit`` whole-model graph (the
@@ -30,6 +43,7 @@ class TensorParallel:
     """This process's place in the tensor-parallel group: rank ``rank`` of ``size``."""
     rank: int = 0
     size: int = 1
+    expert_parallel: bool = False  # experts partitioned whole across the ranks (vLLM's --enable-expert-parallel)
 
     def __post_init__(self):
         if self.size < 1 or not 0 <= self.rank < self.size:
@@ -46,6 +60,21 @@ class TensorParallel:
         start = self.rank * base + min(self.rank, extra)
         return start, start + base + (1 if self.rank < extra else 0)
 
+    def kv_heads(self, num_kv_heads: int) -> tuple[int, int]:
+        """(first, count) of the KV heads this rank holds: its 1/size share, or with fewer KV heads than ranks
+        the one KV head its query heads read (replicated on size / num_kv_heads ranks)."""
+        if num_kv_heads >= self.size:
+            per = num_kv_heads // self.size
+            return self.rank * per, per
+        return self.rank * num_kv_heads // self.size, 1
+
+    def experts(self, num_experts: int) -> tuple[int, int]:
+        """[start, stop) of the experts this rank holds whole: all of them without expert parallel."""
+        if not self.expert_parallel:
+            return 0, int(num_experts)
+        per = int(num_experts) // self.size
+        return self.rank * per, (self.rank + 1) * per
+
     def vocab_per_rank(self, vocab: int) -> int:
         """Rows of the (padded) vocabulary each rank owns: ceil(vocab / size)."""
         return -(-int(vocab) // self.size)
@@ -59,20 +88,31 @@ class TensorParallel:
 
 
 def check_divisible(num_heads: int, num_kv_heads: int, size: int) -> str | None:
-    """Why ``size`` ranks cannot split these attention heads, or None."""
-    bad = [f"{name} {n}" for name, n in (("num_attention_heads", num_heads), ("num_key_value_heads", num_kv_heads))
-           if n % size]
-    if bad:
-        return (f"tensor-parallel size {size} does not divide the model's " + " and ".join(bad) +
-                f" (each rank must own whole heads; sizes that fit: "
-                f"{[d for d in range(1, num_kv_heads + 1) if num_kv_heads % d == 0 and num_heads % d == 0]})")
-    return None
+    """Why ``size`` ranks cannot split these attention heads, or None: each rank owns whole query heads, and
+    whole KV heads or (size a multiple of the KV heads) one replicated KV head."""
+    kv_ok = num_kv_heads % size == 0 or size % num_kv_heads == 0
+    if num_heads % size == 0 and kv_ok:
+        return None
+    bad = [f"num_attention_heads {num_heads}"] if num_heads % size else []
+    if not kv_ok:
+        bad.append(f"num_key_value_heads {num_kv_heads} (nor is {size} a multiple of it)")
+    fits = [d for d in range(1, num_heads + 1)
+            if num_heads % d == 0 and (num_kv_heads % d == 0 or d % num_kv_heads == 0)]
+    return (f"tensor-parallel size {size} does not divide the model's " + " and ".join(bad) +
+            f" (each rank must own whole heads; sizes that fit: {fits})")
 
 
-def check_tensor_parallel(cfg, size: int) -> str | None:
+def check_tensor_parallel(cfg, size: int, expert_parallel: bool = False) -> str | None:
     """Why ``size`` ranks cannot serve the model of ModelConfig ``cfg``, or None: its heads must divide
-    (check_divisible), and a mixture-of-experts model is served by one rank (no expert sharding yet)."""
+    (check_divisible; a multi-head latent attention model's one latent KV head is replicated), and with expert
+    parallel a mixture-of-experts model's experts must divide into equal parts (without it each expert's intermediate
+    features split like a dense MLP's, unevenly if need be)."""
+    if expert_parallel and not cfg.num_experts:
+        return (f"--enable-expert-parallel: {cfg.architecture} has no routed experts to place (it is not a "
+                f"mixture-of-experts model)")
     if size > 1 and cfg.num_experts:
-        return (f"tensor-parallel size {size}: {cfg.architecture} is a mixture-of-experts model, which ms_rpc "
-                f"workers serve at tensor-parallel size 1 only (its experts are not sharded across ranks)")
+        if expert_parallel and cfg.num_experts % size:
+            return (f"--enable-expert-parallel over {size} ranks: {cfg.architecture}'s {cfg.num_experts} experts do "
+                    f"not divide into {size} equal parts (expert-parallel sizes that fit: "
+                    f"{[d for d in range(1, cfg.num_experts + 1) if cfg.num_experts % d == 0]})")
     return check_divisible(cfg.num_heads, cfg.num_kv_heads, size)

@@ -141,6 +141,11 @@ def _add_tp_arguments(g) -> None:
                    default=int(_env("TP_SIZE", _env("WORLD_SIZE", "1"))),
                    help="number of tensor-parallel workers, each holding 1/N of the weights; N must divide the "
                         "model's attention and KV heads (default 1) [MS_WORKER_TP_SIZE, or MS_WORKER_WORLD_SIZE]")
+    g.add_argument("--enable-expert-parallel", action="store_true",
+                   default=_env("ENABLE_EXPERT_PARALLEL", "") not in ("", "0", "false"),
+                   help="a mixture-of-experts model's routed experts are partitioned whole across the N ranks "
+                        "(E/N each; N must divide E) instead of each rank holding 1/N of every expert, as vLLM's "
+                        "flag of that name; the same on every rank [MS_WORKER_ENABLE_EXPERT_PARALLEL]")
     g.add_argument("--dist-addr", metavar="HOST:PORT", default=_env("DIST_ADDR"),
                    help="where rank 0 runs the group's MindSpore cluster scheduler (HOST: an address of rank 0's "
                         "host), the same on every rank; needed when N > 1 [MS_WORKER_DIST_ADDR]")
@@ -170,25 +175,26 @@ def _check_args(args) -> str | None:
         return f"--kv-cache-memory-bytes {args.kv_cache_memory_bytes} is negative"
     if args.world_size < 1 or not 0 <= args.rank < args.world_size:
         return f"rank {args.rank} is not in 0..{args.world_size - 1} (tensor-parallel size {args.world_size})"
-    if args.world_size > 1:
+    if args.world_size > 1 or args.enable_expert_parallel:
         from ms_models import ModelConfig, UnsupportedModelError
         from ms_models.parallel import check_tensor_parallel
         from ms_models.runtime import parse_dist_addr
 
-        if not args.dist_addr:
-            return (f"--tp-size {args.world_size} needs --dist-addr HOST:PORT (MS_WORKER_DIST_ADDR): where rank 0 "
-                    "runs the group's MindSpore cluster scheduler, the same on every rank")
-        try:
-            parse_dist_addr(args.dist_addr)
-        except ValueError as e:
-            return str(e)
-        if args.dist_timeout_s <= 0:
-            return "--dist-timeout-s must be positive"
+        if args.world_size > 1:
+            if not args.dist_addr:
+                return (f"--tp-size {args.world_size} needs --dist-addr HOST:PORT (MS_WORKER_DIST_ADDR): where "
+                        "rank 0 runs the group's MindSpore cluster scheduler, the same on every rank")
+            try:
+                parse_dist_addr(args.dist_addr)
+            except ValueError as e:
+                return str(e)
+            if args.dist_timeout_s <= 0:
+                return "--dist-timeout-s must be positive"
         try:
             cfg = ModelConfig.from_model_dir(args.model)
         except (UnsupportedModelError, FileNotFoundError, ValueError) as e:
             return f"cannot load model {args.model}: {e}"
-        return check_tensor_parallel(cfg, args.world_size)
+        return check_tensor_parallel(cfg, args.world_size, args.enable_expert_parallel)
     return None
 
 
@@ -354,13 +360,19 @@ def serve(args) -> int:
         from ms_worker.service import WorkerService
 
         try:
-            model = load_model(args.model, device=kind, use_jit=not args.no_jit, dtype=args.dtype, **tp)
+            model = load_model(args.model, device=kind, use_jit=not args.no_jit, dtype=args.dtype,
+                               expert_parallel=args.enable_expert_parallel, **tp)
         except (UnsupportedModelError, FileNotFoundError, ValueError) as e:
             log.error("cannot load model %s: %s", args.model, e)
             return stop_port(2)
     load_s = time.perf_counter() - t0
-    log.info("model %s loaded in %.1f s (%.1f MiB of weights%s)", args.model, load_s, model.weight_bytes() / 2**20,
-             f", tensor-parallel rank {args.rank} of {args.world_size}" if args.world_size > 1 else "")
+    placement = ""
+    if model.config.num_experts and args.world_size > 1:
+        first, stop = model.tp.experts(model.config.num_experts)
+        placement = (f"; experts {first}..{stop - 1} of {model.config.num_experts} whole" if args.enable_expert_parallel
+                     else f"; 1/{args.world_size} of each of the {model.config.num_experts} experts")
+    log.info("model %s loaded in %.1f s (%.1f MiB of weights%s%s)", args.model, load_s, model.weight_bytes() / 2**20,
+             f", tensor-parallel rank {args.rank} of {args.world_size}" if args.world_size > 1 else "", placement)
 
     service = WorkerService(model, os.path.abspath(args.model), args.device,
                             kv_cache_bytes=args.kv_cache_memory_bytes,

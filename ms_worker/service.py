@@ -127,7 +127,16 @@ class WorkerService(pb_grpc.ModelWorkerServicer):
             device=self.device, dtype=self.model.config.dtype, model_path=self.model_path,
             model=self._model_info(), rank=self.rank, world_size=self.world_size,
             features=[spec.FEATURE, FEATURE_STEPS_IN_FLIGHT, FEATURE_LORA, FEATURE_LOGPROB_TOKEN_IDS],
+            experts=self._expert_placement(),
         )
+
+    def _expert_placement(self) -> pb.ExpertPlacement | None:
+        n, tp = self.model.config.num_experts, self.model.tp
+        if not n:
+            return None
+        first, stop = tp.experts(n)
+        return pb.ExpertPlacement(num_experts=n, expert_parallel=tp.expert_parallel, first_expert=first,
+                                  local_experts=stop - first)
 
     def _activation_peak(self, tokens: int, seqs: int) -> int:
         """The activation peak of one step of `tokens` tokens and `seqs` sampled rows, measured once per shape by

@@ -1,7 +1,8 @@
 """Greedy generation with vLLM's offline API, for comparing backends. Prints one JSON list of token id lists.
 
 usage: offline_generate.py MODEL BACKEND PROMPTS_JSON MAX_NEW [--skip-tokenizer-init] [--max-model-len N]
-                           [--kv-cache-mib N] [--also MODEL2 ...] [--engine-args JSON] [--loras JSON]
+                           [--kv-cache-mib N] [--also MODEL2 ...] [--engine-args JSON] [--variants JSON]
+                           [--loras JSON]
                                                                             (BACKEND: native | ms_rpc)
 
 --skip-tokenizer-init: the model directory has no tokenizer (prompts are token ids; outputs are not detokenized).
@@ -11,6 +12,8 @@ usage: offline_generate.py MODEL BACKEND PROMPTS_JSON MAX_NEW [--skip-tokenizer-
         start-up of a Python process per model (and, unless VLLM_ENABLE_V1_MULTIPROCESSING is set, of an engine
         core process: the engines run in this process). One RESULT line is printed per model, MODEL first.
 --engine-args: more keyword arguments of vllm.LLM, e.g. '{"tensor_parallel_size": 2}'.
+--variants: a list of such dicts; every model is run once per variant (on top of --engine-args), one engine after
+        another in this process as with --also, one RESULT line each (model-major order).
 --loras: one LoRA adapter directory (or null: the base model) per prompt, each passed as the prompt's
          LoRARequest (named after its directory, ids from 1 in order of first use); vLLM loads them on demand.
 """
@@ -31,13 +34,15 @@ if __name__ == "__main__":
     ap.add_argument("--kv-cache-mib", type=int, default=0)
     ap.add_argument("--also", action="append", default=[])
     ap.add_argument("--engine-args", type=json.loads, default={})
+    ap.add_argument("--variants", type=json.loads, default=[{}])
     ap.add_argument("--loras", type=json.loads, default=None)
     a = ap.parse_args()
-    if a.also:  # several engines one after another: run each engine core in this process (no process start-up)
+    runs = [(m, {**a.engine_args, **v}) for m in [a.model, *a.also] for v in a.variants]
+    if len(runs) > 1:  # several engines one after another: run each engine core in this process (no process start-up)
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from vllm import LLM, SamplingParams, TokensPrompt
 
-    for model in [a.model, *a.also]:
+    for model, engine_args in runs:
         kwargs = dict(model=model, dtype="float32", max_model_len=a.max_model_len, enforce_eager=True, seed=0)
         if a.skip_tokenizer_init:
             kwargs["skip_tokenizer_init"] = True
@@ -47,7 +52,7 @@ if __name__ == "__main__":
             kwargs["distributed_executor_backend"] = "ms_rpc"
         else:
             kwargs["gpu_memory_utilization"] = 0.2
-        llm = LLM(**kwargs, **a.engine_args)
+        llm = LLM(**kwargs, **engine_args)
         params = SamplingParams(temperature=0, max_tokens=a.max_new, ignore_eos=True,
                                 detokenize=not a.skip_tokenizer_init)
         loras = None
@@ -59,7 +64,7 @@ if __name__ == "__main__":
         outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in a.prompts], params, use_tqdm=False,
                             lora_request=loras)
         print("RESULT " + json.dumps([list(o.outputs[0].token_ids) for o in outs]), flush=True)
-        if a.also:  # stop this engine (and its ms_rpc worker) before starting the next
+        if len(runs) > 1:  # stop this engine (and its ms_rpc worker) before starting the next
             llm.llm_engine.engine_core.shutdown()
             del llm
             gc.collect()

@@ -15,14 +15,16 @@ Checks:
     mixed ragged batches over a paged cache of 4-token blocks) vs HF, |diff| < 1e-4, greedy tokens equal; the
     cache is one latent row of kv_lora_rank + qk_rope_head_dim floats per token; the front's config hash equals
     the worker's;
-  * served: greedy tokens through vLLM's engine with the ms_rpc executor equal HF's, for V2 and V3, several
+  * served: greedy tokens through vLLM's engine with the ms_rpc executor equal HF's, for V3 at TP 1, V2 at TP 2
+    and V3 at TP 2 with expert parallel, several
     prompts in one generate call, one spanning several KV blocks and chunked-prefill steps; the engine's block
     count is what the worker's latent cache holds in --kv-cache-memory-bytes;
-  * tensor parallel > 1, --enable-expert-parallel and quantized checkpoints are refused at start-up, naming the
-    reason.
+  * a tensor-parallel size that does not divide the heads, or with --enable-expert-parallel the experts, and
+    quantized checkpoints are refused at start-up, naming the numbers.
 """
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -126,10 +128,10 @@ os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"   # the engine cores in this 
 from vllm import LLM, SamplingParams, TokensPrompt
 if __name__ == "__main__":
     prompts, max_new, kv_bytes, block = json.loads(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-    for model in sys.argv[5:]:
+    for model, parallel in json.loads(sys.argv[5]):
         llm = LLM(model=model, dtype="float32", distributed_executor_backend="ms_rpc", max_model_len=256,
                   max_num_seqs=4, max_num_batched_tokens=64, block_size=block, enforce_eager=True,
-                  skip_tokenizer_init=True, kv_cache_memory_bytes=kv_bytes, seed=0)
+                  skip_tokenizer_init=True, kv_cache_memory_bytes=kv_bytes, seed=0, **parallel)
         c = llm.llm_engine.vllm_config
         outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts],
                             SamplingParams(temperature=0, max_tokens=max_new, ignore_eos=True, detokenize=False),
@@ -142,20 +144,26 @@ if __name__ == "__main__":
 
 
 def test_served_greedy_equals_hf_on_an_mla_sized_cache(ckpts):
-    """V2 and V3 through vLLM's engine with the ms_rpc executor (one process, one engine after the other): 3
-    prompts in one generate call, 16-token blocks, steps of at most 64 tokens (the 150-token prompt is prefilled
-    in chunks, beside the others' decodes); greedy tokens == HF. --kv-cache-memory-bytes buys exactly the blocks
-    the worker's latent cache holds: block_size rows of kv_lora_rank + qk_rope_head_dim floats per layer (the
-    front's MLAAttentionSpec; a full-attention spec would count K and V and get half)."""
+    """V3 at TP 1, V2 (attention biases) at TP 2 (2 of the 4 heads per rank, each expert split) and V3 at TP 2
+    with --enable-expert-parallel (4 of the 8 experts per rank) through vLLM's engine with the ms_rpc executor
+    (one process, one engine after the other): 3 prompts in one generate call, 16-token blocks, steps of at most
+    64 tokens (the 150-token prompt is prefilled in chunks, beside the others' decodes); greedy tokens == HF.
+    --kv-cache-memory-bytes buys exactly the blocks each rank's latent cache (replicated under TP) holds:
+    block_size rows of kv_lora_rank + qk_rope_head_dim floats per layer (the front's MLAAttentionSpec; a
+    full-attention spec would count K and V and get half)."""
     rng = np.random.default_rng(3)
     prompts = [[int(x) for x in rng.integers(3, VOCAB, size=L)] for L in SERVE_PROMPT_LENS]
-    paths = [ckpts["v2"][0], ckpts["v3"][0]]
+    tp2 = {"tensor_parallel_size": 2}
+    runs = [(ckpts["v3"][0], {}), (ckpts["v2_greedy"][0], tp2),
+            (ckpts["v3"][0], dict(tp2, enable_expert_parallel=True))]
     kv_bytes, block = 3 * 2**20, 16
     out = subprocess.run([sys.executable, "-c", SERVE, json.dumps(prompts), str(MAX_NEW), str(kv_bytes), str(block),
-                          *map(str, paths)], capture_output=True, text=True, timeout=900, cwd=ROOT)
+                          json.dumps([(str(p), v) for p, v in runs])], capture_output=True, text=True, timeout=900,
+                         cwd=ROOT)
     lines = [json.loads(l[len("RESULT "):]) for l in out.stdout.splitlines() if l.startswith("RESULT ")]
-    assert out.returncode == 0 and len(lines) == len(paths), out.stderr[-6000:]
-    for path, (use_mla, blocks, got) in zip(paths, lines):
+    assert out.returncode == 0 and len(lines) == len(runs), out.stderr[-6000:]
+    assert "experts 0..3 of 8 whole" in out.stderr and "experts 4..7 of 8 whole" in out.stderr, out.stderr[-3000:]
+    for (path, _), (use_mla, blocks, got) in zip(runs, lines):
         assert (use_mla, blocks) == (True, kv_bytes // (block * 3 * (KV_LORA + ROPE) * 4)), (path.name, blocks)
         hf = hf_greedy(path, prompts, MAX_NEW)
         assert [len(t) for t in got] == [MAX_NEW] * len(prompts)
@@ -163,27 +171,21 @@ def test_served_greedy_equals_hf_on_an_mla_sized_cache(ckpts):
         assert got == hf, path.name
 
 
-def test_tensor_parallel_expert_parallel_and_quantized_checkpoints_refused(ckpts, tmp_path):
+def test_parallel_sizes_that_do_not_divide_and_quantized_checkpoints_refused(ckpts, tmp_path):
     from ms_models.config import ModelConfig
     from ms_models.parallel import check_tensor_parallel
     from ms_models.registry import UnsupportedModelError
     from vllm_ext.executor import ConfigError, check_tensor_parallel_size
 
     path = ckpts["v3"][0]
-    assert "DeepseekV3ForCausalLM is a mixture-of-experts model" in check_tensor_parallel(
-        ModelConfig.from_model_dir(str(path)), 2)
-    with pytest.raises(ConfigError, match=r"ms_rpc: tensor-parallel size 2: DeepseekV3ForCausalLM is a mixture-of-"):
-        check_tensor_parallel_size(str(path), 2)
-    code = ("import sys\nfrom vllm.engine.arg_utils import EngineArgs\n"
-            "try:\n"
-            "    EngineArgs(model=sys.argv[1], dtype='float32', distributed_executor_backend='ms_rpc', max_model_len=128,"
-            " skip_tokenizer_init=True, enable_expert_parallel=True).create_engine_config()\n"
-            "    print('ACCEPTED')\n"
-            "except Exception as e:\n"
-            "    print('REFUSED', ' | '.join(str(e).splitlines()))\n")
-    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=300, cwd=ROOT)
-    line = next((l for l in out.stdout.splitlines() if l.startswith(("ACCEPTED", "REFUSED"))), out.stderr[-2000:])
-    assert line.startswith("REFUSED") and "--enable-expert-parallel is not supported by" in line, line
+    cfg = ModelConfig.from_model_dir(str(path))
+    heads = "tensor-parallel size 3 does not divide the model's num_attention_heads 4 (each rank must own whole heads"
+    experts = "--enable-expert-parallel over 3 ranks: DeepseekV3ForCausalLM's 8 experts do not divide into 3 equal"
+    for ep, why in ((False, heads), (True, experts)):
+        assert check_tensor_parallel(cfg, 2, expert_parallel=ep) is None
+        assert why in check_tensor_parallel(cfg, 3, expert_parallel=ep)
+        with pytest.raises(ConfigError, match="ms_rpc: " + re.escape(why)):
+            check_tensor_parallel_size(str(path), 3, expert_parallel=ep)
     q = tmp_path / "fp8"
     q.mkdir()
     cfg = json.loads((path / "config.json").read_text())

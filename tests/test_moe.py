@@ -6,19 +6,21 @@ norms 1 + noise, routers scaled up so that routing differs clearly between token
   qwen3_moe   2 sparse layers, norm_topk_prob true, saved single-file (per-expert tensors, as transformers writes
               them), sharded (small max_shard_size) and fused (transformers' in-memory gate_up_proj / down_proj)
   qwen2_moe   3 layers, the middle one dense (mlp_only_layers), shared expert with its sigmoid gate,
-              norm_topk_prob false, q/k/v biases
+              norm_topk_prob false, q/k/v biases, one KV head (multi-query)
   mixtral     2 layers, block_sparse_moe.experts.{e}.w1/w2/w3
 Checks:
   * logits: the MindSpore model (worker env, test_ms_models.py's scenario: prefill, chunked prefill, decodes,
     mixed ragged flat batches split over small graphs) vs HF, |diff| < 1e-4, greedy tokens equal; the front's
     config hash equals the worker's;
   * served: greedy tokens through vLLM's engine with the ms_rpc executor (tests/offline_generate.py, as
-    test_models.py serves) equal HF's, for Qwen3-MoE at TP 1;
-  * tensor parallel > 1 is refused for MoE models at start-up, naming the reason (the front's check before it
-    starts workers, and the worker's argument check).
+    test_models.py serves) equal HF's, for Qwen3-MoE at TP 1, TP 2 and TP 2 with --enable-expert-parallel, for
+    Qwen2-MoE at TP 2 with expert parallel (its one KV head replicated on both ranks);
+  * an expert placement that cannot be served (experts that do not divide, the flag on a dense model) is refused
+    at start-up, naming the numbers (the front's check before it starts workers, and the worker's argument check).
 """
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -55,7 +57,7 @@ def _make(name, seed):
     elif name == "qwen2_moe":
         cfg = T.Qwen2MoeConfig(num_hidden_layers=3, intermediate_size=96, moe_intermediate_size=32, num_experts=8,
                                shared_expert_intermediate_size=48, norm_topk_prob=False, mlp_only_layers=[1],
-                               **common)
+                               **dict(common, num_key_value_heads=1))
         cls = T.Qwen2MoeForCausalLM
     else:
         cfg = T.MixtralConfig(num_hidden_layers=2, intermediate_size=32, num_local_experts=8, **common)
@@ -122,9 +124,12 @@ logits = (rng.standard_normal((T, E)) * 3).astype(np.float32)
 wg, wu = (rng.standard_normal((E, H, I), dtype=np.float32) * 0.2 for _ in range(2))
 wd = rng.standard_normal((E, I, H), dtype=np.float32) * 0.2
 qsl = np.array([0, 100, real, real], np.int32)
+def moe(wg, wu, wd, norm, first):
+    wg, wu, wd = (np.ascontiguousarray(a) for a in (wg, wu, wd))
+    return moe_ffn_op()(Tensor(x), Tensor(logits), Tensor(wg), Tensor(wu), Tensor(wd), Tensor(qsl),
+                        Tensor(np.array([2, 0], np.int32)), Tensor(np.array([K, norm, first], np.int32))).asnumpy()
 for norm in (0, 1):
-    out = moe_ffn_op()(Tensor(x), Tensor(logits), Tensor(wg), Tensor(wu), Tensor(wd), Tensor(qsl),
-                       Tensor(np.array([2, 0], np.int32)), Tensor(np.array([K, norm], np.int32))).asnumpy()
+    out = moe(wg, wu, wd, norm, 0)
     ref = np.zeros_like(out)
     for t in range(real):
         p = np.exp(logits[t] - logits[t].max())
@@ -136,14 +141,23 @@ for norm in (0, 1):
             ref[t] += we * ((g / (1 + np.exp(-g)) * u) @ wd[e])
     err = float(np.abs(out - ref).max())
     assert err < 1e-4 and not out[real:].any(), (norm, err)
-    print("norm", norm, "max err", err)
+    # expert parallel: three ranks holding experts 0-2, 3-5, 6-7 (routing over all 8) add up to the whole;
+    # tensor parallel: two ranks holding intermediate columns 0-47 and 48-95 of every expert
+    parts = [moe(wg[a:b], wu[a:b], wd[a:b], norm, a) for a, b in ((0, 3), (3, 6), (6, 8))]
+    assert all(np.abs(q).max() > 0 for q in parts)
+    ep_err = float(np.abs(sum(parts) - out).max())
+    tp_err = float(np.abs(sum(moe(wg[:, :, c], wu[:, :, c], wd[:, c], norm, 0)
+                              for c in (slice(0, 48), slice(48, 96))) - out).max())
+    assert ep_err < 1e-5 and tp_err < 1e-5, (norm, ep_err, tp_err)
+    print("norm", norm, "max err", err, "expert split", ep_err, "column split", tp_err)
 """
 
 
 def test_kernel_matches_numpy_on_a_multithreaded_step(tmp_path):
     """The MoeFFN op alone, on a step large enough for its thread team (300 real tokens of a 512-row bucket, 8
     experts): each token's top-2 experts' SwiGLU, weighted, equals a numpy loop over tokens; padding rows are
-    zero."""
+    zero; the parts of ranks holding some experts whole (expert parallel) or some columns of every expert (tensor
+    parallel) add up to it."""
     env = dict(os.environ, GLOG_v="3", PYTHONPATH=REPO)
     p = subprocess.run([WORKER_PY, "-c", KERNEL_CHECK], cwd=str(tmp_path), env=env, capture_output=True, text=True,
                        timeout=300)
@@ -173,55 +187,68 @@ def test_logits_match_hf(ckpts, ms_forward, name):
     assert cfg.shared_expert_intermediate_size == (48 if name == "qwen2_moe" else 0)
 
 
-def test_served_greedy_qwen3_moe_equals_hf(ckpts):
-    from test_models import MAX_NEW, _run_generate
+def _serve(path, prompts, variants):
+    """Greedy tokens through vLLM's engine with the ms_rpc executor (tests/offline_generate.py), one engine per
+    variant (engine arguments) in one process, and that process's stderr (the embedded workers' logs)."""
+    from test_models import MAX_NEW
+
+    cmd = [sys.executable, os.path.join(TESTS, "offline_generate.py"), str(path), "ms_rpc", json.dumps(prompts),
+           str(MAX_NEW), "--skip-tokenizer-init", "--max-model-len", "512", "--kv-cache-mib", "64",
+           "--variants", json.dumps(variants)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, cwd=REPO)
+    results = [json.loads(l[len("RESULT "):]) for l in out.stdout.splitlines() if l.startswith("RESULT ")]
+    assert out.returncode == 0 and len(results) == len(variants), out.stderr[-6000:]
+    return results, out.stderr
+
+
+def test_served_greedy_equals_hf_at_tp1_tp2_and_expert_parallel(ckpts):
+    """Qwen3-MoE served at TP 1, at TP 2 (each rank 1/2 of every expert) and at TP 2 with --enable-expert-parallel
+    (each rank 4 of the 8 experts whole); Qwen2-MoE (shared expert, one KV head replicated on both ranks) at TP 2
+    with expert parallel: greedy tokens equal HF's, and the workers say where their experts are."""
+    from test_models import MAX_NEW
 
     rng = np.random.default_rng(1)
     prompts = [[int(x) for x in rng.integers(0, VOCAB, size=L)] for L in SERVE_PROMPT_LENS]
-    path = ckpts["qwen3_moe"][0]
-    ours = _run_generate("ms_rpc", [path], prompts)[str(path)]
-    hf = hf_greedy(path, prompts, MAX_NEW)
-    assert [len(t) for t in ours] == [MAX_NEW] * len(prompts)
-    assert ours == hf
+    tp2, ep2 = {"tensor_parallel_size": 2}, {"tensor_parallel_size": 2, "enable_expert_parallel": True}
+    for name, variants in (("qwen3_moe", [{}, tp2, ep2]), ("qwen2_moe", [ep2])):
+        path = ckpts[name][0]
+        hf = hf_greedy(path, prompts, MAX_NEW)
+        results, log = _serve(path, prompts, variants)
+        for v, ours in zip(variants, results):
+            assert [len(t) for t in ours] == [MAX_NEW] * len(prompts), (name, v)
+            assert ours == hf, (name, v)
+        placed = re.findall(r"tensor-parallel rank (\d) of 2; "
+                            r"(experts \d\.\.\d of 8 whole|1/2 of each of the 8 experts)", log)
+        want = [("0", "experts 0..3 of 8 whole"), ("1", "experts 4..7 of 8 whole")]
+        if name == "qwen3_moe":
+            want = [("0", "1/2 of each of the 8 experts"), ("1", "1/2 of each of the 8 experts")] + want
+        assert sorted(placed) == sorted(want), placed
 
 
-def test_tensor_parallel_refused_for_moe(ckpts, tmp_path):
+def test_expert_placement_that_cannot_be_served_is_refused(ckpts, tmp_path, default_model):
+    """Experts that do not divide over the ranks with --enable-expert-parallel, and the flag on a model without
+    experts: refused by the front before any worker starts and by the worker before it loads anything, naming the
+    numbers."""
     from ms_models.config import ModelConfig
     from ms_models.parallel import check_tensor_parallel
-
-    path = ckpts["qwen3_moe"][0]
-    cfg = ModelConfig.from_model_dir(str(path))
-    assert check_tensor_parallel(cfg, 1) is None
-    assert "Qwen3MoeForCausalLM is a mixture-of-experts model" in check_tensor_parallel(cfg, 2)
-    # the front, before it starts any worker (MsRpcExecutor._init_executor)
     from vllm_ext.executor import ConfigError, check_tensor_parallel_size
 
-    check_tensor_parallel_size(str(path), 1)
-    with pytest.raises(ConfigError, match=r"ms_rpc: tensor-parallel size 2: Qwen3MoeForCausalLM is a mixture-of-"):
-        check_tensor_parallel_size(str(path), 2)
-    # the worker, before it loads anything
-    log = tmp_path / "worker.log"
-    with open(log, "w") as f:
-        p = subprocess.run([WORKER_PY, "-m", "ms_worker", "serve", "--model", str(path), "--port", "0",
-                            "--tp-size", "2", "--dist-addr", "127.0.0.1:1"], cwd=REPO, stdout=f,
-                           stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONPATH=REPO), timeout=120)
-    text = log.read_text()
-    assert p.returncode == 2, text
-    assert "tensor-parallel size 2: Qwen3MoeForCausalLM is a mixture-of-experts model" in text
-
-
-def test_expert_parallel_refused_at_start_up(ckpts):
-    """--enable-expert-parallel on a mixture-of-experts model stops vLLM's config building with one line naming the
-    flag and ms_rpc (on a dense model vLLM's own check refuses it first)."""
-    code = ("import sys\nfrom vllm.engine.arg_utils import EngineArgs\n"
-            "try:\n"
-            "    EngineArgs(model=sys.argv[1], dtype='float32', distributed_executor_backend='ms_rpc', max_model_len=128,"
-            " enable_expert_parallel=True).create_engine_config()\n"
-            "    print('ACCEPTED')\n"
-            "except Exception as e:\n"
-            "    print('REFUSED', ' | '.join(str(e).splitlines()))\n")
-    out = subprocess.run([sys.executable, "-c", code, str(ckpts["qwen3_moe"][0])], capture_output=True, text=True,
-                         timeout=300, cwd=REPO)
-    line = next((l for l in out.stdout.splitlines() if l.startswith(("ACCEPTED", "REFUSED"))), out.stderr[-2000:])
-    assert line.startswith("REFUSED"), line
-    assert "--enable-expert-parallel " in line and "by --distributed-executor-backend ms_rpc" in line, line
+    six = tmp_path / "six_experts"   # a config only: both checks run before any weight is read
+    six.mkdir()
+    cfg = json.loads((ckpts["qwen3_moe"][0] / "config.json").read_text())
+    (six / "config.json").write_text(json.dumps(dict(cfg, num_experts=6)))
+    (six / "model.safetensors").write_bytes(b"")
+    c = ModelConfig.from_model_dir(str(six))
+    assert check_tensor_parallel(c, 2, expert_parallel=True) is None   # 3 experts each; 4 heads, 2 KV heads
+    assert check_tensor_parallel(c, 4, expert_parallel=False) is None  # one KV head replicated on 2 ranks each
+    want = "--enable-expert-parallel over 4 ranks: Qwen3MoeForCausalLM's 6 experts do not divide into 4 equal parts"
+    assert want in check_tensor_parallel(c, 4, expert_parallel=True)
+    with pytest.raises(ConfigError, match="ms_rpc: " + re.escape(want)):
+        check_tensor_parallel_size(str(six), 4, expert_parallel=True)
+    dense = "--enable-expert-parallel: LlamaForCausalLM has no routed experts to place"
+    for model, extra, why in ((six, ["--tp-size", "4", "--tp-rank", "1", "--dist-addr", "127.0.0.1:1"], want),
+                              (default_model, [], dense)):
+        p = subprocess.run([WORKER_PY, "-m", "ms_worker", "serve", "--model", str(model), "--port", "0",
+                            "--enable-expert-parallel", *extra], cwd=REPO, capture_output=True, text=True,
+                           env=dict(os.environ, PYTHONPATH=REPO), timeout=120)
+        assert p.returncode == 2 and why in p.stderr, p.stderr[-3000:]

@@ -56,10 +56,11 @@ def speculative_config(vllm_config) -> pb.SpeculativeConfig | None:
                                 prompt_lookup_min=sc.prompt_lookup_min, prompt_lookup_max=sc.prompt_lookup_max)
 
 
-def check_tensor_parallel_size(model: str, size: int) -> None:
-    """Refuses a tensor-parallel size the workers cannot serve for a local model directory before any worker starts
-    (heads that do not divide, a mixture-of-experts model at size > 1); the workers check the same."""
-    if size <= 1 or not os.path.isdir(model):
+def check_tensor_parallel_size(model: str, size: int, expert_parallel: bool = False) -> None:
+    """Refuses a tensor-parallel size (and expert placement) the workers cannot serve for a local model directory
+    before any worker starts (heads that do not divide, experts that do not divide with --enable-expert-parallel);
+    the workers check the same."""
+    if (size <= 1 and not expert_parallel) or not os.path.isdir(model):
         return
     from ms_models.config import ModelConfig
     from ms_models.parallel import check_tensor_parallel
@@ -68,7 +69,7 @@ def check_tensor_parallel_size(model: str, size: int) -> None:
         cfg = ModelConfig.from_model_dir(model)
     except (OSError, ValueError):  # UnsupportedModelError included: the workers report it, naming the model
         return
-    problem = check_tensor_parallel(cfg, size)
+    problem = check_tensor_parallel(cfg, size, expert_parallel)
     if problem:
         raise ConfigError(f"ms_rpc: {problem} (model: {model})")
 
@@ -119,7 +120,7 @@ class MsRpcExecutor(Executor):
         pc = self.parallel_config
         if pc.pipeline_parallel_size != 1:
             raise ConfigError("ms_rpc serves pipeline parallel size 1 (tensor and data parallel are supported)")
-        check_tensor_parallel_size(self.model_config.model, pc.tensor_parallel_size)
+        check_tensor_parallel_size(self.model_config.model, pc.tensor_parallel_size, pc.enable_expert_parallel)
         self.settings = RpcSettings.from_vllm_config(self.vllm_config)
         self._speculative = speculative_config(self.vllm_config)
         # vLLM's async scheduling (--async-scheduling; plugin.py keeps it on the CPU platform for ms_rpc): the
@@ -129,7 +130,8 @@ class MsRpcExecutor(Executor):
         self._cache: pb.CacheConfig | None = None   # the KV cache the workers hold, for a recovery's handshake
         self.loras = LoraAdapters(self.vllm_config.lora_config)
         addresses = group_addresses(self.settings.workers, pc.tensor_parallel_size, pc.data_parallel_index)
-        self.group = WorkerGroup(self.settings, self.model_config.model, pc.tensor_parallel_size, addresses)
+        self.group = WorkerGroup(self.settings, self.model_config.model, pc.tensor_parallel_size, addresses,
+                                 pc.enable_expert_parallel)
         self.faults = FaultSupervisor(self.group, self.settings, self._rejoin)
         self.pipeline = StepPipeline(self.group, self.settings, self.faults, self.loras,
                                      StepStats(self.settings.stats_interval_s), self.model_config.logprobs_mode,
@@ -183,9 +185,9 @@ class MsRpcExecutor(Executor):
     def get_kv_cache_specs(self) -> list[dict[str, KVCacheSpec]]:
         m = self.info.model
         tp = self.group.size
-        # The KV cache spec of one rank: its share of the KV heads.
-        kw = dict(block_size=self.cache_config.block_size, num_kv_heads=m.num_kv_heads // tp, head_size=m.head_dim,
-                  dtype=_DTYPES[self.info.dtype])
+        # The KV cache spec of one rank: its share of the KV heads (one, replicated, when there are fewer than ranks).
+        kw = dict(block_size=self.cache_config.block_size, num_kv_heads=max(1, m.num_kv_heads // tp),
+                  head_size=m.head_dim, dtype=_DTYPES[self.info.dtype])
         # A windowed model lets vLLM free the blocks that fall out of the window; an MLA model caches one latent row
         # per token (MLAAttentionSpec: no separate V, half of FullAttentionSpec's page for the same head size).
         if self.model_config.use_mla:

@@ -76,8 +76,10 @@ def connect_worker(settings: RpcSettings, address: str, timeout: float | None = 
 
 
 class WorkerGroup:
-    def __init__(self, settings: RpcSettings, model: str, tp_size: int, addresses: list[str]):
+    def __init__(self, settings: RpcSettings, model: str, tp_size: int, addresses: list[str],
+                 expert_parallel: bool = False):
         self.settings, self.model, self.size = settings, model, tp_size
+        self.expert_parallel = expert_parallel   # vLLM's --enable-expert-parallel: the workers must agree
         self.external = list(addresses)
         self.local: list[LocalWorker] = []
         self.clients: list[WorkerClient] = []
@@ -118,6 +120,8 @@ class WorkerGroup:
                     extra = _without_options(extra, ("--metrics-port", "--health-port"))
                 if dist:
                     extra += ["--rank", str(rank), "--world-size", str(self.size), "--dist-addr", dist]
+                if self.expert_parallel:
+                    extra.append("--enable-expert-parallel")
                 self.local.append(LocalWorker(self.settings.worker_python, os.path.abspath(self.model), extra,
                                               token=token, rank=rank))
             for w in self.local:
@@ -143,6 +147,13 @@ class WorkerGroup:
                                   f"this front expects rank {i} of {self.size} there (tensor parallel size "
                                   f"{self.size}, addresses in rank order)")
             model_check(inf, c.address)
+            if inf.experts.num_experts and inf.experts.expert_parallel != self.expert_parallel:
+                on, off = "with", "without"
+                raise ConfigError(f"ms_rpc worker {c.address} was started {on if inf.experts.expert_parallel else off} "
+                                  f"--enable-expert-parallel (experts {inf.experts.first_expert}.."
+                                  f"{inf.experts.first_expert + inf.experts.local_experts - 1} of "
+                                  f"{inf.experts.num_experts}); this front runs {on if self.expert_parallel else off} "
+                                  f"it: start every worker and the front with the same flag")
             if inf.model.config_hash != self.infos[0].model.config_hash or inf.model_path != self.info.model_path:
                 raise ConfigError(f"ms_rpc workers {self.clients[0].address} and {c.address} serve different models "
                                   f"({self.info.model_path} vs {inf.model_path})")

@@ -28,9 +28,6 @@ _FLAGS = {
     "--enable-trace-replay": (lambda c: c.model_config.enable_trace_replay, "the workers do not replay traces"),
     "--return-sampling-mask": (lambda c: c.model_config.return_sampling_mask,
                                "the workers return no sampling masks"),
-    "--enable-expert-parallel": (lambda c: c.parallel_config.enable_expert_parallel,
-                                 "the workers do not partition experts across ranks (mixture-of-experts models are "
-                                 "served at tensor-parallel size 1)"),
 }
 
 # SamplingParams field -> why it is refused when set (not None)

@@ -166,8 +166,9 @@ _MOE_OP = None
 
 
 def moe_ffn_op():
-    """The MoeFFN ops.Custom (one per process): x [T, H], router logits [T, E], w_gate / w_up [E, H, I], w_down
-    [E, I, H], query_start_loc, params (the attention kernel's), moe [2] = (top_k, norm_topk_prob) -> [T, H]."""
+    """The MoeFFN ops.Custom (one per process): x [T, H], router logits [T, E], w_gate / w_up [El, H, I], w_down
+    [El, I, H] (the El experts this rank holds), query_start_loc, params (the attention kernel's), moe [3] =
+    (top_k, norm_topk_prob, first_expert) -> [T, H] (moe_ffn.cc's contract)."""
     global _MOE_OP
     if _MOE_OP is None:
         from mindspore import ops

@@ -3,19 +3,21 @@
 //
 // Contract (all inputs contiguous; params = 8 inputs then 1 output):
 //  0 x          f32 [T, H]     the layer's normed hidden states (input of the router and of every expert)
-//  1 logits     f32 [T, E]     router logits (x @ router weight, a MindSpore matmul)
-//  2 w_gate     f32 [E, H, I]  each expert's gate projection, [in, out]
-//  3 w_up       f32 [E, H, I]
-//  4 w_down     f32 [E, I, H]
+//  1 logits     f32 [T, E]     router logits over all E experts (x @ router weight, a MindSpore matmul)
+//  2 w_gate     f32 [El, H, I] the gate projection ([in, out]) of the El experts this rank holds:
+//                 experts first_expert .. first_expert + El - 1 (all E without expert parallel)
+//  3 w_up       f32 [El, H, I]
+//  4 w_down     f32 [El, I, H]
 //  5 query_start_loc i32 [R+1] rows [qsl[0], qsl[num_reqs]) are the step's real tokens; the others
 //                 (padding up to the token bucket) are not routed and their output rows are zero
 //  6 params     i32 [2] = (num_reqs, sliding window): the attention kernel's per-step input, shared
-//  7 moe        i32 [2] = (top_k, norm_topk_prob)
+//  7 moe        i32 [3] = (top_k, norm_topk_prob, first_expert)
 //  8 out        f32 [T, H]
 //
 // Routing as HF transformers (Qwen2-MoE, Qwen3-MoE, Mixtral): p = softmax(logits) over the E
 // experts, the top_k largest p (ties: lower expert id first), divided by their sum when norm_topk_prob.
-// out[t] = sum_k p_k * down_e(silu(gate_e(x[t])) * up_e(x[t])) for the token's experts e.
+// out[t] = sum_k p_k * down_e(silu(gate_e(x[t])) * up_e(x[t])) for the token's experts e that this rank
+// holds (expert parallel: each rank adds its part, the caller all-reduces; every rank routes every token).
 //
 // Grouped compute: the T*top_k (token, expert) assignments are counting-sorted by expert, so each
 // expert's rows form one contiguous segment of a [T*top_k] layout; an expert no token chose costs
@@ -194,9 +196,10 @@ extern "C" int MoeFFN(int nparam, void **params, int *ndims, int64_t **shapes, c
   for (int i = 0; i < 9; ++i)
     if (!is(dtypes[i], want_dtype[i]) || ndims[i] != want_ndim[i]) return 2;
   const int64_t T = shapes[0][0], H = shapes[0][1], E = shapes[1][1], I = shapes[2][2], R = shapes[5][0] - 1;
-  if (shapes[1][0] != T || shapes[2][0] != E || shapes[2][1] != H || shapes[3][0] != E || shapes[3][1] != H ||
-      shapes[3][2] != I || shapes[4][0] != E || shapes[4][1] != I || shapes[4][2] != H || shapes[6][0] != 2 ||
-      shapes[7][0] != 2 || shapes[8][0] != T || shapes[8][1] != H || E <= 0 || R < 0)
+  const int64_t El = shapes[2][0];  // local experts
+  if (shapes[1][0] != T || shapes[2][1] != H || shapes[3][0] != El || shapes[3][1] != H || shapes[3][2] != I ||
+      shapes[4][0] != El || shapes[4][1] != I || shapes[4][2] != H || shapes[6][0] != 2 || shapes[7][0] != 3 ||
+      shapes[8][0] != T || shapes[8][1] != H || E <= 0 || El <= 0 || El > E || R < 0)
     return 3;
   const float *x = static_cast<const float *>(params[0]);
   const float *logits = static_cast<const float *>(params[1]);
@@ -209,40 +212,45 @@ extern "C" int MoeFFN(int nparam, void **params, int *ndims, int64_t **shapes, c
   float *out = static_cast<float *>(params[8]);
   const int num_reqs = prm[0], K = moe[0];
   const bool norm = moe[1] != 0;
-  if (num_reqs < 0 || num_reqs > R || K < 1 || K > E) return 4;
+  const int64_t e_first = moe[2];
+  if (num_reqs < 0 || num_reqs > R || K < 1 || K > E || e_first < 0 || e_first + El > E) return 4;
   const int64_t t0 = num_reqs > 0 ? qsl[0] : 0, t1 = num_reqs > 0 ? qsl[num_reqs] : 0;
   if (t0 < 0 || t1 < t0 || t1 > T) return 5;
   memset(out, 0, sizeof(float) * T * H);
   const int64_t n = t1 - t0, NK = n * K;
   if (n == 0) return 0;
 
-  // routing and the counting sort by expert
+  // routing and the counting sort by local expert (assignments to other ranks' experts: pos -1, no row)
   std::vector<int32_t> ids(NK);
   std::vector<float> w(NK);
   for (int64_t t = 0; t < n; ++t) route(logits + (t0 + t) * E, E, K, norm, ids.data() + t * K, w.data() + t * K);
-  std::vector<int64_t> start(E + 1, 0);
-  for (int64_t a = 0; a < NK; ++a) start[ids[a] + 1]++;
-  for (int64_t e = 0; e < E; ++e) start[e + 1] += start[e];
-  std::vector<int64_t> pos(NK), fill(start.begin(), start.end() - 1);
-  std::vector<int32_t> tok(NK);  // token row of each sorted assignment
+  for (int64_t a = 0; a < NK; ++a) ids[a] = (ids[a] >= e_first && ids[a] < e_first + El) ? ids[a] - e_first : -1;
+  std::vector<int64_t> start(El + 1, 0);
+  for (int64_t a = 0; a < NK; ++a)
+    if (ids[a] >= 0) start[ids[a] + 1]++;
+  for (int64_t e = 0; e < El; ++e) start[e + 1] += start[e];
+  std::vector<int64_t> pos(NK, -1), fill(start.begin(), start.end() - 1);
+  std::vector<int32_t> tok(std::max<int64_t>(start[El], 1));  // token row of each sorted assignment
   for (int64_t a = 0; a < NK; ++a) {
+    if (ids[a] < 0) continue;
     const int64_t p = fill[ids[a]]++;
     pos[a] = p;
     tok[p] = (int32_t)(t0 + a / K);
   }
+  const int64_t NL = start[El];  // local assignments
 
   std::vector<Unit> u1, u2;
-  for (int64_t e = 0; e < E; ++e) {
+  for (int64_t e = 0; e < El; ++e) {
     if (start[e + 1] == start[e]) continue;
     for (int64_t c = 0; c < I; c += CW) u1.push_back({(int32_t)e, (int32_t)c});
     for (int64_t c = 0; c < H; c += CW) u2.push_back({(int32_t)e, (int32_t)c});
   }
   // work buffers kept between calls (grown to the largest step's, never zeroed: every row used is written first)
   static thread_local std::vector<float> act, y;
-  if (act.size() < (size_t)(NK * I)) act.resize((size_t)(NK * I));
-  if (y.size() < (size_t)(NK * H)) y.resize((size_t)(NK * H));
+  if (act.size() < (size_t)(NL * I)) act.resize((size_t)(NL * I));
+  if (y.size() < (size_t)(NL * H)) y.resize((size_t)(NL * H));
   float *act_p = act.data(), *y_p = y.data();  // the caller's buffers (thread_local: other threads have their own)
-  const int nthreads = num_threads(6 * NK * H * I, (int64_t)u1.size());
+  const int nthreads = num_threads(6 * NL * H * I, (int64_t)u1.size());
   const int64_t n1 = (int64_t)u1.size(), n2 = (int64_t)u2.size();
 
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
@@ -263,6 +271,7 @@ extern "C" int MoeFFN(int nparam, void **params, int *ndims, int64_t **shapes, c
     for (int64_t t = 0; t < n; ++t) {
       float *o = out + (t0 + t) * H;
       for (int k = 0; k < K; ++k) {
+        if (pos[t * K + k] < 0) continue;
         const float wk = w[t * K + k];
         const float *yr = y_p + pos[t * K + k] * H;
 #pragma omp simd

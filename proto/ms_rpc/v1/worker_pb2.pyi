@@ -56,7 +56,7 @@ class ModelInfo(_message.Message):
     def __init__(self, architecture: _Optional[str] = ..., vocab_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_heads: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., hidden_size: _Optional[int] = ..., max_position_embeddings: _Optional[int] = ..., config_hash: _Optional[str] = ..., sliding_window: _Optional[int] = ...) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("protocol_version", "worker_id", "framework", "device", "dtype", "model_path", "model", "rank", "world_size", "features")
+    __slots__ = ("protocol_version", "worker_id", "framework", "device", "dtype", "model_path", "model", "rank", "world_size", "features", "experts")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     FRAMEWORK_FIELD_NUMBER: _ClassVar[int]
@@ -67,6 +67,7 @@ class WorkerInfo(_message.Message):
     RANK_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
     FEATURES_FIELD_NUMBER: _ClassVar[int]
+    EXPERTS_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     worker_id: str
     framework: str
@@ -77,7 +78,20 @@ class WorkerInfo(_message.Message):
     rank: int
     world_size: int
     features: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, protocol_version: _Optional[int] = ..., worker_id: _Optional[str] = ..., framework: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., model_path: _Optional[str] = ..., model: _Optional[_Union[ModelInfo, _Mapping]] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., features: _Optional[_Iterable[str]] = ...) -> None: ...
+    experts: ExpertPlacement
+    def __init__(self, protocol_version: _Optional[int] = ..., worker_id: _Optional[str] = ..., framework: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., model_path: _Optional[str] = ..., model: _Optional[_Union[ModelInfo, _Mapping]] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., features: _Optional[_Iterable[str]] = ..., experts: _Optional[_Union[ExpertPlacement, _Mapping]] = ...) -> None: ...
+
+class ExpertPlacement(_message.Message):
+    __slots__ = ("num_experts", "expert_parallel", "first_expert", "local_experts")
+    NUM_EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_PARALLEL_FIELD_NUMBER: _ClassVar[int]
+    FIRST_EXPERT_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    num_experts: int
+    expert_parallel: bool
+    first_expert: int
+    local_experts: int
+    def __init__(self, num_experts: _Optional[int] = ..., expert_parallel: _Optional[bool] = ..., first_expert: _Optional[int] = ..., local_experts: _Optional[int] = ...) -> None: ...
 
 class MemoryRequest(_message.Message):
     __slots__ = ("protocol_version", "block_size", "requested_bytes", "gpu_memory_utilization", "max_num_batched_tokens", "max_num_seqs")
