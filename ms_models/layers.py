@@ -75,6 +75,21 @@ class FusedKernels:
       actual_seq_kvlen [B] int64) -> (max, sum, _, out [T1, heads, D])``. ``actual_seq_*len`` are cumulative
       (non-decreasing, the last equal to T1 / T2; a Tensor is allowed per ops.flash_attention_score), no
       sequence of keys is empty, B <= 1024, D a multiple of 16.
+
+    The routed experts of a mixture-of-experts layer (moe.fused_experts), dropless, E experts, T tokens, top k:
+
+    * ``moe_gating_top_k_softmax()``: MoeGatingTopKSoftmax; ``(x [T, E], finished=None, k) -> (y [T, k], expert_idx
+      [T, k] int32, row_idx [T, k] int32)``: the k largest of softmax(x) per row, descending, and their experts.
+    * ``moe_init_routing_v2()``: MoeInitRoutingV2; ``(x [T, H], expert_idx [T, k], active_num 0, expert_capacity 0,
+      expert_num E, drop_pad_mode 0, expert_tokens_count_or_cumsum_flag 1, expert_tokens_before_capacity_flag False)
+      -> (expanded_x [T*k, H], expanded_row_idx [T*k] int32, expert_tokens_cumsum [E] int32, _)``: the T*k
+      (token, choice) pairs sorted by expert; pair p = t*k + j is row ``expanded_row_idx[p]`` of expanded_x;
+      ``expert_tokens_cumsum[e]``: the rows of experts 0..e.
+    * ``grouped_matmul()``: GroupedMatmul(split_item 3, group_type 0); ``([x [M, K]], [w [E, K, N]], None x 5,
+      group_list [E] int64) -> [y [M, N]]``: rows ``group_list[e-1] .. group_list[e]-1`` times w[e]; the last
+      group_list value is M.
+    * ``moe_token_unpermute()``: MoeTokenUnpermute; ``(permuted_tokens [T*k, H], sorted_indices [T*k] int32,
+      probs [T, k]) -> [T, H]``: out[t] = sum_j probs[t, j] * permuted_tokens[sorted_indices[t*k + j]].
     """
 
     @staticmethod
@@ -102,6 +117,26 @@ class FusedKernels:
         from mindspore.ops.auto_generate import gen_ops_prim as prim
         return prim.FlashAttentionScore(int(num_heads), scale_value=1.0, pre_tokens=FLASH_PRE_TOKENS, next_tokens=0,
                                         input_layout="TND", sparse_mode=3)
+
+    @staticmethod
+    def moe_gating_top_k_softmax():
+        from mindspore.ops.auto_generate import gen_ops_prim as prim
+        return prim.MoeGatingTopKSoftmax()
+
+    @staticmethod
+    def moe_init_routing_v2():
+        from mindspore.ops.auto_generate import gen_ops_prim as prim
+        return prim.MoeInitRoutingV2()
+
+    @staticmethod
+    def grouped_matmul():
+        from mindspore.ops.auto_generate import gen_ops_prim as prim
+        return prim.GroupedMatmul(split_item=3, group_type=0)
+
+    @staticmethod
+    def moe_token_unpermute():
+        from mindspore.ops.auto_generate import gen_ops_prim as prim
+        return prim.MoeTokenUnpermute()
 
 
 # FlashAttentionScore in layout TND: pre_tokens must be >= the longest query sequence (the default, INT32_MAX), the

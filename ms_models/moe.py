@@ -16,22 +16,30 @@ names, ``ExpertNames``) or fused (``mlp.experts.gate_up_proj`` [E, 2I, H] and ``
 [E, H, I], transformers 5's in-memory layout), stacked here to [E, H, I] / [E, I, H] ([in, out] per expert);
 the post-attention norm's gamma is folded into the router, the experts' gate/up and the shared expert (its
 gate included), as the dense builder folds it into gate/up. Tensor and expert parallel: ms_models.parallel (each
-rank routes every token, computes its experts' part and the layer ends with one all-reduce). The fused (Ascend)
-path is refused for these models.
+rank routes every token, computes its experts' part and the layer ends with one all-reduce).
+
+On the fused (Ascend) path (FusedMoeDecoderLayer) the layer's attention is FusedDecoderLayer's and the experts run
+through MindSpore's MoE kernels as vLLM-MindSpore calls them (fused_experts; contracts in layers.FusedKernels):
+MoeGatingTopKSoftmax, MoeInitRoutingV2 (dropless: the T x top_k pairs sorted by expert), GroupedMatmul for gate,
+up and down over each expert's rows, MoeTokenUnpermute (the weighted sum back to token order). There every row
+of the token bucket is routed (padding rows included), and expert parallel is not built.
 """
 from __future__ import annotations
 
 import dataclasses
 
 import numpy as np
+import mindspore as ms
 from mindspore import Tensor, ops
 
 from .config import ModelConfig
 from .decoder import DecoderLayer, DecoderModel, build_decoder
-from .layers import DeviceOps, expand_to, gated_mlp, head_rms_norm, linear, rms_norm, to_param
+from .layers import (DeviceOps, expand_to, fused_attention, fused_rotary, gated_mlp, head_rms_norm, linear, rms_norm,
+                     to_param)
 from .registry import UnsupportedModelError
 
-__all__ = ["ExpertNames", "QWEN_EXPERTS", "MIXTRAL_EXPERTS", "MoeDecoderLayer", "read_experts", "build_moe_decoder"]
+__all__ = ["ExpertNames", "QWEN_EXPERTS", "MIXTRAL_EXPERTS", "MoeDecoderLayer", "FusedMoeDecoderLayer",
+           "fused_experts", "read_experts", "build_moe_decoder"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,16 +67,23 @@ class MoeDecoderLayer(DecoderLayer):
         from .kernels import moe_ffn_op
 
         m = prefix + ".mlp."
-        self.router = to_param(w["router"], m + "gate.weight")
-        self.eg = to_param(w["eg"], m + "experts.gate_proj")
-        self.eu = to_param(w["eu"], m + "experts.up_proj")
-        self.ed = to_param(w["ed"], m + "experts.down_proj")
-        self.sg = to_param(w.get("sg"), m + "shared_expert.gate_proj.weight")
-        self.su = to_param(w.get("su"), m + "shared_expert.up_proj.weight")
-        self.sd = to_param(w.get("sd"), m + "shared_expert.down_proj.weight")
-        self.sgate = to_param(w.get("sgate"), m + "shared_expert_gate.weight")
-        self.moe_op = moe_ffn_op()
-        self.moe_cfg = Tensor(np.array([cfg.num_experts_per_tok, int(cfg.norm_topk_prob), w["first_expert"]], np.int32))
+        self.router = to_param(w["router"], m + "gate.weight", dev.dtype)
+        self.eg = to_param(w["eg"], m + "experts.gate_proj", dev.dtype)
+        self.eu = to_param(w["eu"], m + "experts.up_proj", dev.dtype)
+        self.ed = to_param(w["ed"], m + "experts.down_proj", dev.dtype)
+        self.sg = to_param(w.get("sg"), m + "shared_expert.gate_proj.weight", dev.dtype)
+        self.su = to_param(w.get("su"), m + "shared_expert.up_proj.weight", dev.dtype)
+        self.sd = to_param(w.get("sd"), m + "shared_expert.down_proj.weight", dev.dtype)
+        self.sgate = to_param(w.get("sgate"), m + "shared_expert_gate.weight", dev.dtype)
+        if dev.fused:
+            kern = dev.kernels
+            self.moe_ops = (kern.moe_gating_top_k_softmax(), kern.moe_init_routing_v2(), kern.grouped_matmul(),
+                            kern.moe_token_unpermute())
+            self.top_k, self.renorm, self.num_experts = cfg.num_experts_per_tok, cfg.norm_topk_prob, cfg.num_experts
+        else:
+            self.moe_op = moe_ffn_op()
+            self.moe_cfg = Tensor(np.array([cfg.num_experts_per_tok, int(cfg.norm_topk_prob), w["first_expert"]],
+                                           np.int32))
 
     def construct(self, x, cos_sin, slots, query_start_loc, seq_lens, block_tables, params):
         """DecoderLayer.construct with the MLP replaced (written out whole, as FusedDecoderLayer explains)."""
@@ -94,6 +109,53 @@ class MoeDecoderLayer(DecoderLayer):
         if self.all_reduce is not None:  # tensor / expert parallel: each rank's partial sum of the experts
             y = self.all_reduce(y)
         return x + y
+
+
+class FusedMoeDecoderLayer(MoeDecoderLayer):
+    """MoeDecoderLayer on the fused (Ascend) path: FusedDecoderLayer's attention, fused_experts' MLP."""
+
+    def construct(self, x, cos, sin, slots, block_tables, context_lens, q_seq_lens, attn_mask, actual_seq_lens):
+        """FusedDecoderLayer.construct with the MLP replaced (written out whole, as FusedDecoderLayer explains)."""
+        h = rms_norm(x, self.eps, self.ln1, self.norm_op)
+        q = linear(h, self.wq, self.bq)
+        k = linear(h, self.wk, self.bk)
+        if self.qn is not None:
+            q = head_rms_norm(q, self.head_dim, self.eps, self.qn, self.norm_op)
+            k = head_rms_norm(k, self.head_dim, self.eps, self.kn, self.norm_op)
+        v = linear(h, self.wv, self.bv)
+        q = fused_rotary(q, cos, sin, self.rope_op, self.head_dim)
+        k = fused_rotary(k, cos, sin, self.rope_op, self.head_dim)
+        o = fused_attention(q, k, v, self.k_cache, self.v_cache, slots, block_tables, context_lens, q_seq_lens,
+                            attn_mask, actual_seq_lens, self.flash_mask, self.write_op, self.paged_op, self.flash_op,
+                            self.num_kv_heads, self.head_dim)
+        y = linear(o, self.wo, self.bo)
+        if self.all_reduce is not None:
+            y = self.all_reduce(y)
+        x = x + y
+        h = rms_norm(x, self.eps, self.ln2, self.norm_op)
+        y = fused_experts(h, linear(h, self.router), self.eg, self.eu, self.ed, self.top_k, self.renorm,
+                          self.num_experts, *self.moe_ops)
+        if self.sg is not None:
+            s = gated_mlp(h, self.sg, self.su, self.sd)
+            y = y + s * expand_to(ops.sigmoid(linear(h, self.sgate)), s.shape)
+        if self.all_reduce is not None:
+            y = self.all_reduce(y)
+        return x + y
+
+
+def fused_experts(h, logits, eg, eu, ed, top_k: int, renorm: bool, num_experts: int, gating, routing, gmm, unpermute):
+    """The routed experts' output [T, H] for tokens ``h`` [T, H] with router ``logits`` [T, E] through the fused
+    MoE kernels (layers.FusedKernels' contracts): top-k of the softmax (renormalised if ``renorm``), the pairs
+    sorted by expert, each expert's gate/up/down over its rows, the weighted sum back in token order."""
+    weights, experts, _ = gating(logits, None, top_k)
+    if renorm:
+        weights = weights / expand_to(ops.sum(weights, -1, keepdim=True), weights.shape)
+    xs, rows, cumsum, _ = routing(h, experts, 0, 0, num_experts, 0, 1, False)
+    groups = ops.cast(cumsum, ms.int64)
+    g = gmm([xs], [eg], None, None, None, None, None, groups)[0]
+    u = gmm([xs], [eu], None, None, None, None, None, groups)[0]
+    y = gmm([ops.silu(g) * u], [ed], None, None, None, None, None, groups)[0]
+    return unpermute(y, rows, ops.cast(weights, y.dtype))
 
 
 def read_experts(weights, prefix: str, gamma, cfg: ModelConfig, names: ExpertNames, tp) -> dict:
@@ -143,9 +205,11 @@ def read_experts(weights, prefix: str, gamma, cfg: ModelConfig, names: ExpertNam
 
 
 def build_moe_decoder(cfg: ModelConfig, weights, dev: DeviceOps, names: ExpertNames) -> DecoderModel:
-    """build_decoder with the layers in ``cfg.moe_layers`` as MoeDecoderLayer (the others dense)."""
-    if dev.fused:
-        raise UnsupportedModelError(f"{cfg.architecture}: mixture-of-experts layers run on the CPU path only "
-                                    "(no fused MoE kernels on the Ascend path yet)")
+    """build_decoder with the layers in ``cfg.moe_layers`` as MoeDecoderLayer (FusedMoeDecoderLayer on the fused
+    path; the others dense)."""
+    if dev.fused and dev.tp.expert_parallel:
+        raise UnsupportedModelError(f"{cfg.architecture}: expert parallel runs on the CPU path only (the fused path "
+                                    "routes every token over all experts on every rank; use tensor parallel)")
+    cls = FusedMoeDecoderLayer if dev.fused else MoeDecoderLayer
     return build_decoder(cfg, weights, dev, lambda prefix, gamma: (
-        MoeDecoderLayer, read_experts(weights, prefix, gamma, cfg, names, dev.tp)))
+        cls, read_experts(weights, prefix, gamma, cfg, names, dev.tp)))

@@ -175,6 +175,9 @@ def _check_args(args) -> str | None:
         return f"--kv-cache-memory-bytes {args.kv_cache_memory_bytes} is negative"
     if args.world_size < 1 or not 0 <= args.rank < args.world_size:
         return f"rank {args.rank} is not in 0..{args.world_size - 1} (tensor-parallel size {args.world_size})"
+    if args.enable_expert_parallel and parse_device(args.device)[0] == "ascend":
+        return ("--enable-expert-parallel: the Ascend path runs mixture-of-experts layers with every expert on every "
+                "rank (tensor parallel splits each expert); expert parallel runs on the CPU path only")
     if args.world_size > 1 or args.enable_expert_parallel:
         from ms_models import ModelConfig, UnsupportedModelError
         from ms_models.parallel import check_tensor_parallel

@@ -15,8 +15,8 @@ Checks:
     mixed ragged batches over a paged cache of 4-token blocks) vs HF, |diff| < 1e-4, greedy tokens equal; the
     cache is one latent row of kv_lora_rank + qk_rope_head_dim floats per token; the front's config hash equals
     the worker's;
-  * served: greedy tokens through vLLM's engine with the ms_rpc executor equal HF's, for V3 at TP 1, V2 at TP 2
-    and V3 at TP 2 with expert parallel, several
+  * served: greedy tokens through vLLM's engine with the ms_rpc executor equal HF's, for V2 at TP 2 and V3 at
+    TP 2 with expert parallel, several
     prompts in one generate call, one spanning several KV blocks and chunked-prefill steps; the engine's block
     count is what the worker's latent cache holds in --kv-cache-memory-bytes;
   * a tensor-parallel size that does not divide the heads, or with --enable-expert-parallel the experts, and
@@ -144,8 +144,8 @@ if __name__ == "__main__":
 
 
 def test_served_greedy_equals_hf_on_an_mla_sized_cache(ckpts):
-    """V3 at TP 1, V2 (attention biases) at TP 2 (2 of the 4 heads per rank, each expert split) and V3 at TP 2
-    with --enable-expert-parallel (4 of the 8 experts per rank) through vLLM's engine with the ms_rpc executor
+    """V2 (attention biases) at TP 2 (2 of the 4 heads per rank, each expert split) and V3 at TP 2 with
+    --enable-expert-parallel (4 of the 8 experts per rank; TP 1 is the logits test's) through vLLM's engine with the ms_rpc executor
     (one process, one engine after the other): 3 prompts in one generate call, 16-token blocks, steps of at most
     64 tokens (the 150-token prompt is prefilled in chunks, beside the others' decodes); greedy tokens == HF.
     --kv-cache-memory-bytes buys exactly the blocks each rank's latent cache (replicated under TP) holds:
@@ -154,8 +154,7 @@ def test_served_greedy_equals_hf_on_an_mla_sized_cache(ckpts):
     rng = np.random.default_rng(3)
     prompts = [[int(x) for x in rng.integers(3, VOCAB, size=L)] for L in SERVE_PROMPT_LENS]
     tp2 = {"tensor_parallel_size": 2}
-    runs = [(ckpts["v3"][0], {}), (ckpts["v2_greedy"][0], tp2),
-            (ckpts["v3"][0], dict(tp2, enable_expert_parallel=True))]
+    runs = [(ckpts["v2_greedy"][0], tp2), (ckpts["v3"][0], dict(tp2, enable_expert_parallel=True))]
     kv_bytes, block = 3 * 2**20, 16
     out = subprocess.run([sys.executable, "-c", SERVE, json.dumps(prompts), str(MAX_NEW), str(kv_bytes), str(block),
                           json.dumps([(str(p), v) for p, v in runs])], capture_output=True, text=True, timeout=900,

@@ -2,7 +2,7 @@
 
 No NPU exists here, and none of the fused kernels has a CPU implementation. So the model is built for "ascend"
 with ``kernels=`` stand-ins: plain-op implementations of each kernel's documented contract (MindSpore 2.10:
-RmsNorm, RotaryPositionEmbedding, ReshapeAndCache, PagedAttention, FlashAttentionScore; see
+RmsNorm, RotaryPositionEmbedding, ReshapeAndCache, PagedAttention, FlashAttentionScore and the MoE kernels; see
 ms_models.layers.FusedKernels), fp32 since the CPU has nothing else. Everything else is the real ascend path:
 unfolded norm gammas, vLLM's [blocks, block_size, kv_heads, head_dim] cache, the flat batch's slot mapping, block
 tables, context and query lengths, masks, and the choice per step (layers.build_fused_attention_metadata) of
@@ -10,13 +10,15 @@ FlashAttentionScore in layout TND with actual sequence lengths (pure prefills), 
 PagedAttention with per-sequence query lengths and a mask (mixed batches, chunks over earlier context, sliding
 windows).
 
-For a Llama, a Qwen2 (biases), a Qwen3 (q/k norm, head_dim 64) and a Mistral (sliding window 8) checkpoint, the
+For a Llama, a Qwen2 (biases), a Qwen3 (q/k norm, head_dim 64), a Mistral (sliding window 8) and a Qwen2-MoE (shared
+expert, a dense middle layer, one KV head, renormalised top-k) checkpoint, the
 CPU path (the ms_models.kernels attention kernel), the ascend path under ms.jit and the ascend path in PyNative
 with contract checks run the same flat batches (decodes of 1-8 sequences, pure prefills, prefill chunks over
 earlier context mixed with decodes, padded tokens and requests) on their own caches. Asserted: logits equal the
 CPU path's (< 1e-4); the caches hold the same K/V (padding tokens write only the scratch block); every kernel call
 meets its contract (shapes, dtypes, index ranges, the meaning of each length, no all-masked row); per layer the
-cache write comes first, then the kernel the step's kind calls for; one body graph per token bucket and kernel
+cache write comes first, then the kernel the step's kind calls for, then in a sparse layer MoeGatingTopKSoftmax,
+MoeInitRoutingV2, three GroupedMatmul and MoeTokenUnpermute (moe.fused_experts); one body graph per token bucket and kernel
 path. And the real kernels: an "ascend" model in bf16 builds here with MindSpore's own primitives (attributes
 checked: FlashAttentionScore TND / sparse_mode 3 and its constant causal mask), bf16 weights and a bf16 cache half
 the size of the CPU one; dtypes a device lacks are refused.
@@ -31,7 +33,8 @@ import sys
 
 import numpy as np
 
-ARCHS = ("llama", "qwen2", "qwen3", "mistral")
+ARCHS = ("llama", "qwen2", "qwen3", "mistral", "qwen2_moe")
+MOE_CALLS = ["moe_gating_top_k_softmax", "moe_init_routing_v2"] + ["grouped_matmul"] * 3 + ["moe_token_unpermute"]
 ROUNDS = 2
 ATOL = 1e-4
 BLOCK_SIZE, NUM_BLOCKS, MAX_SEQS, MAX_MODEL_LEN, MAX_TOKENS = 4, 64, 8, 64, 32
@@ -150,6 +153,80 @@ def stand_in_kernels(log: list | None):
             stats = ops.zeros((T1, N1, 8), ms.float32)
             return stats, stats, ops.zeros((1,), query.dtype), out
 
+    class MoeGatingTopKSoftmax(nn.Cell):
+        """The k largest of softmax(x) per row, descending, their experts, and row_idx[t, j] = j * T + t."""
+
+        def construct(self, x, finished=None, k=1):
+            y, idx = ops.topk(ops.softmax(x, -1), k)
+            T = x.shape[0]
+            return y, ops.cast(idx, ms.int32), ops.arange(0, k * T, 1, dtype=ms.int32).reshape(k, T).transpose(1, 0)
+
+    class MoeInitRoutingV2(nn.Cell):
+        """Dropless: the T*k pairs p = t*k + j sorted by expert (stably), expanded_row_idx[p] = p's row among
+        them, the cumulative rows per expert."""
+
+        def construct(self, x, expert_idx, active_num, expert_capacity, expert_num, drop_pad_mode, count_flag,
+                      before_flag):
+            T, k = expert_idx.shape
+            n = T * k
+            flat = expert_idx.reshape(n)
+            pairs = ops.arange(0, n, 1, dtype=ms.int32)
+            order = ops.cast(ops.argsort(ops.cast(flat * n + pairs, ms.float32)), ms.int32)   # pairs by expert
+            rows = ops.cast(ops.argsort(ops.cast(order, ms.float32)), ms.int32)               # its inverse
+            counts = ops.cast(flat.reshape(n, 1) == ops.arange(0, expert_num, 1, dtype=ms.int32).reshape(1, -1),
+                              ms.int32).sum(0)
+            cumsum = ops.cumsum(counts, 0)
+            return ops.gather(x, order // k, 0), rows, cumsum, counts
+
+    class GroupedMatmul(nn.Cell):
+        """split_item 3, group_type 0: rows group_list[e-1] .. group_list[e]-1 of x times weight[e]."""
+
+        def __init__(self, split_item, group_type):
+            super().__init__()
+            self.split_item, self.group_type = split_item, group_type
+
+        def construct(self, x, weight, bias=None, scale=None, offset=None, antiquant_scale=None,
+                      antiquant_offset=None, group_list=None):
+            xs, w = x[0], weight[0]
+            M = xs.shape[0]
+            rows = ops.arange(0, M, 1, dtype=ms.int64).reshape(M, 1)
+            expert = ops.cast(rows >= group_list.reshape(1, -1), ms.int32).sum(-1)
+            y = ops.BatchMatMul()(xs.reshape(M, 1, -1), ops.gather(w, expert, 0))
+            return (y.reshape(M, -1),)
+
+    class MoeTokenUnpermute(nn.Cell):
+        """out[t] = sum_j probs[t, j] * permuted_tokens[sorted_indices[t*k + j]]."""
+
+        def construct(self, permuted_tokens, sorted_indices, probs=None, padded_mode=False, restore_shape=None):
+            T, k = probs.shape
+            g = ops.gather(permuted_tokens, sorted_indices, 0).reshape(T, k, -1)
+            return (g * probs.reshape(T, k, 1)).sum(1)
+
+    def check_gating(x, finished=None, k=1):
+        assert x.ndim == 2 and finished is None and 1 <= k <= x.shape[-1], (x.shape, k)
+
+    def check_routing(x, expert_idx, active_num, expert_capacity, expert_num, drop_pad_mode, count_flag,
+                      before_flag):
+        e = expert_idx.asnumpy()
+        assert x.ndim == 2 and expert_idx.dtype == ms.int32 and e.ndim == 2 and e.shape[0] == x.shape[0], e.shape
+        assert (active_num, expert_capacity, drop_pad_mode, count_flag, before_flag) == (0, 0, 0, 1, False)
+        assert e.min() >= 0 and e.max() < expert_num, (e.min(), e.max(), expert_num)    # dropless: every pair
+
+    def check_gmm(cell, x, weight, bias=None, scale=None, offset=None, antiquant_scale=None, antiquant_offset=None,
+                  group_list=None):
+        assert (cell.split_item, cell.group_type) == (3, 0) and len(x) == len(weight) == 1
+        assert bias is None and scale is None and offset is None and antiquant_scale is None
+        xs, w, g = x[0], weight[0], group_list.asnumpy()
+        assert xs.ndim == 2 and w.ndim == 3 and w.shape[1] == xs.shape[1] and xs.dtype == w.dtype, (xs.shape, w.shape)
+        assert group_list.dtype == ms.int64 and g.shape == (w.shape[0],), (group_list.dtype, g.shape)
+        assert (np.diff(g, prepend=0) >= 0).all() and g[-1] == xs.shape[0], g
+
+    def check_unpermute(permuted_tokens, sorted_indices, probs=None, padded_mode=False, restore_shape=None):
+        s, (T, k) = sorted_indices.asnumpy(), probs.shape
+        assert sorted_indices.dtype == ms.int32 and not padded_mode and restore_shape is None
+        assert permuted_tokens.shape[0] == T * k and sorted(s.tolist()) == list(range(T * k)), s
+        assert probs.dtype == permuted_tokens.dtype
+
     def check_rms_norm(x, gamma):
         assert gamma.shape == (x.shape[-1],) and gamma.dtype == x.dtype, (x.shape, gamma.shape)
 
@@ -248,6 +325,22 @@ def stand_in_kernels(log: list | None):
             return wrap("flash_attention", FlashAttentionScore(num_heads, 1.0, "TND", 3, 2147483647, 0), check_flash,
                         True)
 
+        @staticmethod
+        def moe_gating_top_k_softmax():
+            return wrap("moe_gating_top_k_softmax", MoeGatingTopKSoftmax(), check_gating)
+
+        @staticmethod
+        def moe_init_routing_v2():
+            return wrap("moe_init_routing_v2", MoeInitRoutingV2(), check_routing)
+
+        @staticmethod
+        def grouped_matmul():
+            return wrap("grouped_matmul", GroupedMatmul(3, 0), check_gmm, True)
+
+        @staticmethod
+        def moe_token_unpermute():
+            return wrap("moe_token_unpermute", MoeTokenUnpermute(), check_unpermute)
+
     return Kernels()
 
 
@@ -308,6 +401,7 @@ def batches(rng, vocab: int) -> list:
 def ms_side(spec_path: str) -> None:
     spec = json.load(open(spec_path))
     from ms_models import load_model, runtime
+    from ms_models.layers import FusedKernels
 
     runtime.setup("cpu")
     result = {}
@@ -339,10 +433,15 @@ def ms_side(spec_path: str) -> None:
         result[arch] = {"diffs": diffs, "calls": calls, "cache_diff": cache_diff,
                         "cache_abs_max": float(np.abs(cpu.kv_caches()[0][0].asnumpy()).max()),
                         "layers": cpu.config.num_layers, "qk_norm": bool(cpu.config.qk_norm),
+                        "moe_layers": list(cpu.config.moe_layers),
                         "sliding_window": cpu.config.sliding_window,
                         "body_graphs": sorted([k[1], list(k[2])] for k in fused.compiled if k[0] == "body")}
         if arch == "llama":
             result["real"] = real_kernels_check(model_dir, cpu)
+        if arch == "qwen2_moe":  # MindSpore's own MoE primitives, built (not run) here
+            layer = load_model(model_dir, device="ascend", dtype="bfloat16", kernels=FusedKernels()).net.layers[0]
+            result["real_moe"] = [[type(op).__name__, [getattr(op, "split_item", None), getattr(op, "group_type", None)]]
+                                  for op in layer.moe_ops]
     json.dump(result, open(spec["out"], "w"))
 
 
@@ -350,10 +449,12 @@ def ms_side(spec_path: str) -> None:
 def test_ascend_path_with_contract_stand_ins_matches_cpu(tmp_path):
     from conftest import ROOT, WORKER_PY
     from test_models import _make_checkpoint
+    from test_moe import _make as make_moe
 
     models = {}
     for i, arch in enumerate(ARCHS):
-        _make_checkpoint(arch, seed=30 + i).save_pretrained(tmp_path / arch)
+        m = make_moe(arch, 30 + i, norm_topk_prob=True) if arch.endswith("_moe") else _make_checkpoint(arch, 30 + i)
+        m.save_pretrained(tmp_path / arch)
         models[arch] = str(tmp_path / arch)
     spec = tmp_path / "spec.json"
     spec.write_text(json.dumps({"models": models, "out": str(tmp_path / "out.json")}))
@@ -379,11 +480,14 @@ def test_ascend_path_with_contract_stand_ins_matches_cpu(tmp_path):
             log = c["log"]
             assert log.count("rms_norm") == norms_per_layer * L + c["head_calls"], (arch, c)   # + the final norm
             assert log.count("rope") == 2 * L and log.count("reshape_and_cache") == L, (arch, c)
-            assert log.count(attn) == L and len(log) == (norms_per_layer + 4) * L + c["head_calls"], (arch, c)
+            assert log.count(attn) == L, (arch, c)
+            assert len(log) == (norms_per_layer + 4) * L + len(MOE_CALLS) * len(a["moe_layers"]) + c["head_calls"]
             # per layer: q/k RoPE, the cache write, then the attention (after the write: PagedAttention reads this
-            # step's keys from the cache)
+            # step's keys from the cache); a sparse layer's experts: gating, routing, gate/up/down, unpermute
             per_layer = [x for x in log if x != "rms_norm"]
-            assert per_layer == ["rope", "rope", "reshape_and_cache", attn] * L, (arch, c)
+            want = [n for i in range(L) for n in ["rope", "rope", "reshape_and_cache", attn] +
+                    (MOE_CALLS if i in a["moe_layers"] else [])]
+            assert per_layer == want, (arch, c)
         assert {c["kind"] for c in a["calls"]} == {"decode", "prefill", "mixed"}, arch
         assert any(c["tokens"] > c["reqs"] for c in a["calls"]), arch                     # padded batches ran
         assert used == ({"paged_attention+q_seq_lens"} if a["sliding_window"] else
@@ -393,6 +497,10 @@ def test_ascend_path_with_contract_stand_ins_matches_cpu(tmp_path):
         assert len(graphs) == len({(T, tuple(n)) for T, n in graphs}), graphs
         assert len({tuple(n) for _, n in graphs}) == len(used), (arch, graphs)
 
+    assert r["qwen2_moe"]["moe_layers"] == [0, 2]
+    assert [n for n, _ in r["real_moe"]] == ["MoeGatingTopKSoftmax", "MoeInitRoutingV2", "GroupedMatmul",
+                                             "MoeTokenUnpermute"], r["real_moe"]
+    assert r["real_moe"][2][1] == [3, 0], r["real_moe"]                  # GroupedMatmul: one tensor, grouped on M
     real = r["real"]
     assert len(real["refused"]) == 3 and all("not supported" in m for m in real["refused"]), real["refused"]
     assert real["default_dtype"] == "bfloat16" and real["config_dtype"] == "bfloat16"

@@ -13,8 +13,8 @@ Checks:
     mixed ragged flat batches split over small graphs) vs HF, |diff| < 1e-4, greedy tokens equal; the front's
     config hash equals the worker's;
   * served: greedy tokens through vLLM's engine with the ms_rpc executor (tests/offline_generate.py, as
-    test_models.py serves) equal HF's, for Qwen3-MoE at TP 1, TP 2 and TP 2 with --enable-expert-parallel, for
-    Qwen2-MoE at TP 2 with expert parallel (its one KV head replicated on both ranks);
+    test_models.py serves) equal HF's, for Qwen3-MoE at TP 2 with --enable-expert-parallel and Qwen2-MoE at TP 2
+    (its one KV head replicated on both ranks);
   * an expert placement that cannot be served (experts that do not divide, the flag on a dense model) is refused
     at start-up, naming the numbers (the front's check before it starts workers, and the worker's argument check).
 """
@@ -42,7 +42,8 @@ SERVE_PROMPT_LENS = (1, 9, 23)
 ROUTER_STD = 1.0
 
 
-def _make(name, seed):
+def _make(name, seed, **overrides):
+    """A tiny random HF model of architecture ``name`` (the module docstring's); ``overrides``: config fields."""
     import torch
     import transformers as T
 
@@ -62,6 +63,8 @@ def _make(name, seed):
     else:
         cfg = T.MixtralConfig(num_hidden_layers=2, intermediate_size=32, num_local_experts=8, **common)
         cls = T.MixtralForCausalLM
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
     model = perturb_norms_and_biases(cls(cfg).to(torch.float32).eval())
     with torch.no_grad():  # routers (and the shared expert's gate): logits far apart, no near-ties
         for n, p in model.named_parameters():
@@ -201,16 +204,16 @@ def _serve(path, prompts, variants):
     return results, out.stderr
 
 
-def test_served_greedy_equals_hf_at_tp1_tp2_and_expert_parallel(ckpts):
-    """Qwen3-MoE served at TP 1, at TP 2 (each rank 1/2 of every expert) and at TP 2 with --enable-expert-parallel
-    (each rank 4 of the 8 experts whole); Qwen2-MoE (shared expert, one KV head replicated on both ranks) at TP 2
-    with expert parallel: greedy tokens equal HF's, and the workers say where their experts are."""
+def test_served_greedy_equals_hf_at_tp2_and_expert_parallel(ckpts):
+    """Qwen3-MoE served at TP 2 with --enable-expert-parallel (each rank 4 of the 8 experts whole), Qwen2-MoE
+    (shared expert, one KV head replicated on both ranks) at TP 2 (each rank 1/2 of every expert and of the shared
+    one): greedy tokens equal HF's, and the workers say where their experts are. (TP 1 is the logits test's.)"""
     from test_models import MAX_NEW
 
     rng = np.random.default_rng(1)
     prompts = [[int(x) for x in rng.integers(0, VOCAB, size=L)] for L in SERVE_PROMPT_LENS]
     tp2, ep2 = {"tensor_parallel_size": 2}, {"tensor_parallel_size": 2, "enable_expert_parallel": True}
-    for name, variants in (("qwen3_moe", [{}, tp2, ep2]), ("qwen2_moe", [ep2])):
+    for name, variants in (("qwen3_moe", [ep2]), ("qwen2_moe", [tp2])):
         path = ckpts[name][0]
         hf = hf_greedy(path, prompts, MAX_NEW)
         results, log = _serve(path, prompts, variants)
@@ -219,16 +222,15 @@ def test_served_greedy_equals_hf_at_tp1_tp2_and_expert_parallel(ckpts):
             assert ours == hf, (name, v)
         placed = re.findall(r"tensor-parallel rank (\d) of 2; "
                             r"(experts \d\.\.\d of 8 whole|1/2 of each of the 8 experts)", log)
-        want = [("0", "experts 0..3 of 8 whole"), ("1", "experts 4..7 of 8 whole")]
-        if name == "qwen3_moe":
-            want = [("0", "1/2 of each of the 8 experts"), ("1", "1/2 of each of the 8 experts")] + want
+        want = ([("0", "experts 0..3 of 8 whole"), ("1", "experts 4..7 of 8 whole")] if name == "qwen3_moe" else
+                [("0", "1/2 of each of the 8 experts"), ("1", "1/2 of each of the 8 experts")])
         assert sorted(placed) == sorted(want), placed
 
 
 def test_expert_placement_that_cannot_be_served_is_refused(ckpts, tmp_path, default_model):
-    """Experts that do not divide over the ranks with --enable-expert-parallel, and the flag on a model without
-    experts: refused by the front before any worker starts and by the worker before it loads anything, naming the
-    numbers."""
+    """Experts that do not divide over the ranks with --enable-expert-parallel, the flag on a model without
+    experts and on the Ascend path: refused by the front before any worker starts and by the worker before it loads
+    anything, naming the numbers."""
     from ms_models.config import ModelConfig
     from ms_models.parallel import check_tensor_parallel
     from vllm_ext.executor import ConfigError, check_tensor_parallel_size
@@ -246,8 +248,9 @@ def test_expert_placement_that_cannot_be_served_is_refused(ckpts, tmp_path, defa
     with pytest.raises(ConfigError, match="ms_rpc: " + re.escape(want)):
         check_tensor_parallel_size(str(six), 4, expert_parallel=True)
     dense = "--enable-expert-parallel: LlamaForCausalLM has no routed experts to place"
+    ascend = "--enable-expert-parallel: the Ascend path runs mixture-of-experts layers with every expert on every rank"
     for model, extra, why in ((six, ["--tp-size", "4", "--tp-rank", "1", "--dist-addr", "127.0.0.1:1"], want),
-                              (default_model, [], dense)):
+                              (default_model, [], dense), (six, ["--device", "ascend"], ascend)):
         p = subprocess.run([WORKER_PY, "-m", "ms_worker", "serve", "--model", str(model), "--port", "0",
                             "--enable-expert-parallel", *extra], cwd=REPO, capture_output=True, text=True,
                            env=dict(os.environ, PYTHONPATH=REPO), timeout=120)
