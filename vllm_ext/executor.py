@@ -121,6 +121,11 @@ class MsRpcExecutor(Executor):
         if pc.pipeline_parallel_size != 1:
             raise ConfigError("ms_rpc serves pipeline parallel size 1 (tensor and data parallel are supported)")
         check_tensor_parallel_size(self.model_config.model, pc.tensor_parallel_size, pc.enable_expert_parallel)
+        if pc.enable_expert_parallel and pc.data_parallel_size > 1:
+            log.warning("ms_rpc: --enable-expert-parallel places the experts over each data-parallel engine's %d "
+                        "tensor-parallel ranks (not over data x tensor parallel = %d ranks as vLLM's own workers "
+                        "do): every engine holds all the experts", pc.tensor_parallel_size,
+                        pc.data_parallel_size * pc.tensor_parallel_size)
         self.settings = RpcSettings.from_vllm_config(self.vllm_config)
         self._speculative = speculative_config(self.vllm_config)
         # vLLM's async scheduling (--async-scheduling; plugin.py keeps it on the CPU platform for ms_rpc): the
