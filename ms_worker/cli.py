@@ -205,11 +205,216 @@ def _weights_mib(model_dir: str) -> float:
     return sum(e.stat().st_size for e in os.scandir(model_dir) if e.name.endswith(".safetensors")) / 2**20
 
 
-def serve(args) -> int:
-    import grpc
-    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+class Endpoints:
+    """The worker's listening endpoints, opened before the model loads: the gRPC port (health NOT_SERVING, and the
+    ModelWorker methods UNAVAILABLE "loading", until ``attach``), the optional plaintext health port and the
+    Prometheus metrics server."""
 
-    from ms_rpc.v1 import worker_pb2_grpc as pb_grpc
+    def __init__(self, args, creds, token):
+        import grpc
+        from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+        from ms_rpc.v1 import worker_pb2_grpc as pb_grpc
+        from ms_worker import serving
+
+        self._health_pb2 = health_pb2
+        self.service = None
+        self.metrics = serving.Metrics(lambda: self.service) if args.metrics_port else None
+        self.health = health.HealthServicer()
+        for name in ("", serving.SERVICE_NAME):
+            self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+
+        def cache_ready():
+            self.health.set(serving.SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+
+        interceptor = serving.WorkerInterceptor(token, self.metrics, after={"InitializeCache": cache_ready})
+        mb = args.max_message_mb * 2**20
+        self.server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="grpc"), interceptors=[interceptor],
+            options=[("grpc.max_receive_message_length", mb), ("grpc.max_send_message_length", mb)],
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self.deferred = serving.DeferredServicer()
+        pb_grpc.add_ModelWorkerServicer_to_server(self.deferred, self.server)
+        self.health_server = self.metrics_server = None
+        if args.health_port:
+            self.health_server = grpc.server(futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="health"))
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
+        self.port = 0
+
+    def open(self, args, creds, token, log) -> bool:
+        """Binds and starts every endpoint; False (logged, whatever started stopped again) when one cannot."""
+        address = f"{args.host}:{args.port}"
+        try:
+            self.port = self.server.add_secure_port(address, creds) if creds else self.server.add_insecure_port(address)
+        except RuntimeError:
+            self.port = 0
+        if self.port == 0:
+            log.error("cannot bind %s", address)
+            return False
+        self.server.start()
+        security = ("mutual TLS" if args.tls_client_ca else "TLS" if creds else "plaintext") + \
+                   (" + bearer token" if token else "")
+        log.info("listening on %s:%d (%s); health NOT_SERVING until the model is loaded", args.host, self.port,
+                 security)
+        if not is_loopback(args.host):
+            if not creds and not token:
+                log.warning("binding %s without TLS or a token: anyone who can reach this port can drive the worker; "
+                            "pass --tls-cert/--tls-key (and --tls-client-ca) and/or --token-file", args.host)
+            elif not creds:
+                log.warning("binding %s without TLS: the bearer token travels in clear text", args.host)
+        if self.health_server is not None:
+            try:
+                bound = self.health_server.add_insecure_port(f"{args.host}:{args.health_port}")
+            except RuntimeError:
+                bound = 0
+            if bound == 0:
+                log.error("cannot bind the health port %s:%d", args.host, args.health_port)
+                self.health_server = None
+                self.close()
+                return False
+            self.health_server.start()
+            log.info("grpc.health.v1 alone (plaintext) on %s:%d", args.host, args.health_port)
+        if self.metrics is not None:
+            mhost = args.metrics_host or args.host
+            try:
+                self.metrics_server = self.metrics.serve(mhost, args.metrics_port)
+            except OSError as e:
+                log.error("cannot serve metrics on %s:%d: %s", mhost, args.metrics_port, e)
+                self.close()
+                return False
+            log.info("Prometheus metrics on http://%s:%d/metrics", mhost, args.metrics_port)
+        return True
+
+    def attach(self, service, args, load_s: float) -> None:
+        """The model is loaded: ModelWorker calls go to ``service``, health "" SERVING."""
+        self.service = self.deferred.target = service
+        self.health.set("", self._health_pb2.HealthCheckResponse.SERVING)
+        if self.metrics is not None:
+            self.metrics.info.info({"worker_id": service.worker_id, "model": service.model_path,
+                                    "device": args.device, "framework": service.framework, "rank": str(args.rank)})
+            self.metrics.load_seconds.set(load_s)
+            self.metrics.state.set(1)
+
+    def draining(self) -> None:
+        """Both health services NOT_SERVING (the gRPC port still answers the step in flight)."""
+        self.health.enter_graceful_shutdown()
+        if self.metrics is not None:
+            self.metrics.state.set(0)
+
+    def close(self, grace: float | None = 0) -> None:
+        self.server.stop(grace).wait()
+        if self.health_server is not None:
+            self.health_server.stop(0).wait()
+        if self.metrics_server is not None:
+            self.metrics_server.shutdown()
+
+
+def _join_cluster(args, kind: str, log) -> bool:
+    """Tensor parallel: joins the group's MindSpore cluster before any MindSpore op (rank 0 first starts the
+    cluster's scheduler, a child process: fork + exec before MindSpore runs anything here). Without tensor
+    parallel: selects the device. False (logged) on failure."""
+    from ms_models.runtime import ClusterJoinError, DeviceUnavailableError, resolve_dist_addr, setup
+
+    if args.world_size == 1:
+        try:
+            setup(kind)
+        except DeviceUnavailableError as e:
+            log.error("%s (--device %s)", e, args.device)
+            return False
+        return True
+    from ms_worker import cluster
+
+    sched = None
+    if args.rank == 0:
+        try:
+            busy = cluster.check_port_free(*resolve_dist_addr(args.dist_addr, args.dist_timeout_s))
+        except ClusterJoinError as e:
+            busy = str(e)
+        if busy:
+            log.error("%s (--dist-addr %s)", busy, args.dist_addr)
+            return False
+        sched = cluster.Scheduler(args.dist_addr, args.world_size, kind, args.dist_timeout_s)
+        sched.start()
+        atexit.register(sched.stop)
+        problem = sched.wait_listening(args.dist_timeout_s)
+        if problem:
+            log.error("%s", problem)
+            sched.stop()
+            return False
+    from ms_worker import serving
+
+    serving.sd_notify(f"STATUS=joining the tensor-parallel group on {args.dist_addr} as rank {args.rank} "
+                      f"of {args.world_size}")
+    log.info("rank %d of %d: joining the MindSpore cluster at %s (waiting up to %g s for all ranks)",
+             args.rank, args.world_size, args.dist_addr, args.dist_timeout_s)
+    try:
+        setup(kind, dist_addr=args.dist_addr, join_timeout_s=args.dist_timeout_s, tp_rank=args.rank,
+              tp_size=args.world_size)
+    except (DeviceUnavailableError, ClusterJoinError) as e:
+        if isinstance(e, DeviceUnavailableError):
+            log.error("%s (--device %s)", e, args.device)
+        else:
+            log.error("%s", cluster.join_failure_message(args.rank, args.world_size, args.dist_addr,
+                                                         args.dist_timeout_s, e, sched))
+        if sched is not None:
+            sched.stop()
+        return False
+    if sched is not None:
+        sched.joining = False
+    log.info("rank %d of %d joined the MindSpore cluster at %s", args.rank, args.world_size, args.dist_addr)
+    return True
+
+
+def _load(args, kind: str, log, t0: float):
+    """The model of ``args`` on this rank (ms_models.CausalLM), or None (logged); ``t0``: when loading began."""
+    from ms_models import UnsupportedModelError, load_model
+
+    try:
+        model = load_model(args.model, device=kind, use_jit=not args.no_jit, dtype=args.dtype,
+                           expert_parallel=args.enable_expert_parallel, tp_rank=args.rank, tp_size=args.world_size)
+    except (UnsupportedModelError, FileNotFoundError, ValueError) as e:
+        log.error("cannot load model %s: %s", args.model, e)
+        return None
+    placement = ""
+    if model.config.num_experts and args.world_size > 1:
+        first, stop = model.tp.experts(model.config.num_experts)
+        placement = (f"; experts {first}..{stop - 1} of {model.config.num_experts} whole" if args.enable_expert_parallel
+                     else f"; 1/{args.world_size} of each of the {model.config.num_experts} experts")
+    log.info("model %s loaded in %.1f s (%.1f MiB of weights%s%s)", args.model, time.perf_counter() - t0,
+             model.weight_bytes() / 2**20,
+             f", tensor-parallel rank {args.rank} of {args.world_size}" if args.world_size > 1 else "", placement)
+    return model
+
+
+def _drain(args, service, endpoints: Endpoints, log) -> int:
+    """Health NOT_SERVING, new steps refused, the step in flight given --shutdown-grace-s, the ports closed."""
+    from ms_worker import serving
+
+    log.info("draining: health NOT_SERVING, new steps refused")
+    serving.sd_notify("STOPPING=1\nSTATUS=draining")
+    service.stopping.set()
+    endpoints.draining()
+    if args.drain_s > 0:
+        time.sleep(args.drain_s)
+    finished = service.lock.acquire(timeout=args.shutdown_grace_s)
+    if finished:
+        service.lock.release()
+    else:
+        log.warning("the step in flight did not finish within %.1f s; cancelling it", args.shutdown_grace_s)
+    endpoints.close(grace=1)
+    if not finished:
+        # The model call cannot be interrupted from Python: leave without waiting for its thread.
+        log.warning("stopped with a step still running")
+        logging.shutdown()
+        os._exit(1)
+    log.info("stopped")
+    return 0
+
+
+def serve(args) -> int:
+    """`ms-worker serve`: the ports (health only), the cluster and the model, serving, then the drain (the module
+    docstring's order)."""
     from ms_worker import serving
 
     log = logging.getLogger("ms_worker")
@@ -227,156 +432,22 @@ def serve(args) -> int:
     if index is not None:
         os.environ["DEVICE_ID"] = str(index)
 
-    # 1. The port, with health only (NOT_SERVING) until the model is loaded.
-    holder: dict = {"service": None}
-    metrics = serving.Metrics(lambda: holder["service"]) if args.metrics_port else None
-    health_servicer = health.HealthServicer()
-    for name in ("", serving.SERVICE_NAME):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-
-    def cache_ready():
-        health_servicer.set(serving.SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
-
-    interceptor = serving.WorkerInterceptor(token, metrics, after={"InitializeCache": cache_ready})
-    mb = args.max_message_mb * 2**20
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="grpc"), interceptors=[interceptor],
-        options=[("grpc.max_receive_message_length", mb), ("grpc.max_send_message_length", mb)],
-    )
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    deferred = serving.DeferredServicer()
-    pb_grpc.add_ModelWorkerServicer_to_server(deferred, server)
-    address = f"{args.host}:{args.port}"
-    try:
-        port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
-    except RuntimeError:
-        port = 0
-    if port == 0:
-        log.error("cannot bind %s", address)
+    endpoints = Endpoints(args, creds, token)
+    if not endpoints.open(args, creds, token, log):
         return 2
-    server.start()
-    security = ("mutual TLS" if args.tls_client_ca else "TLS" if creds else "plaintext") + \
-               (" + bearer token" if token else "")
-    log.info("listening on %s:%d (%s); health NOT_SERVING until the model is loaded", args.host, port, security)
-    if not is_loopback(args.host):
-        if not creds and not token:
-            log.warning("binding %s without TLS or a token: anyone who can reach this port can drive the worker; "
-                        "pass --tls-cert/--tls-key (and --tls-client-ca) and/or --token-file", args.host)
-        elif not creds:
-            log.warning("binding %s without TLS: the bearer token travels in clear text", args.host)
-    health_server = None
-    if args.health_port:
-        health_server = grpc.server(futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="health"))
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
-        try:
-            bound = health_server.add_insecure_port(f"{args.host}:{args.health_port}")
-        except RuntimeError:
-            bound = 0
-        if bound == 0:
-            log.error("cannot bind the health port %s:%d", args.host, args.health_port)
-            server.stop(0)
-            return 2
-        health_server.start()
-        log.info("grpc.health.v1 alone (plaintext) on %s:%d", args.host, args.health_port)
-    metrics_server = None
-    if metrics is not None:
-        mhost = args.metrics_host or args.host
-        try:
-            metrics_server = metrics.serve(mhost, args.metrics_port)
-        except OSError as e:
-            log.error("cannot serve metrics on %s:%d: %s", mhost, args.metrics_port, e)
-            server.stop(0)
-            if health_server is not None:
-                health_server.stop(0)
-            return 2
-        log.info("Prometheus metrics on http://%s:%d/metrics", mhost, args.metrics_port)
-
-    def stop_port(code: int) -> int:
-        server.stop(0).wait()
-        if health_server is not None:
-            health_server.stop(0).wait()
-        if metrics_server is not None:
-            metrics_server.shutdown()
-        return code
-
-    # 2. The model.
     t0 = time.perf_counter()
     serving.sd_notify("STATUS=loading the model")
     log.info("loading %s (%.0f MiB of safetensors) on %s", args.model, _weights_mib(args.model), args.device)
     with serving.Heartbeat("still loading the model"):
-        from ms_models import UnsupportedModelError, load_model
-        from ms_models.runtime import ClusterJoinError, DeviceUnavailableError, setup
-
-        tp = dict(tp_rank=args.rank, tp_size=args.world_size)
-        if args.world_size > 1:
-            # Tensor parallel: join the group's MindSpore cluster before any MindSpore op (rank 0 first starts
-            # the cluster's scheduler, a child process: fork + exec before MindSpore runs anything here).
-            from ms_worker import cluster
-
-            sched = None
-            if args.rank == 0:
-                from ms_models.runtime import resolve_dist_addr
-
-                try:
-                    busy = cluster.check_port_free(*resolve_dist_addr(args.dist_addr, args.dist_timeout_s))
-                except ClusterJoinError as e:
-                    busy = str(e)
-                if busy:
-                    log.error("%s (--dist-addr %s)", busy, args.dist_addr)
-                    return stop_port(2)
-                sched = cluster.Scheduler(args.dist_addr, args.world_size, kind, args.dist_timeout_s)
-                sched.start()
-                atexit.register(sched.stop)
-                problem = sched.wait_listening(args.dist_timeout_s)
-                if problem:
-                    log.error("%s", problem)
-                    sched.stop()
-                    return stop_port(2)
-            serving.sd_notify(f"STATUS=joining the tensor-parallel group on {args.dist_addr} as rank {args.rank} "
-                              f"of {args.world_size}")
-            log.info("rank %d of %d: joining the MindSpore cluster at %s (waiting up to %g s for all ranks)",
-                     args.rank, args.world_size, args.dist_addr, args.dist_timeout_s)
-            try:
-                setup(kind, dist_addr=args.dist_addr, join_timeout_s=args.dist_timeout_s, **tp)
-            except DeviceUnavailableError as e:
-                log.error("%s (--device %s)", e, args.device)
-                if sched is not None:
-                    sched.stop()
-                return stop_port(2)
-            except ClusterJoinError as e:
-                log.error("%s", cluster.join_failure_message(args.rank, args.world_size, args.dist_addr,
-                                                             args.dist_timeout_s, e, sched))
-                if sched is not None:
-                    sched.stop()
-                return stop_port(2)
-            if sched is not None:
-                sched.joining = False
-            log.info("rank %d of %d joined the MindSpore cluster at %s", args.rank, args.world_size, args.dist_addr)
-        else:
-            try:
-                setup(kind)
-            except DeviceUnavailableError as e:
-                log.error("%s (--device %s)", e, args.device)
-                return stop_port(2)
+        model = _load(args, kind, log, t0) if _join_cluster(args, kind, log) else None
+        if model is None:
+            endpoints.close()
+            return 2
         import mindspore as ms
 
         from ms_worker.service import WorkerService
 
-        try:
-            model = load_model(args.model, device=kind, use_jit=not args.no_jit, dtype=args.dtype,
-                               expert_parallel=args.enable_expert_parallel, **tp)
-        except (UnsupportedModelError, FileNotFoundError, ValueError) as e:
-            log.error("cannot load model %s: %s", args.model, e)
-            return stop_port(2)
     load_s = time.perf_counter() - t0
-    placement = ""
-    if model.config.num_experts and args.world_size > 1:
-        first, stop = model.tp.experts(model.config.num_experts)
-        placement = (f"; experts {first}..{stop - 1} of {model.config.num_experts} whole" if args.enable_expert_parallel
-                     else f"; 1/{args.world_size} of each of the {model.config.num_experts} experts")
-    log.info("model %s loaded in %.1f s (%.1f MiB of weights%s%s)", args.model, load_s, model.weight_bytes() / 2**20,
-             f", tensor-parallel rank {args.rank} of {args.world_size}" if args.world_size > 1 else "", placement)
-
     service = WorkerService(model, os.path.abspath(args.model), args.device,
                             kv_cache_bytes=args.kv_cache_memory_bytes,
                             memory_utilization=args.gpu_memory_utilization, framework=f"mindspore {ms.__version__}",
@@ -384,22 +455,14 @@ def serve(args) -> int:
     done = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: done.set())
-
-    # 3. Serving.
-    holder["service"] = deferred.target = service
-    health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    if metrics is not None:
-        metrics.info.info({"worker_id": service.worker_id, "model": service.model_path, "device": args.device,
-                           "framework": service.framework, "rank": str(args.rank)})
-        metrics.load_seconds.set(load_s)
-        metrics.state.set(1)
-    log.info("serving ms_rpc.v1 on %s:%d (worker %s, device %s, rank %d/%d)", args.host, port, service.worker_id,
-             args.device, args.rank, args.world_size)
-    serving.sd_notify(f"READY=1\nSTATUS=serving on {args.host}:{port}")
+    endpoints.attach(service, args, load_s)
+    log.info("serving ms_rpc.v1 on %s:%d (worker %s, device %s, rank %d/%d)", args.host, endpoints.port,
+             service.worker_id, args.device, args.rank, args.world_size)
+    serving.sd_notify(f"READY=1\nSTATUS=serving on {args.host}:{endpoints.port}")
     if args.ready_file:
         tmp = args.ready_file + ".tmp"
         with open(tmp, "w") as f:
-            f.write(str(port))
+            f.write(str(endpoints.port))
         os.replace(tmp, args.ready_file)
 
     while not done.is_set() and not service.stopping.is_set():
@@ -407,33 +470,7 @@ def serve(args) -> int:
         if args.parent_pid and os.getppid() != args.parent_pid:
             log.warning("parent process %d is gone", args.parent_pid)
             break
-
-    # 4. Drain.
-    log.info("draining: health NOT_SERVING, new steps refused")
-    serving.sd_notify("STOPPING=1\nSTATUS=draining")
-    service.stopping.set()
-    health_servicer.enter_graceful_shutdown()
-    if metrics is not None:
-        metrics.state.set(0)
-    if args.drain_s > 0:
-        time.sleep(args.drain_s)
-    finished = service.lock.acquire(timeout=args.shutdown_grace_s)
-    if finished:
-        service.lock.release()
-    else:
-        log.warning("the step in flight did not finish within %.1f s; cancelling it", args.shutdown_grace_s)
-    server.stop(grace=1).wait()
-    if health_server is not None:
-        health_server.stop(0).wait()
-    if metrics_server is not None:
-        metrics_server.shutdown()
-    if not finished:
-        # The model call cannot be interrupted from Python: leave without waiting for its thread.
-        log.warning("stopped with a step still running")
-        logging.shutdown()
-        os._exit(1)
-    log.info("stopped")
-    return 0
+    return _drain(args, service, endpoints, log)
 
 
 def main(argv: list[str] | None = None) -> int:
