@@ -9,6 +9,7 @@ its weights are ``None`` and the branch is resolved when the graph is compiled.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import numpy as np
 import mindspore as ms
@@ -21,7 +22,7 @@ from .layers import (DeviceOps, RotaryEmbedding, build_fused_attention_metadata,
                      fused_attention, fused_rotary, gated_mlp, gather_logits, head_rms_norm, lm_head, linear,
                      new_kv_cache, param_bytes, rms_norm, to_param, vocab_parallel_embedding)
 
-__all__ = ["DecoderLayer", "FusedDecoderLayer", "DecoderModel", "build_decoder"]
+__all__ = ["DecoderLayer", "FusedDecoderLayer", "DecoderModel", "build_decoder", "read_linear", "read_vocab_rows"]
 
 
 class DecoderLayer(nn.Cell):
@@ -248,6 +249,39 @@ def tp_spans(cfg: ModelConfig, tp) -> tuple:
                                                           num_heads=heads, num_kv_heads=kvn)
 
 
+def _read(weights, name, dim=None, span=None, pad_to=None):
+    """The HF tensor ``name``, whole (``span`` None) or its [start, stop) slice along ``dim``."""
+    if span is None:
+        return weights.get(name)
+    return weights.get(name, dim=dim, start=span[0], stop=span[1], pad_to=pad_to)
+
+
+def read_linear(weights, tp, name, has_bias=False, gamma=None, mul=1.0, col=None, row=None) -> tuple:
+    """(weight [in, out], bias or None) of the HF linear ``name`` for tensor-parallel rank ``tp``: col=(start,
+    stop): its output features (column-parallel); row=: its input features (row-parallel: the bias is added once,
+    by rank 0, before the all-reduce); neither: whole. ``gamma`` (a preceding norm's) scales the input rows,
+    ``mul`` the weight and bias."""
+    w = _read(weights, name + ".weight", 0, col) if col else _read(weights, name + ".weight", 1, row)
+    w = np.ascontiguousarray(w.T)  # [in, out], a copy we own
+    if gamma is not None:
+        w *= gamma[:, None]
+    if mul != 1.0:
+        w *= np.float32(mul)
+    b = None
+    if has_bias and not (row and tp.rank != 0):
+        b = _read(weights, name + ".bias", 0, col)
+        if mul != 1.0:
+            b *= np.float32(mul)
+    return w, b
+
+
+def read_vocab_rows(weights, tp, name: str, vocab_size: int, dtype):
+    """The embedding or lm head ``name`` as a Parameter: whole, or under tensor parallel this rank's vocabulary
+    rows, zero-padded to ceil(vocab / size) (TensorParallel.vocab_range)."""
+    vstart, vstop, vpad = tp.vocab_range(vocab_size)
+    return to_param(_read(weights, name, 0, (vstart, vstop) if tp.enabled else None, vpad), name, dtype)
+
+
 def build_decoder(cfg: ModelConfig, weights, dev: DeviceOps, sparse_layer=None) -> DecoderModel:
     """Builds a DecoderModel from HF-named weights (``weights.get(name)`` -> a fresh fp32 numpy
     array in HF layout, which this function may modify).
@@ -273,26 +307,7 @@ def build_decoder(cfg: ModelConfig, weights, dev: DeviceOps, sparse_layer=None) 
     q_mul = q_scale(cfg)
     q_span, kv_span, mlp_span, lcfg = tp_spans(cfg, tp)
 
-    def read(name, dim=None, span=None, pad_to=None):
-        if span is None:
-            return weights.get(name)
-        return weights.get(name, dim=dim, start=span[0], stop=span[1], pad_to=pad_to)
-
-    def lin(name, has_bias, gamma=None, mul=1.0, col=None, row=None):
-        """col=(start, stop): this rank's output features (column-parallel); row=: its input features
-        (row-parallel: the bias is added once, by rank 0, before the all-reduce)."""
-        w = read(name + ".weight", 0, col) if col else read(name + ".weight", 1, row)
-        w = np.ascontiguousarray(w.T)  # [in, out], a copy we own
-        if gamma is not None:
-            w *= gamma[:, None]
-        if mul != 1.0:
-            w *= np.float32(mul)
-        b = None
-        if has_bias and not (row and tp.rank != 0):
-            b = read(name + ".bias", 0, col)
-            if mul != 1.0:
-                b *= np.float32(mul)
-        return w, b
+    lin = functools.partial(read_linear, weights, tp)
 
     def head_gamma(name, heads, mul=1.0):
         g = weights.get(name)
@@ -303,11 +318,9 @@ def build_decoder(cfg: ModelConfig, weights, dev: DeviceOps, sparse_layer=None) 
     # The embedding and lm head first, each turned into its Parameter at once: the transient numpy
     # copy of the largest tensors then comes before the layers' weights exist, so the peak stays
     # close to the final size (weights + one layer's numpy temporaries).
-    vstart, vstop, vpad = tp.vocab_range(cfg.vocab_size)
-    vspan = (vstart, vstop) if tp.enabled else None
-    embed = to_param(read("model.embed_tokens.weight", 0, vspan, vpad), "model.embed_tokens.weight", dev.dtype)
-    lm_head_w = None if cfg.tie_word_embeddings else to_param(read("lm_head.weight", 0, vspan, vpad),
-                                                              "lm_head.weight", dev.dtype)
+    embed = read_vocab_rows(weights, tp, "model.embed_tokens.weight", cfg.vocab_size, dev.dtype)
+    lm_head_w = None if cfg.tie_word_embeddings else read_vocab_rows(weights, tp, "lm_head.weight", cfg.vocab_size,
+                                                                     dev.dtype)
     layers = []
     for i in range(cfg.num_layers):
         p = f"model.layers.{i}"

@@ -41,7 +41,7 @@ import numpy as np
 from mindspore import Tensor, nn, ops
 
 from .config import ModelConfig
-from .decoder import DecoderModel
+from .decoder import DecoderModel, read_linear, read_vocab_rows
 from .layers import DeviceOps, RotaryEmbedding, expand_to, gated_mlp, linear, rms_norm, to_param
 from .moe import QWEN_EXPERTS, read_experts
 from .registry import UnsupportedModelError
@@ -252,21 +252,7 @@ def build_mla_decoder(cfg: ModelConfig, weights, dev: DeviceOps) -> MlaModel:
     order = _deinterleave(R) if cfg.rope_interleave else np.arange(R)
 
     def lin(name, gamma=None, bias=False, col=None, row=None):
-        """[in, out] (gamma folded into its input rows); col / row = (start, stop): this rank's output / input
-        features (a row-parallel bias stays with rank 0, added before the all-reduce)."""
-        if col is None and row is None:
-            w = weights.get(name + ".weight")
-        else:
-            dim, (start, stop) = (0, col) if col else (1, row)
-            w = weights.get(name + ".weight", dim=dim, start=start, stop=stop)
-        w = np.ascontiguousarray(w.T)
-        if gamma is not None:
-            w *= gamma[:, None]
-        if not bias or (row and tp.rank):
-            return w, None
-        if col is None:
-            return w, weights.get(name + ".bias")
-        return w, weights.get(name + ".bias", dim=0, start=col[0], stop=col[1])
+        return read_linear(weights, tp, name, bias, gamma, col=col, row=row)
 
     def rope_pair(w, b=None):
         """Columns [*, n*R] of rope dims in the checkpoint's order -> (halves order, its rotate_half) per head."""
@@ -280,15 +266,9 @@ def build_mla_decoder(cfg: ModelConfig, weights, dev: DeviceOps) -> MlaModel:
 
     bias = cfg.attention_bias
     layers = []
-    vstart, vstop, vpad = tp.vocab_range(cfg.vocab_size)
-
-    def vocab_rows(name):
-        if not tp.enabled:
-            return to_param(weights.get(name), name, dev.dtype)
-        return to_param(weights.get(name, dim=0, start=vstart, stop=vstop, pad_to=vpad), name, dev.dtype)
-
-    embed = vocab_rows("model.embed_tokens.weight")
-    lm_head_w = None if cfg.tie_word_embeddings else vocab_rows("lm_head.weight")
+    embed = read_vocab_rows(weights, tp, "model.embed_tokens.weight", cfg.vocab_size, dev.dtype)
+    lm_head_w = None if cfg.tie_word_embeddings else read_vocab_rows(weights, tp, "lm_head.weight", cfg.vocab_size,
+                                                                     dev.dtype)
     q_heads = (h0 * (dn + R), (h0 + H) * (dn + R))
     for i in range(cfg.num_layers):
         p = f"model.layers.{i}"

@@ -33,7 +33,7 @@ import mindspore as ms
 from mindspore import Tensor, ops
 
 from .config import ModelConfig
-from .decoder import DecoderLayer, DecoderModel, build_decoder
+from .decoder import DecoderLayer, DecoderModel, build_decoder, read_linear
 from .layers import (DeviceOps, expand_to, fused_attention, fused_rotary, gated_mlp, head_rms_norm, linear, rms_norm,
                      to_param)
 from .registry import UnsupportedModelError
@@ -190,11 +190,11 @@ def read_experts(weights, prefix: str, gamma, cfg: ModelConfig, names: ExpertNam
     out = dict(router=router, eg=wg, eu=wu, ed=wd, first_expert=e0)
     if cfg.shared_expert_intermediate_size:
         s = b + "shared_expert."
-        s0, s1 = tp.split(cfg.shared_expert_intermediate_size)
-        out.update(sg=np.ascontiguousarray(weights.get(s + "gate_proj.weight", dim=0, start=s0, stop=s1).T),
-                   su=np.ascontiguousarray(weights.get(s + "up_proj.weight", dim=0, start=s0, stop=s1).T),
-                   sd=np.ascontiguousarray(weights.get(s + "down_proj.weight", dim=1, start=s0, stop=s1).T),
-                   sgate=np.ascontiguousarray(weights.get(b + "shared_expert_gate.weight").T))
+        span = tp.split(cfg.shared_expert_intermediate_size)
+        out.update(sg=read_linear(weights, tp, s + "gate_proj", col=span)[0],
+                   su=read_linear(weights, tp, s + "up_proj", col=span)[0],
+                   sd=read_linear(weights, tp, s + "down_proj", row=span)[0],
+                   sgate=read_linear(weights, tp, b + "shared_expert_gate")[0])
     if gamma is not None:  # every consumer of the normed h: scale its input rows
         for key in ("router", "sg", "su", "sgate"):
             if key in out:

@@ -110,9 +110,8 @@ def check_tensor_parallel(cfg, size: int, expert_parallel: bool = False) -> str 
     if expert_parallel and not cfg.num_experts:
         return (f"--enable-expert-parallel: {cfg.architecture} has no routed experts to place (it is not a "
                 f"mixture-of-experts model)")
-    if size > 1 and cfg.num_experts:
-        if expert_parallel and cfg.num_experts % size:
-            return (f"--enable-expert-parallel over {size} ranks: {cfg.architecture}'s {cfg.num_experts} experts do "
-                    f"not divide into {size} equal parts (expert-parallel sizes that fit: "
-                    f"{[d for d in range(1, cfg.num_experts + 1) if cfg.num_experts % d == 0]})")
+    if expert_parallel and cfg.num_experts % size:
+        return (f"--enable-expert-parallel over {size} ranks: {cfg.architecture}'s {cfg.num_experts} experts do "
+                f"not divide into {size} equal parts (expert-parallel sizes that fit: "
+                f"{[d for d in range(1, cfg.num_experts + 1) if cfg.num_experts % d == 0]})")
     return check_divisible(cfg.num_heads, cfg.num_kv_heads, size)

@@ -211,6 +211,8 @@ class Endpoints:
     Prometheus metrics server."""
 
     def __init__(self, args, creds, token):
+        """``args``: `ms-worker serve`'s; ``creds``: the server's TLS credentials or None; ``token``: the bearer
+        token or None."""
         import grpc
         from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
@@ -218,6 +220,7 @@ class Endpoints:
         from ms_worker import serving
 
         self._health_pb2 = health_pb2
+        self.args, self.creds, self.token = args, creds, token
         self.service = None
         self.metrics = serving.Metrics(lambda: self.service) if args.metrics_port else None
         self.health = health.HealthServicer()
@@ -242,8 +245,9 @@ class Endpoints:
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
         self.port = 0
 
-    def open(self, args, creds, token, log) -> bool:
+    def open(self, log) -> bool:
         """Binds and starts every endpoint; False (logged, whatever started stopped again) when one cannot."""
+        args, creds, token = self.args, self.creds, self.token
         address = f"{args.host}:{args.port}"
         try:
             self.port = self.server.add_secure_port(address, creds) if creds else self.server.add_insecure_port(address)
@@ -286,8 +290,9 @@ class Endpoints:
             log.info("Prometheus metrics on http://%s:%d/metrics", mhost, args.metrics_port)
         return True
 
-    def attach(self, service, args, load_s: float) -> None:
+    def attach(self, service, load_s: float) -> None:
         """The model is loaded: ModelWorker calls go to ``service``, health "" SERVING."""
+        args = self.args
         self.service = self.deferred.target = service
         self.health.set("", self._health_pb2.HealthCheckResponse.SERVING)
         if self.metrics is not None:
@@ -351,19 +356,19 @@ def _join_cluster(args, kind: str, log) -> bool:
     try:
         setup(kind, dist_addr=args.dist_addr, join_timeout_s=args.dist_timeout_s, tp_rank=args.rank,
               tp_size=args.world_size)
-    except (DeviceUnavailableError, ClusterJoinError) as e:
-        if isinstance(e, DeviceUnavailableError):
-            log.error("%s (--device %s)", e, args.device)
-        else:
-            log.error("%s", cluster.join_failure_message(args.rank, args.world_size, args.dist_addr,
-                                                         args.dist_timeout_s, e, sched))
+    except DeviceUnavailableError as e:
+        log.error("%s (--device %s)", e, args.device)
+    except ClusterJoinError as e:
+        log.error("%s", cluster.join_failure_message(args.rank, args.world_size, args.dist_addr, args.dist_timeout_s,
+                                                     e, sched))
+    else:
         if sched is not None:
-            sched.stop()
-        return False
+            sched.joining = False
+        log.info("rank %d of %d joined the MindSpore cluster at %s", args.rank, args.world_size, args.dist_addr)
+        return True
     if sched is not None:
-        sched.joining = False
-    log.info("rank %d of %d joined the MindSpore cluster at %s", args.rank, args.world_size, args.dist_addr)
-    return True
+        sched.stop()
+    return False
 
 
 def _load(args, kind: str, log, t0: float):
@@ -433,7 +438,7 @@ def serve(args) -> int:
         os.environ["DEVICE_ID"] = str(index)
 
     endpoints = Endpoints(args, creds, token)
-    if not endpoints.open(args, creds, token, log):
+    if not endpoints.open(log):
         return 2
     t0 = time.perf_counter()
     serving.sd_notify("STATUS=loading the model")
@@ -455,7 +460,7 @@ def serve(args) -> int:
     done = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: done.set())
-    endpoints.attach(service, args, load_s)
+    endpoints.attach(service, load_s)
     log.info("serving ms_rpc.v1 on %s:%d (worker %s, device %s, rank %d/%d)", args.host, endpoints.port,
              service.worker_id, args.device, args.rank, args.world_size)
     serving.sd_notify(f"READY=1\nSTATUS=serving on {args.host}:{endpoints.port}")

@@ -188,11 +188,13 @@ class MsRpcExecutor(Executor):
         self.faults.scheduler = scheduler
 
     def get_kv_cache_specs(self) -> list[dict[str, KVCacheSpec]]:
+        from ms_models.parallel import TensorParallel
+
         m = self.info.model
-        tp = self.group.size
         # The KV cache spec of one rank: its share of the KV heads (one, replicated, when there are fewer than ranks).
-        kw = dict(block_size=self.cache_config.block_size, num_kv_heads=max(1, m.num_kv_heads // tp),
-                  head_size=m.head_dim, dtype=_DTYPES[self.info.dtype])
+        kv_heads = TensorParallel(0, self.group.size).kv_heads(m.num_kv_heads)[1]
+        kw = dict(block_size=self.cache_config.block_size, num_kv_heads=kv_heads, head_size=m.head_dim,
+                  dtype=_DTYPES[self.info.dtype])
         # A windowed model lets vLLM free the blocks that fall out of the window; an MLA model caches one latent row
         # per token (MLAAttentionSpec: no separate V, half of FullAttentionSpec's page for the same head size).
         if self.model_config.use_mla:
