@@ -58,7 +58,8 @@ class FusedKernels:
     * ``rope()``: RotaryPositionEmbedding, mode 0 (rotate_half); ``(x [1, T, N, D], cos [1, T, 1, D], sin, 0)``
       (layout BSND) ``-> x'``.
     * ``reshape_and_cache()``: ReshapeAndCache; ``(key [T, N, D], value, key_cache [blocks, block_size, N, D],
-      value_cache, slot_mapping [T] int32)``: writes token t at slot ``slot_mapping[t]`` of both caches in place.
+      value_cache, slot_mapping [T] int32)``: writes token t at slot ``slot_mapping[t]`` of both caches in place;
+      value and value_cache None (optional in the contract): the key cache only (MLA's latent rows).
     * ``paged_attention(heads, kv_heads)``: PagedAttention (gen_ops_prim.PagedAttention's docstring), mask_mode
       MASK_DEFAULT; ``(query [T, heads, D], key_cache, value_cache, block_tables [B, M] int32, context_lens [B]
       int32, antiquant_scale=None, antiquant_offset=None, attn_mask, q_seq_lens) -> [T, heads, D]``. Sequence b
@@ -68,6 +69,10 @@ class FusedKernels:
       ("the lookahead mask", one row per query token over key positions, additive, in the query's dtype:
       0 / -10000 as vLLM-MindSpore builds it for PagedAttention with query lengths > 1) hides the keys each row
       must not see (causal, sliding window).
+      ``paged_attention(heads, 1, mla_v_dim)`` (multi-head latent attention, as vLLM-MindSpore runs DeepSeek):
+      one cache row per token (the latent and the rope key, D = kv_lora_rank + qk_rope_head_dim), passed as both
+      key_cache and value_cache; the value is the first ``mla_v_dim`` (kv_lora_rank) dims of the key row and the
+      output is ``[T, heads, mla_v_dim]``.
     * ``flash_attention(heads)``: FlashAttentionScore (gen_ops_prim.FlashAttentionScore's docstring, and
       ops.flash_attention_score's), input_layout "TND", sparse_mode 3 (rightDownCausal), next_tokens 0;
       ``(q [T1, heads, D], k [T2, kv_heads, D], v, None, None, None, attn_mask [2048, 2048] uint8 (the
@@ -108,9 +113,9 @@ class FusedKernels:
         return prim.ReshapeAndCache()
 
     @staticmethod
-    def paged_attention(num_heads, num_kv_heads):
+    def paged_attention(num_heads, num_kv_heads, mla_v_dim=0):
         from mindspore.ops.auto_generate import gen_ops_prim as prim
-        return prim.PagedAttention(int(num_heads), 1.0, int(num_kv_heads))
+        return prim.PagedAttention(int(num_heads), 1.0, int(num_kv_heads), mla_v_dim=int(mla_v_dim))
 
     @staticmethod
     def flash_attention(num_heads):

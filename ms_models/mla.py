@@ -27,6 +27,16 @@ weight matrix w [T, E] (zero for unchosen experts); the MoeFFN kernel (moe.py) t
 its softmax + top-k + renormalisation choose exactly the nonzero experts with weights w / sum(w), multiplied back
 by sum(w) when the model does not renormalise.
 
+On the fused (Ascend) path (FusedMlaDecoderLayer) the attention runs on MindSpore's kernels as vLLM-MindSpore runs
+DeepSeek (contracts in layers.FusedKernels): ReshapeAndCache writes the token's [c, k_pe] row into the latent cache
+(key only); a pure prefill (layers.build_fused_attention_metadata picks the kernel per step) expands per head,
+k = [c @ W_UK^T, k_pe], v = c @ W_UV zero-padded to qk_nope + qk_rope dims, through FlashAttentionScore (TND, causal,
+actual sequence lengths) on the step's own rows; every other step attends in the absorbed form through
+PagedAttention with mla_v_dim = kv_lora_rank over the latent cache in place (one KV head, the cache as both key and
+value cache), its output [T, H, kv_lora_rank] taken back through W_UV. Routers and norms are the CPU path's plain
+ops (norm gammas folded likewise), the routed experts moe.fused_experts with the routers' log-weights as logits
+(the same trick as the MoeFFN kernel's). Expert parallel is not built there.
+
 Tensor parallel (ms_models.parallel): each rank holds H/N query heads (their q, W_UK, W_UV and o_proj rows) and
 computes the shared latent and rope key itself, so the latent cache is replicated on every rank (as vLLM's MLA
 cache); dense MLPs and shared experts split like Llama's, routed experts as moe.read_experts places them; the
@@ -42,11 +52,12 @@ from mindspore import Tensor, nn, ops
 
 from .config import ModelConfig
 from .decoder import DecoderModel, read_linear, read_vocab_rows
-from .layers import DeviceOps, RotaryEmbedding, expand_to, gated_mlp, linear, rms_norm, to_param
-from .moe import QWEN_EXPERTS, read_experts
+from .layers import (PAGED_MASK_VALUE, DeviceOps, RotaryEmbedding, build_fused_attention_metadata, expand_to,
+                     flash_causal_mask, gated_mlp, linear, rms_norm, to_param)
+from .moe import QWEN_EXPERTS, fused_experts, read_experts
 from .registry import UnsupportedModelError
 
-__all__ = ["MlaDecoderLayer", "MlaModel", "build_mla_decoder", "yarn_factors"]
+__all__ = ["MlaDecoderLayer", "FusedMlaDecoderLayer", "MlaModel", "build_mla_decoder", "yarn_factors"]
 
 _MIN_WEIGHT = 1e-30  # log() floor of the unchosen experts' zero weights: far below any chosen expert's
 # MlaDecoderLayer's weights (build_mla_decoder's keys), absent ones None
@@ -110,6 +121,13 @@ def sigmoid_router(logits, bias, k: int, n_group: int, topk_group: int):
     return _keep_top(c * mask + (mask - 1.0) * 1e30, s, k)
 
 
+def route(logits, score_bias, sigmoid: bool, k: int, n_group: int, topk_group: int):
+    """The layer's router: sigmoid_router (V3) or softmax_router (V2)."""
+    if sigmoid:
+        return sigmoid_router(logits, score_bias, k, n_group, topk_group)
+    return softmax_router(logits, k, n_group, topk_group)
+
+
 def _group_mask(group_scores, topk_group: int, shape):
     """1.0 for the experts of the topk_group groups of highest score, 0.0 elsewhere; [T, E]."""
     T, G = group_scores.shape
@@ -143,12 +161,24 @@ class MlaDecoderLayer(nn.Cell):
         for key in _MLP_WEIGHTS:
             setattr(self, key, to_param(w.get(key), m + key, dev.dtype))
         self.bmm = ops.BatchMatMul()
-        self.attn_op = dev.attention_kernel()
-        self.moe_op = moe_ffn_op() if self.router is not None else None
         self.top_k, self.n_group, self.topk_group = cfg.num_experts_per_tok, cfg.n_group, cfg.topk_group
         self.sigmoid = cfg.routing == "sigmoid"
         self.renorm = cfg.norm_topk_prob
-        self.moe_cfg = Tensor(np.array([cfg.num_experts_per_tok, 1, w.get("first_expert", 0)], np.int32))
+        self.num_experts = cfg.num_experts
+        if dev.fused:
+            kern = dev.kernels
+            self.write_op = kern.reshape_and_cache()
+            self.paged_op = kern.paged_attention(self.H, 1, self.Dc)
+            self.flash_op = kern.flash_attention(self.H)
+            self.flash_mask = flash_causal_mask()
+            self.mm_tb, self.bmm_tb = ops.MatMul(transpose_b=True), ops.BatchMatMul(transpose_b=True)
+            self.moe_ops = None if self.router is None else (
+                kern.moe_gating_top_k_softmax(), kern.moe_init_routing_v2(), kern.grouped_matmul(),
+                kern.moe_token_unpermute())
+        else:
+            self.attn_op = dev.attention_kernel()
+            self.moe_op = moe_ffn_op() if self.router is not None else None
+            self.moe_cfg = Tensor(np.array([cfg.num_experts_per_tok, 1, w.get("first_expert", 0)], np.int32))
         self.all_reduce = ops.AllReduce() if dev.tp.enabled else None
         self.k_cache = None
 
@@ -198,13 +228,68 @@ class MlaDecoderLayer(nn.Cell):
             if self.all_reduce is not None:
                 y = self.all_reduce(y)
             return x + y
-        logits = linear(h, self.router)
-        if self.sigmoid:
-            wts = sigmoid_router(logits, self.score_bias, self.top_k, self.n_group, self.topk_group)
-        else:
-            wts = softmax_router(logits, self.top_k, self.n_group, self.topk_group)
+        wts = route(linear(h, self.router), self.score_bias, self.sigmoid, self.top_k, self.n_group, self.topk_group)
         y = self.moe_op(h, ops.log(ops.maximum(wts, _MIN_WEIGHT)), self.eg, self.eu, self.ed, query_start_loc,
                         params, self.moe_cfg)
+        if not self.renorm:
+            y = y * expand_to(ops.sum(wts, -1, keepdim=True), y.shape)
+        if self.sg is not None:
+            y = y + gated_mlp(h, self.sg, self.su, self.sd)
+        if self.all_reduce is not None:
+            y = self.all_reduce(y)
+        return x + y
+
+
+class FusedMlaDecoderLayer(MlaDecoderLayer):
+    """MlaDecoderLayer on the fused (Ascend) path (the module docstring); ``wuv`` is [H, dv, Dc] here (HF's kv_b_proj
+    rows, as vLLM-MindSpore keeps them), W_UK [H, dn, Dc] as on the CPU path."""
+
+    def construct(self, x, q_cos, q_sin, k_cos, k_sin, slots, block_tables, context_lens, q_seq_lens, attn_mask,
+                  actual_seq_lens):
+        """Inputs: MlaModel.prepare_inputs' fused ones (layers.build_fused_attention_metadata's; the None ones select
+        the kernel path). Written out whole, as FusedDecoderLayer explains."""
+        T, H, dt = x.shape[0], self.H, x.dtype
+        h = rms_norm(x, self.eps)
+        qin = rms_norm(linear(h, self.wqa, self.bqa), self.eps) if self.wqa is not None else h
+        q_nope = linear(qin, self.wq_nope).reshape(T, H, self.dn)
+        q_pe = linear(qin, self.wq_pe) * ops.cast(q_cos, dt) + linear(qin, self.wq_rot) * ops.cast(q_sin, dt)
+        q_pe = q_pe.reshape(T, H, -1)
+        c = rms_norm(linear(h, self.wc, self.bc), self.eps)
+        k_pe = linear(h, self.wk_pe, self.bk_pe) * ops.cast(k_cos, dt) + \
+            linear(h, self.wk_rot, self.bk_rot) * ops.cast(k_sin, dt)
+        written = self.write_op(ops.concat((c, k_pe), -1).reshape(T, 1, self.D), None, self.k_cache, None, slots)
+        q_nope = ops.depend(q_nope, written)  # the attention reads this step's rows from the cache
+        if actual_seq_lens is not None:       # pure prefill: expanded heads, FlashAttentionScore on the step's rows
+            R, dq = k_pe.shape[1], self.dn + k_pe.shape[1]
+            k = ops.concat((self.mm_tb(c, self.wuk.reshape(H * self.dn, self.Dc)).reshape(T, H, self.dn),
+                            ops.tile(k_pe.reshape(T, 1, R), (1, H, 1))), -1)
+            v = self.mm_tb(c, self.wuv.reshape(H * self.dv, self.Dc)).reshape(T, H, self.dv)
+            if self.dv < dq:
+                v = ops.concat((v, ops.zeros((T, H, dq - self.dv), dt)), -1)
+            pad = ops.zeros((actual_seq_lens.shape[0], H, dq), dt)  # rows of the padded requests (fused_attention)
+            q = ops.concat((ops.concat((q_nope, q_pe), -1), pad), 0)
+            o = self.flash_op(q, ops.concat((k, pad), 0), ops.concat((v, pad), 0), None, None, None, self.flash_mask,
+                              None, actual_seq_lens, actual_seq_lens)[3]
+            o = o[:T, :, :self.dv].reshape(T, H * self.dv)
+        else:                                 # absorbed: PagedAttention over the latent cache in place
+            q_lat = self.bmm(q_nope.transpose(1, 0, 2), self.wuk).transpose(1, 0, 2)
+            mask = None if attn_mask is None else ops.cast(attn_mask, dt) * PAGED_MASK_VALUE
+            o_lat = self.paged_op(ops.concat((q_lat, q_pe), -1), self.k_cache, self.k_cache, block_tables,
+                                  context_lens, None, None, mask, q_seq_lens).reshape(T, H, self.Dc)
+            o = self.bmm_tb(o_lat.transpose(1, 0, 2), self.wuv).transpose(1, 0, 2).reshape(T, H * self.dv)
+        y = linear(o, self.wo, self.bo)
+        if self.all_reduce is not None:
+            y = self.all_reduce(y)
+        x = x + y
+        h = rms_norm(x, self.eps)
+        if self.moe_ops is None:
+            y = gated_mlp(h, self.wg, self.wu, self.wd)
+            if self.all_reduce is not None:
+                y = self.all_reduce(y)
+            return x + y
+        wts = route(linear(h, self.router), self.score_bias, self.sigmoid, self.top_k, self.n_group, self.topk_group)
+        y = fused_experts(h, ops.log(ops.maximum(wts, _MIN_WEIGHT)), self.eg, self.eu, self.ed, self.top_k, True,
+                          self.num_experts, *self.moe_ops)
         if not self.renorm:
             y = y * expand_to(ops.sum(wts, -1, keepdim=True), y.shape)
         if self.sg is not None:
@@ -230,9 +315,12 @@ class MlaModel(DecoderModel):
         cos, sin = self.rope.cos_sin(batch.positions)
         cos *= self.rope_factor
         sin *= self.rope_factor
+        H = cfg.num_heads
+        if self.fused:
+            return (batch.input_ids, np.tile(cos, (1, H)), np.tile(sin, (1, H)), cos, sin,
+                    *build_fused_attention_metadata(batch, num_blocks, block_size, num_reqs))
         ident = np.zeros((batch.num_tokens, cfg.head_dim), np.float32)
         ident[:, :cfg.head_dim // 2] = 1.0
-        H = cfg.num_heads
         return (batch.input_ids, np.tile(cos, (1, H)), np.tile(sin, (1, H)), cos, sin, ident, batch.slot_mapping,
                 batch.query_start_loc, batch.seq_lens, batch.block_tables, np.array([num_reqs, 0], np.int32))
 
@@ -240,8 +328,14 @@ class MlaModel(DecoderModel):
 def build_mla_decoder(cfg: ModelConfig, weights, dev: DeviceOps) -> MlaModel:
     """Reads a DeepSeek-V2/V3 checkpoint (HF names) into an MlaModel, folding as the module docstring says;
     under tensor parallel this rank's share only (``dev.tp``: heads h0 .. h0 + H - 1 of the model's)."""
-    if dev.fused:
-        raise UnsupportedModelError(f"{cfg.architecture}: multi-head latent attention runs on the CPU path only")
+    if dev.fused and dev.tp.expert_parallel:
+        raise UnsupportedModelError(f"{cfg.architecture}: expert parallel runs on the CPU path only")
+    if dev.fused and ((cfg.qk_nope_head_dim + cfg.qk_rope_head_dim) % 16 or cfg.v_head_dim > cfg.qk_nope_head_dim +
+                      cfg.qk_rope_head_dim):
+        raise UnsupportedModelError(
+            f"{cfg.architecture} on the fused path: FlashAttentionScore's head dim qk_nope_head_dim + "
+            f"qk_rope_head_dim = {cfg.qk_nope_head_dim + cfg.qk_rope_head_dim} must be a multiple of 16 and at least "
+            f"v_head_dim {cfg.v_head_dim}")
     tp = dev.tp
     H, dn, R, dv, Dc = cfg.num_heads // tp.size, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, \
         cfg.kv_lora_rank
@@ -293,7 +387,10 @@ def build_mla_decoder(cfg: ModelConfig, weights, dev: DeviceOps) -> MlaModel:
         kvb = weights.get(a + "kv_b_proj.weight", dim=0, start=h0 * (dn + dv), stop=(h0 + H) * (dn + dv))
         kvb = kvb.reshape(H, dn + dv, Dc)  # HF [out, in]
         w["wuk"] = np.ascontiguousarray(kvb[:, :dn, :] * gc[None, None, :])                     # [H, dn, Dc]
-        w["wuv"] = np.ascontiguousarray(kvb[:, dn:, :].transpose(0, 2, 1) * gc[None, :, None])  # [H, Dc, dv]
+        if dev.fused:
+            w["wuv"] = np.ascontiguousarray(kvb[:, dn:, :] * gc[None, None, :])                 # [H, dv, Dc]
+        else:
+            w["wuv"] = np.ascontiguousarray(kvb[:, dn:, :].transpose(0, 2, 1) * gc[None, :, None])  # [H, Dc, dv]
         del kvb
         w["wo"], w["bo"] = lin(a + "o_proj", None, bias, row=(h0 * dv, (h0 + H) * dv))
         if i in cfg.moe_layers:
@@ -313,5 +410,5 @@ def build_mla_decoder(cfg: ModelConfig, weights, dev: DeviceOps) -> MlaModel:
             w["wg"], _ = lin(p + ".mlp.gate_proj", g2, col=span)
             w["wu"], _ = lin(p + ".mlp.up_proj", g2, col=span)
             w["wd"], _ = lin(p + ".mlp.down_proj", row=span)
-        layers.append(MlaDecoderLayer(lcfg, w, p, dev))
+        layers.append((FusedMlaDecoderLayer if dev.fused else MlaDecoderLayer)(lcfg, w, p, dev))
     return MlaModel(lcfg, embed, layers, weights.get("model.norm.weight"), lm_head_w, dev)

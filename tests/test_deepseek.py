@@ -51,7 +51,9 @@ VARIANTS = {
 }
 
 
-def _make(name, seed):
+def _make(name, seed, **dims):
+    """A VARIANTS checkpoint; ``dims`` override the common config values (test_fused_path: MLA dims that
+    FlashAttentionScore takes)."""
     import torch
     import transformers as T
 
@@ -63,6 +65,8 @@ def _make(name, seed):
                   num_experts_per_tok=2, first_k_dense_replace=1, max_position_embeddings=512,
                   initializer_range=0.1, rope_parameters=dict(YARN), tie_word_embeddings=False,
                   bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    common.update(dims)
+    extra = {k: v for k, v in extra.items() if k not in dims}
     if arch == "v2":
         model = T.DeepseekV2ForCausalLM(T.DeepseekV2Config(**common, **extra))
     else:

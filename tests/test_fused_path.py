@@ -10,8 +10,10 @@ FlashAttentionScore in layout TND with actual sequence lengths (pure prefills), 
 PagedAttention with per-sequence query lengths and a mask (mixed batches, chunks over earlier context, sliding
 windows).
 
-For a Llama, a Qwen2 (biases), a Qwen3 (q/k norm, head_dim 64), a Mistral (sliding window 8) and a Qwen2-MoE (shared
-expert, a dense middle layer, one KV head, renormalised top-k) checkpoint, the
+For a Llama, a Qwen2 (biases), a Qwen3 (q/k norm, head_dim 64), a Mistral (sliding window 8), a Qwen2-MoE (shared
+expert, a dense middle layer, one KV head, renormalised top-k) and a DeepSeek-V3 (MLA: q_lora 96, kv_lora 64, rope 16,
+nope 32, v 32; sigmoid group-limited routing with a correction bias, a shared expert, a dense first layer) checkpoint,
+the
 CPU path (the ms_models.kernels attention kernel), the ascend path under ms.jit and the ascend path in PyNative
 with contract checks run the same flat batches (decodes of 1-8 sequences, pure prefills, prefill chunks over
 earlier context mixed with decodes, padded tokens and requests) on their own caches. Asserted: logits equal the
@@ -19,9 +21,12 @@ CPU path's (< 1e-4); the caches hold the same K/V (padding tokens write only the
 meets its contract (shapes, dtypes, index ranges, the meaning of each length, no all-masked row); per layer the
 cache write comes first, then the kernel the step's kind calls for, then in a sparse layer MoeGatingTopKSoftmax,
 MoeInitRoutingV2, three GroupedMatmul and MoeTokenUnpermute (moe.fused_experts); one body graph per token bucket and kernel
-path. And the real kernels: an "ascend" model in bf16 builds here with MindSpore's own primitives (attributes
+path. MLA (ms_models.mla's FusedMlaDecoderLayer): ReshapeAndCache of the latent row alone (no value), PagedAttention
+with mla_v_dim over the latent cache passed as key and value cache, FlashAttentionScore on expanded heads for pure
+prefills. And the real kernels: an "ascend" model in bf16 builds here with MindSpore's own primitives (attributes
 checked: FlashAttentionScore TND / sparse_mode 3 and its constant causal mask), bf16 weights and a bf16 cache half
-the size of the CPU one; dtypes a device lacks are refused.
+the size of the CPU one; dtypes a device lacks are refused; the DeepSeek-V3 one's PagedAttention has kv_head_num 1 and
+mla_v_dim = kv_lora_rank, its cache one bf16 latent row per token.
 
 Runs in the front env; the MindSpore side is this file run as a script under .venv-worker/bin/python.
 """
@@ -33,7 +38,10 @@ import sys
 
 import numpy as np
 
-ARCHS = ("llama", "qwen2", "qwen3", "mistral", "qwen2_moe")
+ARCHS = ("llama", "qwen2", "qwen3", "mistral", "qwen2_moe", "deepseek_v3")
+# DeepSeek-V3 (test_deepseek's "v3": q_lora, sigmoid routing with a correction bias, groups, a shared expert, a dense
+# first layer) with the issue's MLA dims: FlashAttentionScore's head dim qk_nope + qk_rope = 48 (a multiple of 16)
+MLA_DIMS = dict(q_lora_rank=96, kv_lora_rank=64, qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=32)
 MOE_CALLS = ["moe_gating_top_k_softmax", "moe_init_routing_v2"] + ["grouped_matmul"] * 3 + ["moe_token_unpermute"]
 ROUNDS = 2
 ATOL = 1e-4
@@ -83,17 +91,20 @@ def stand_in_kernels(log: list | None):
             bs = key_cache.shape[1]
             idx = ops.stack((slot_mapping // bs, slot_mapping % bs), -1)
             ops.scatter_nd_update(key_cache, idx, key)
-            ops.scatter_nd_update(value_cache, idx, value)
+            if value is not None:
+                ops.scatter_nd_update(value_cache, idx, value)
             return key
 
     class PagedAttention(nn.Cell):
         """Sequence e reads keys 0..context_lens[e]-1 through block_tables[e]; without q_seq_lens one query per
         sequence, with q_seq_lens sequence e owns the next q_seq_lens[e] query rows, and attn_mask [T, >= max
-        context] is added to the scores of each query row (the lookahead mask)."""
+        context] is added to the scores of each query row (the lookahead mask). mla_v_dim > 0: the values are the
+        first mla_v_dim dims of each value row (MLA: the cache's latent), the output [T, heads, mla_v_dim]."""
 
-        def __init__(self, heads, scale, kv_heads):
+        def __init__(self, heads, scale, kv_heads, mla_v_dim=0):
             super().__init__()
             self.heads, self.scale, self.kv_heads, self.mask_mode = heads, scale, kv_heads, "MASK_DEFAULT"
+            self.mla_v_dim = mla_v_dim
 
         def construct(self, query, key_cache, value_cache, block_tables, context_lens, antiquant_scale=None,
                       antiquant_offset=None, attn_mask=None, q_seq_lens=None):
@@ -117,6 +128,8 @@ def stand_in_kernels(log: list | None):
                     (attn_mask, ops.zeros((T, L - attn_mask.shape[1]), attn_mask.dtype)), 1)
                 bias = bias + m
             p = ops.softmax(s + bias.reshape(T, 1, 1, L), -1)
+            if self.mla_v_dim:
+                return ops.matmul(p, v[..., :self.mla_v_dim]).reshape(T, H, self.mla_v_dim)
             return ops.matmul(p, v).reshape(T, H, D)
 
     class FlashAttentionScore(nn.Cell):
@@ -237,10 +250,11 @@ def stand_in_kernels(log: list | None):
 
     def check_write(key, value, key_cache, value_cache, slot_mapping):
         T, N, D = key.shape
-        assert value.shape == key.shape and key_cache.shape == value_cache.shape
-        assert isinstance(key_cache, Parameter) and isinstance(value_cache, Parameter)  # written in place
+        assert (value is None) == (value_cache is None), "a value without its cache"   # None: MLA's latent rows
+        assert value is None or (value.shape == key.shape and key_cache.shape == value_cache.shape)
+        assert isinstance(key_cache, Parameter) and (value is None or isinstance(value_cache, Parameter))  # in place
         assert key_cache.ndim == 4 and key_cache.shape[2:] == (N, D), (key.shape, key_cache.shape)
-        assert key_cache.dtype == key.dtype == value.dtype
+        assert key_cache.dtype == key.dtype and (value is None or value.dtype == key.dtype)
         s = slot_mapping.asnumpy()
         assert slot_mapping.dtype == ms.int32 and s.shape == (T,), (slot_mapping.dtype, s.shape)
         assert s.min() >= 0 and s.max() < key_cache.shape[0] * key_cache.shape[1], s
@@ -257,6 +271,9 @@ def stand_in_kernels(log: list | None):
         assert bt.min() >= 0 and bt.max() < key_cache.shape[0], bt
         assert cl.min() >= 1 and cl.max() <= bt.shape[1] * key_cache.shape[1], cl
         assert (attn_mask is None) == (q_seq_lens is None), "query lengths and the mask come together"
+        if cell.mla_v_dim:  # MLA: one latent row per token, the cache passed as key and value cache
+            assert cell.kv_heads == 1 and value_cache.shape == key_cache.shape and 0 < cell.mla_v_dim < D
+            assert value_cache.name == key_cache.name, (value_cache.name, key_cache.name)
         if q_seq_lens is None:
             assert B == T, (B, T)                                                    # one query per sequence
             return "paged_attention"
@@ -317,8 +334,9 @@ def stand_in_kernels(log: list | None):
             return wrap("reshape_and_cache", ReshapeAndCache(), check_write)
 
         @staticmethod
-        def paged_attention(num_heads, num_kv_heads):
-            return wrap("paged_attention", PagedAttention(num_heads, 1.0, num_kv_heads), check_paged, True)
+        def paged_attention(num_heads, num_kv_heads, mla_v_dim=0):
+            return wrap("paged_attention", PagedAttention(num_heads, 1.0, num_kv_heads, mla_v_dim), check_paged,
+                        True)
 
         @staticmethod
         def flash_attention(num_heads):
@@ -433,7 +451,7 @@ def ms_side(spec_path: str) -> None:
         result[arch] = {"diffs": diffs, "calls": calls, "cache_diff": cache_diff,
                         "cache_abs_max": float(np.abs(cpu.kv_caches()[0][0].asnumpy()).max()),
                         "layers": cpu.config.num_layers, "qk_norm": bool(cpu.config.qk_norm),
-                        "moe_layers": list(cpu.config.moe_layers),
+                        "moe_layers": list(cpu.config.moe_layers), "mla": bool(cpu.config.kv_lora_rank),
                         "sliding_window": cpu.config.sliding_window,
                         "body_graphs": sorted([k[1], list(k[2])] for k in fused.compiled if k[0] == "body")}
         if arch == "llama":
@@ -442,6 +460,18 @@ def ms_side(spec_path: str) -> None:
             layer = load_model(model_dir, device="ascend", dtype="bfloat16", kernels=FusedKernels()).net.layers[0]
             result["real_moe"] = [[type(op).__name__, [getattr(op, "split_item", None), getattr(op, "group_type", None)]]
                                   for op in layer.moe_ops]
+        if arch == "deepseek_v3":  # MindSpore's own MLA kernels as vLLM-MindSpore calls them, built (not run) here
+            m = load_model(model_dir, device="ascend", dtype="bfloat16", kernels=FusedKernels())
+            m.allocate_kv_cache(8, 4)
+            layer = m.net.layers[1]
+            result["real_mla"] = {
+                "prims": {name: [type(op).__name__, {k: (v if isinstance(v, (int, float, str)) else str(v))
+                                                     for k, v in op.attrs.items()}]
+                          for name, op in (("write", layer.write_op), ("paged", layer.paged_op),
+                                           ("flash", layer.flash_op))},
+                "moe": [type(op).__name__ for op in layer.moe_ops],
+                "cache_shape": list(layer.k_cache.shape), "cache_dtype": str(layer.k_cache.dtype),
+                "dims": [cpu.config.num_heads, cpu.config.kv_lora_rank, cpu.config.head_dim]}
     json.dump(result, open(spec["out"], "w"))
 
 
@@ -449,11 +479,15 @@ def ms_side(spec_path: str) -> None:
 def test_ascend_path_with_contract_stand_ins_matches_cpu(tmp_path):
     from conftest import ROOT, WORKER_PY
     from test_models import _make_checkpoint
+    from test_deepseek import _make as make_deepseek
     from test_moe import _make as make_moe
 
     models = {}
     for i, arch in enumerate(ARCHS):
-        m = make_moe(arch, 30 + i, norm_topk_prob=True) if arch.endswith("_moe") else _make_checkpoint(arch, 30 + i)
+        if arch == "deepseek_v3":
+            m = make_deepseek("v3", 30 + i, **MLA_DIMS)
+        else:
+            m = make_moe(arch, 30 + i, norm_topk_prob=True) if arch.endswith("_moe") else _make_checkpoint(arch, 30 + i)
         m.save_pretrained(tmp_path / arch)
         models[arch] = str(tmp_path / arch)
     spec = tmp_path / "spec.json"
@@ -470,7 +504,9 @@ def test_ascend_path_with_contract_stand_ins_matches_cpu(tmp_path):
         assert worst[0] < ATOL and worst[1] < ATOL, (arch, worst)           # jit and PyNative ascend paths
         assert a["cache_abs_max"] > 0.1 and a["cache_diff"] < ATOL, (arch, a["cache_diff"])
         L = a["layers"]
-        norms_per_layer = 4 if a["qk_norm"] else 2
+        # MLA layers: norms and RoPE as plain ops (gammas folded; mla.py), the attention kernels only
+        norms_per_layer = 0 if a["mla"] else 4 if a["qk_norm"] else 2
+        ropes = [] if a["mla"] else ["rope", "rope"]
         used = set()
         for c in a["calls"]:
             window = a["sliding_window"]
@@ -479,13 +515,14 @@ def test_ascend_path_with_contract_stand_ins_matches_cpu(tmp_path):
             used.add(attn)
             log = c["log"]
             assert log.count("rms_norm") == norms_per_layer * L + c["head_calls"], (arch, c)   # + the final norm
-            assert log.count("rope") == 2 * L and log.count("reshape_and_cache") == L, (arch, c)
+            assert log.count("rope") == len(ropes) * L and log.count("reshape_and_cache") == L, (arch, c)
             assert log.count(attn) == L, (arch, c)
-            assert len(log) == (norms_per_layer + 4) * L + len(MOE_CALLS) * len(a["moe_layers"]) + c["head_calls"]
+            assert len(log) == (norms_per_layer + len(ropes) + 2) * L + len(MOE_CALLS) * len(a["moe_layers"]) + \
+                c["head_calls"]
             # per layer: q/k RoPE, the cache write, then the attention (after the write: PagedAttention reads this
             # step's keys from the cache); a sparse layer's experts: gating, routing, gate/up/down, unpermute
             per_layer = [x for x in log if x != "rms_norm"]
-            want = [n for i in range(L) for n in ["rope", "rope", "reshape_and_cache", attn] +
+            want = [n for i in range(L) for n in ropes + ["reshape_and_cache", attn] +
                     (MOE_CALLS if i in a["moe_layers"] else [])]
             assert per_layer == want, (arch, c)
         assert {c["kind"] for c in a["calls"]} == {"decode", "prefill", "mixed"}, arch
@@ -497,7 +534,16 @@ def test_ascend_path_with_contract_stand_ins_matches_cpu(tmp_path):
         assert len(graphs) == len({(T, tuple(n)) for T, n in graphs}), graphs
         assert len({tuple(n) for _, n in graphs}) == len(used), (arch, graphs)
 
-    assert r["qwen2_moe"]["moe_layers"] == [0, 2]
+    assert r["qwen2_moe"]["moe_layers"] == [0, 2] and r["deepseek_v3"]["moe_layers"] == [1, 2]
+    mla = r["real_mla"]
+    heads, latent, row = mla["dims"]
+    assert [n for n, _ in mla["prims"].values()] == ["ReshapeAndCache", "PagedAttention", "FlashAttentionScore"]
+    paged, flash = mla["prims"]["paged"][1], mla["prims"]["flash"][1]
+    assert (paged["head_num"], paged["kv_head_num"], paged["mla_v_dim"], paged["scale_value"]) == (heads, 1, latent, 1.0)
+    assert flash["head_num"] == heads and flash["input_layout"] == 4 and flash["sparse_mode"] == 3   # TND, causal
+    assert mla["moe"] == ["MoeGatingTopKSoftmax", "MoeInitRoutingV2", "GroupedMatmul", "MoeTokenUnpermute"]
+    assert mla["cache_shape"] == [8 + 1, 4, 1, row] and row == latent + MLA_DIMS["qk_rope_head_dim"]
+    assert mla["cache_dtype"] == "BFloat16", mla
     assert [n for n, _ in r["real_moe"]] == ["MoeGatingTopKSoftmax", "MoeInitRoutingV2", "GroupedMatmul",
                                              "MoeTokenUnpermute"], r["real_moe"]
     assert r["real_moe"][2][1] == [3, 0], r["real_moe"]                  # GroupedMatmul: one tensor, grouped on M
