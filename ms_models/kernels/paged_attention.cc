@@ -30,7 +30,10 @@
 // as in decode --, tile of up to QT query tokens): the unit rotates its G*qn query rows per kv
 // head (G = H/KVH) into a local buffer and walks the keys it needs in chunks of KC positions,
 // each key/value row loaded once for all rows of its kv head (GQA + query-tile sharing), with an
-// online softmax (running max / sum; no [Q, L] score matrix). Scores: dot products for few rows,
+// online softmax (running max / sum; no [Q, L] score matrix). The unit's slice of the next chunk's key and
+// value rows is prefetched while the current chunk computes: decode reads the cache from DRAM, once per layer
+// (SmolLM2-135M heads, 30 layers' caches, 2-vCPU AMD EPYC: decode B=8 / B=32 at 200 and B=8 at 1,000 tokens of
+// context 0.82-0.91x the time without it, 1x512 prefill unchanged). Scores: dot products for few rows,
 // a register-tiled product with the chunk's keys transposed for many (prefill). Specialised for
 // head_dim 64 and 128 (any even head_dim works, slower).
 //
@@ -231,6 +234,9 @@ PA_INLINE void attend_unit(const Dims &dm, const Unit &u, const float *q, const 
   const int32_t *bt = block_tables + (int64_t)u.r * dm.M;
   const bool tiled = rows >= TILED_MIN_ROWS;
 
+  // The unit's heads' part of each key / value row: prefetched a chunk ahead (the cache is read once per step and
+  // layer, from DRAM; the rows of one block are contiguous but each unit reads only its heads' slice of them).
+  const int64_t pf0 = u.h0 * D, pf1 = u.h1 * D;
   for (int64_t j0 = lo; j0 <= hi; j0 += KC) {
     const int nk = (int)std::min<int64_t>(KC, hi - j0 + 1);
     for (int c = 0; c < nk; ++c) {
@@ -238,6 +244,13 @@ PA_INLINE void attend_unit(const Dims &dm, const Unit &u, const float *q, const 
       const int64_t slot = (int64_t)bt[j / BS] * BS + j % BS;
       krow[c] = k_cache + slot * KW;
       vrow[c] = v_cache + slot * KW;
+    }
+    for (int64_t j = j0 + KC; j <= std::min<int64_t>(hi, j0 + 2 * KC - 1); ++j) {
+      const int64_t slot = (int64_t)bt[j / BS] * BS + j % BS;
+      for (int64_t x = pf0; x < pf1; x += 16) {
+        __builtin_prefetch(k_cache + slot * KW + x);
+        __builtin_prefetch(v_cache + slot * KW + x);
+      }
     }
     for (int hh = 0; hh < nh; ++hh) {
       const int64_t hoff = (u.h0 + hh) * D;
