@@ -13,6 +13,9 @@ LoRA: ``--lora-slots L --lora-rank R`` gives the model L slots of rank R on all 
 random adapter, and spreads the batch's rows over them (mixed adapters in every step); a second copy of the model
 without LoRA runs the same batches, the two alternating forward by forward (the same load on a shared host), and
 each line shows both medians and their ratio.
+``--profile DIR``: after each case's timing, ``--reps`` more forwards under MindSpore's profiler (one session per
+case, written under DIR), and a line per case with the kernels' time per forward by op type (MatMul, Custom = the
+attention / MoE kernels, the rest), from the profiler's cpu_op_type_info table.
 """
 from __future__ import annotations
 
@@ -56,6 +59,7 @@ def main(argv=None):
                     help="mixture-of-experts: each rank holds tp-size'th of the experts whole (else 1/tp-size of each)")
     ap.add_argument("--lora-slots", type=int, default=0, help="LoRA slots (0 = LoRA off)")
     ap.add_argument("--lora-rank", type=int, default=16)
+    ap.add_argument("--profile", metavar="DIR", help="also profile each case (MindSpore's profiler, output in DIR)")
     a = ap.parse_args(argv)
 
     from . import load_model, runtime
@@ -114,6 +118,27 @@ def main(argv=None):
         print(f"B={B:<3} Q={Q:<5} ctx={ctx:<5} tokens={B * Q} (graph {token_bucket(B * Q, model.buckets)}): "
               f"first {ts[0] * 1e3:7.0f} ms  median {np.median(ts[1:]) * 1e3:7.1f} ms  "
               f"min {min(ts[1:]) * 1e3:7.1f} ms  rss {_rss_mib()} MiB{vs}")
+        if a.profile:
+            print("  kernels per forward: " + _profile(model, batch, a.reps, os.path.join(a.profile, f"B{B}_Q{Q}")))
+
+
+def _profile(model, batch, reps: int, out_dir: str) -> str:
+    """``reps`` forwards under MindSpore's profiler; its per-op-type compute time per forward, largest first."""
+    import csv
+    import glob
+
+    from mindspore import Profiler
+
+    prof = Profiler(output_path=out_dir)
+    for _ in range(reps):
+        model.forward(batch)
+    prof.stop()
+    prof.analyse()
+    with open(sorted(glob.glob(os.path.join(out_dir, "*", "FRAMEWORK", "cpu_op_type_info_0.csv")))[-1]) as f:
+        ms = {row["op_type"]: float(row["total_compute_time"]) / reps for row in csv.DictReader(f)}
+    top = sorted(ms.items(), key=lambda kv: -kv[1])
+    rest = sum(v for _, v in top[2:])
+    return "  ".join(f"{k} {v:.1f} ms" for k, v in top[:2]) + f"  other {rest:.1f} ms  total {sum(ms.values()):.1f} ms"
 
 
 if __name__ == "__main__":
