@@ -218,19 +218,23 @@ class MlaDecoderLayer(nn.Cell):
                          block_tables, params)
         o_lat = o.reshape(T, self.H, self.D)[:, :, :self.Dc].transpose(1, 0, 2)
         o = self.bmm(o_lat, self.wuv).transpose(1, 0, 2).reshape(T, self.H * self.dv)
+        return self._output_and_mlp(x, o, query_start_loc, params)
+
+    def _output_and_mlp(self, x, o, query_start_loc, params):
+        """The rest of the layer after attention's output ``o`` [T, H*dv]: o_proj (+ the all-reduce), the residual,
+        the post-attention norm and the dense MLP, or the routed experts (_experts) plus the shared expert."""
         y = linear(o, self.wo, self.bo)
         if self.all_reduce is not None:
             y = self.all_reduce(y)
         x = x + y
         h = rms_norm(x, self.eps)
-        if self.moe_op is None:
+        if self.router is None:
             y = gated_mlp(h, self.wg, self.wu, self.wd)
             if self.all_reduce is not None:
                 y = self.all_reduce(y)
             return x + y
         wts = route(linear(h, self.router), self.score_bias, self.sigmoid, self.top_k, self.n_group, self.topk_group)
-        y = self.moe_op(h, ops.log(ops.maximum(wts, _MIN_WEIGHT)), self.eg, self.eu, self.ed, query_start_loc,
-                        params, self.moe_cfg)
+        y = self._experts(h, ops.log(ops.maximum(wts, _MIN_WEIGHT)), query_start_loc, params)
         if not self.renorm:
             y = y * expand_to(ops.sum(wts, -1, keepdim=True), y.shape)
         if self.sg is not None:
@@ -238,6 +242,11 @@ class MlaDecoderLayer(nn.Cell):
         if self.all_reduce is not None:
             y = self.all_reduce(y)
         return x + y
+
+    def _experts(self, h, log_weights, query_start_loc, params):
+        """This rank's routed experts' sum [T, H], weighted by w / sum(w) of the tokens' top-k weights w, given as
+        ``log_weights`` [T, E] (route's weights, log of 0 clipped)."""
+        return self.moe_op(h, log_weights, self.eg, self.eu, self.ed, query_start_loc, params, self.moe_cfg)
 
 
 class FusedMlaDecoderLayer(MlaDecoderLayer):
@@ -277,26 +286,13 @@ class FusedMlaDecoderLayer(MlaDecoderLayer):
             o_lat = self.paged_op(ops.concat((q_lat, q_pe), -1), self.k_cache, self.k_cache, block_tables,
                                   context_lens, None, None, mask, q_seq_lens).reshape(T, H, self.Dc)
             o = self.bmm_tb(o_lat.transpose(1, 0, 2), self.wuv).transpose(1, 0, 2).reshape(T, H * self.dv)
-        y = linear(o, self.wo, self.bo)
-        if self.all_reduce is not None:
-            y = self.all_reduce(y)
-        x = x + y
-        h = rms_norm(x, self.eps)
-        if self.moe_ops is None:
-            y = gated_mlp(h, self.wg, self.wu, self.wd)
-            if self.all_reduce is not None:
-                y = self.all_reduce(y)
-            return x + y
-        wts = route(linear(h, self.router), self.score_bias, self.sigmoid, self.top_k, self.n_group, self.topk_group)
-        y = fused_experts(h, ops.log(ops.maximum(wts, _MIN_WEIGHT)), self.eg, self.eu, self.ed, self.top_k, True,
-                          self.num_experts, *self.moe_ops)
-        if not self.renorm:
-            y = y * expand_to(ops.sum(wts, -1, keepdim=True), y.shape)
-        if self.sg is not None:
-            y = y + gated_mlp(h, self.sg, self.su, self.sd)
-        if self.all_reduce is not None:
-            y = self.all_reduce(y)
-        return x + y
+        return self._output_and_mlp(x, o, None, None)
+
+    def _experts(self, h, log_weights, query_start_loc, params):
+        """The routed experts through the fused MoE kernels (fused_experts): the top-k softmax of the log-weights is
+        w / sum(w); _output_and_mlp multiplies it back by sum(w) where the model does not renormalise."""
+        return fused_experts(h, log_weights, self.eg, self.eu, self.ed, self.top_k, True, self.num_experts,
+                             *self.moe_ops)
 
 
 class MlaModel(DecoderModel):
