@@ -269,7 +269,7 @@ class _CheckedWeights:
 
 def load_model(model_dir: str, device: str = "cpu", use_jit: bool = True, threads: int | None = None,
                tp_rank: int = 0, tp_size: int = 1, dtype: str = "auto",
-               kernels=None, expert_parallel: bool = False):
+               kernels=None, expert_parallel: bool = False, dp_rank: int = 0, dp_size: int = 1):
     """Loads a HF model directory (config.json + safetensors) as a :class:`CausalLM`.
 
     Raises FileNotFoundError / ValueError (naming the path) for a missing or invalid
@@ -280,6 +280,8 @@ def load_model(model_dir: str, device: str = "cpu", use_jit: bool = True, thread
     (``runtime.setup(..., tp_rank=, tp_size=, dist_addr=)``). ValueError if tp_size does not divide the heads.
     ``expert_parallel``: a mixture-of-experts model's experts are partitioned whole across the ranks (vLLM's
     --enable-expert-parallel); ValueError if they do not divide, or if the model has no routed experts.
+    ``dp_rank``/``dp_size`` (expert parallel only): the experts are spread over ``dp_size`` data-parallel engines'
+    ranks, all in one MindSpore cluster (ms_models.parallel).
     ``dtype``: weights, activations and KV cache; "auto" = float32 on cpu (its only dtype), bfloat16 on ascend
     (float16 also; layers.DeviceOps). ``kernels``: stand-ins for the fused kernels of the ascend path (tests).
     """
@@ -289,16 +291,17 @@ def load_model(model_dir: str, device: str = "cpu", use_jit: bool = True, thread
     dev_name = runtime.normalize_device(device)
     dtype = runtime.resolve_dtype(dev_name, dtype, stand_ins=kernels is not None)
     cfg = ModelConfig.from_model_dir(model_dir, dtype=dtype)  # before importing MindSpore: cheap failures first
-    tp = TensorParallel(int(tp_rank), int(tp_size), bool(expert_parallel))
-    problem = check_tensor_parallel(cfg, tp.size, tp.expert_parallel)
+    tp = TensorParallel(int(tp_rank), int(tp_size), bool(expert_parallel), int(dp_rank), int(dp_size))
+    problem = check_tensor_parallel(cfg, tp.size, tp.expert_parallel, tp.dp_size, dev_name)
     if problem:
         raise ValueError(f"{problem} (model: {os.fspath(model_dir)})")
     src = SafetensorsWeights(model_dir)
+    if tp.cluster[1] > 1 and runtime.current_tp() != tp.cluster:
+        raise RuntimeError(f"load_model(tp_rank={tp.rank}, tp_size={tp.size}, dp_rank={tp.dp_rank}, "
+                           f"dp_size={tp.dp_size}) needs this process in the MindSpore cluster as rank "
+                           f"{tp.cluster[0]} of {tp.cluster[1]} first: runtime.setup(..., tp_rank=, tp_size=, "
+                           f"dist_addr=); it is {runtime.current_tp()}")
     if tp.enabled:
-        if runtime.current_tp() != (tp.rank, tp.size):
-            raise RuntimeError(f"load_model(tp_rank={tp.rank}, tp_size={tp.size}) needs this process in the "
-                               f"MindSpore cluster as that rank first: runtime.setup(..., tp_rank=, tp_size=, "
-                               f"dist_addr=); it is {runtime.current_tp()}")
         src.total_bytes = -(-src.total_bytes // tp.size)   # roughly what this rank reads (progress log)
     runtime.setup(dev_name if kernels is None else "cpu", threads)  # stand-in kernels run on the CPU
     build = get_builder(cfg.architecture)

@@ -48,13 +48,13 @@ import dataclasses
 import math
 
 import numpy as np
-from mindspore import Tensor, nn, ops
+from mindspore import nn, ops
 
 from .config import ModelConfig
 from .decoder import DecoderModel, read_linear, read_vocab_rows
 from .layers import (PAGED_MASK_VALUE, DeviceOps, RotaryEmbedding, build_fused_attention_metadata, expand_to,
                      flash_causal_mask, gated_mlp, linear, rms_norm, to_param)
-from .moe import QWEN_EXPERTS, fused_experts, read_experts
+from .moe import QWEN_EXPERTS, RoutedExperts, fused_experts, read_experts
 from .registry import UnsupportedModelError
 
 __all__ = ["MlaDecoderLayer", "FusedMlaDecoderLayer", "MlaModel", "build_mla_decoder", "yarn_factors"]
@@ -149,8 +149,6 @@ class MlaDecoderLayer(nn.Cell):
 
     def __init__(self, cfg: ModelConfig, w: dict, prefix: str, dev: DeviceOps):
         super().__init__(auto_prefix=False)
-        from .kernels import moe_ffn_op
-
         self.prefix, self.dev = prefix, dev
         self.eps = float(cfg.rms_norm_eps)
         self.H, self.Dc, self.D = cfg.num_heads, cfg.kv_lora_rank, cfg.head_dim
@@ -177,8 +175,8 @@ class MlaDecoderLayer(nn.Cell):
                 kern.moe_token_unpermute())
         else:
             self.attn_op = dev.attention_kernel()
-            self.moe_op = moe_ffn_op() if self.router is not None else None
-            self.moe_cfg = Tensor(np.array([cfg.num_experts_per_tok, 1, w.get("first_expert", 0)], np.int32))
+            self.experts = (RoutedExperts(cfg.num_experts_per_tok, True, w.get("first_expert", 0), dev.tp)
+                            if self.router is not None else None)
         self.all_reduce = ops.AllReduce() if dev.tp.enabled else None
         self.k_cache = None
 
@@ -246,7 +244,7 @@ class MlaDecoderLayer(nn.Cell):
     def _experts(self, h, log_weights, query_start_loc, params):
         """This rank's routed experts' sum [T, H], weighted by w / sum(w) of the tokens' top-k weights w, given as
         ``log_weights`` [T, E] (route's weights, log of 0 clipped)."""
-        return self.moe_op(h, log_weights, self.eg, self.eu, self.ed, query_start_loc, params, self.moe_cfg)
+        return self.experts(h, log_weights, self.eg, self.eu, self.ed, query_start_loc, params)
 
 
 class FusedMlaDecoderLayer(MlaDecoderLayer):

@@ -70,6 +70,7 @@ class CausalLM:
         self.compiling_since = 0.0       # time.monotonic() when the graph being compiled started; 0 = none
         self.graphs_compiled = 0         # for ever (metrics)
         self.lora = None                 # ms_models.lora.LoraSlots once enable_lora() ran
+        self._max = None                 # the all-gather of _agree
 
     def enable_lora(self, max_loras: int, max_rank: int):
         """Gives every layer ``max_loras`` LoRA slots of rank ``max_rank`` (ms_models.lora; all empty) and returns
@@ -131,16 +132,32 @@ class CausalLM:
         consecutive forwards)."""
         if self._body is None:
             raise RuntimeError("allocate_kv_cache() must be called before forward()")
-        outs = [self._forward_part(part) for part in batch.split(self.buckets[-1])]
+        parts = batch.split(self.buckets[-1])
+        if self.tp.dp_experts:   # every engine runs as many forwards as the one with the most (dummy ones)
+            parts += [self.dummy_batch(1, 0)] * (int(self._agree(len(parts))) - len(parts))
+        outs = [self._forward_part(part) for part in parts]
         return outs[0] if len(outs) == 1 else np.concatenate(outs)
 
     __call__ = forward
 
-    def _pad(self, batch: FlatBatch) -> FlatBatch:
-        """``batch`` padded to its token bucket Tp, with min(Tp, max_num_seqs) request rows and full-width block
-        tables; padding rows belong to no request and write nothing (slot -1)."""
+    def dummy_forward(self) -> None:
+        """This engine's part of a step it has nothing for, with experts over data-parallel engines (their sparse
+        layers hold collectives over all of them): one forward of a token that writes nothing."""
+        self.forward(self.dummy_batch(1, 0))
+
+    def _agree(self, value: int) -> int:
+        """The largest ``value`` (a count below 2**24) over the cluster's ranks, gathered outside the graphs:
+        the engines' forwards must have the same count and shapes."""
+        if self._max is None:
+            from mindspore import ops
+
+            self._max = ops.AllGather()   # MindSpore's CPU AllReduce sums floats only
+        return int(self._max(Tensor(np.array([value], np.float32))).asnumpy().max())
+
+    def _pad(self, batch: FlatBatch, Tp: int) -> FlatBatch:
+        """``batch`` padded to Tp tokens (a token bucket), with min(Tp, max_num_seqs) request rows and full-width
+        block tables; padding rows belong to no request and write nothing (slot -1)."""
         T, R = batch.num_tokens, batch.num_reqs
-        Tp = token_bucket(T, self.buckets)
         Rp = max(min(Tp, self.max_num_seqs), R)
         M = batch.block_tables.shape[1]
         if M > self.max_blocks:
@@ -158,7 +175,8 @@ class CausalLM:
                          None if batch.lora_slots is None else pad(batch.lora_slots, Tp, -1))
 
     def _forward_part(self, batch: FlatBatch) -> np.ndarray:
-        padded = self._pad(batch)
+        Tp = token_bucket(batch.num_tokens, self.buckets)
+        padded = self._pad(batch, int(self._agree(Tp)) if self.tp.dp_experts else Tp)
         step = self.net.prepare_inputs(padded, self.num_blocks, self.block_size, batch.num_reqs)
         # None inputs are constants of the graph: the fused path's kernel path (layers.build_fused_attention_metadata)
         # leaves some None, so its body graphs are keyed by the token bucket and which inputs are None (CPU: none)

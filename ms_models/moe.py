@@ -30,7 +30,7 @@ import dataclasses
 
 import numpy as np
 import mindspore as ms
-from mindspore import Tensor, ops
+from mindspore import Tensor, nn, ops
 
 from .config import ModelConfig
 from .decoder import DecoderLayer, DecoderModel, build_decoder, read_linear
@@ -38,7 +38,7 @@ from .layers import (DeviceOps, expand_to, fused_attention, fused_rotary, gated_
                      to_param)
 from .registry import UnsupportedModelError
 
-__all__ = ["ExpertNames", "QWEN_EXPERTS", "MIXTRAL_EXPERTS", "MoeDecoderLayer", "FusedMoeDecoderLayer",
+__all__ = ["ExpertNames", "QWEN_EXPERTS", "MIXTRAL_EXPERTS", "RoutedExperts", "MoeDecoderLayer", "FusedMoeDecoderLayer",
            "fused_experts", "read_experts", "build_moe_decoder"]
 
 
@@ -56,6 +56,33 @@ QWEN_EXPERTS = ExpertNames("mlp", "gate_proj", "up_proj", "down_proj")
 MIXTRAL_EXPERTS = ExpertNames("block_sparse_moe", "w1", "w3", "w2")
 
 
+class RoutedExperts(nn.Cell):
+    """The CPU path's routed experts: the MoeFFN kernel (ms_models.kernels.moe_ffn_op) over this rank's experts,
+    ``top_k`` per token (renormalised if ``renorm``), the rank's first expert ``first_expert``. With the experts
+    spread over data-parallel engines (TensorParallel.dp_experts) every engine's tokens meet here: their normed
+    hidden states and router logits gathered, this rank's experts' part of all of them (every gathered row is
+    routed, the engines' padding rows included), the parts summed over the cluster and this engine's rows kept."""
+
+    def __init__(self, top_k: int, renorm: bool, first_expert: int, tp):
+        super().__init__(auto_prefix=False)
+        from .kernels import moe_ffn_op
+
+        self.op = moe_ffn_op()
+        self.cfg = Tensor(np.array([top_k, int(renorm), first_expert], np.int32))
+        self.gather = ops.AllGather() if tp.dp_experts else None
+        self.sum = ops.AllReduce() if tp.dp_experts else None
+        self.rank, self.ranks = tp.cluster
+
+    def construct(self, h, logits, eg, eu, ed, query_start_loc, params):
+        if self.gather is None:
+            return self.op(h, logits, eg, eu, ed, query_start_loc, params, self.cfg)
+        T = h.shape[0]
+        rows = ops.concat((ops.zeros((1,), ms.int32), ops.full((1,), T * self.ranks, dtype=ms.int32)))
+        one_request = ops.concat((ops.ones((1,), ms.int32), ops.zeros((1,), ms.int32)))  # (num_reqs, window)
+        y = self.sum(self.op(self.gather(h), self.gather(logits), eg, eu, ed, rows, one_request, self.cfg))
+        return y[self.rank * T:(self.rank + 1) * T]
+
+
 class MoeDecoderLayer(DecoderLayer):
     """A decoder layer whose MLP is routed experts (and optionally a gated shared expert). ``w``: DecoderLayer's
     attention weights plus ``router`` [H, E], this rank's experts ``first_expert`` .. + El: ``eg``/``eu`` [El, H, I],
@@ -64,8 +91,6 @@ class MoeDecoderLayer(DecoderLayer):
 
     def __init__(self, cfg: ModelConfig, w: dict, prefix: str, dev: DeviceOps):
         super().__init__(cfg, w, prefix, dev)
-        from .kernels import moe_ffn_op
-
         m = prefix + ".mlp."
         self.router = to_param(w["router"], m + "gate.weight", dev.dtype)
         self.eg = to_param(w["eg"], m + "experts.gate_proj", dev.dtype)
@@ -81,9 +106,7 @@ class MoeDecoderLayer(DecoderLayer):
                             kern.moe_token_unpermute())
             self.top_k, self.renorm, self.num_experts = cfg.num_experts_per_tok, cfg.norm_topk_prob, cfg.num_experts
         else:
-            self.moe_op = moe_ffn_op()
-            self.moe_cfg = Tensor(np.array([cfg.num_experts_per_tok, int(cfg.norm_topk_prob), w["first_expert"]],
-                                           np.int32))
+            self.experts = RoutedExperts(cfg.num_experts_per_tok, cfg.norm_topk_prob, w["first_expert"], dev.tp)
 
     def construct(self, x, cos_sin, slots, query_start_loc, seq_lens, block_tables, params):
         """DecoderLayer.construct with the MLP replaced (written out whole, as FusedDecoderLayer explains)."""
@@ -102,7 +125,7 @@ class MoeDecoderLayer(DecoderLayer):
         x = x + y
         h = rms_norm(x, self.eps, self.ln2, self.norm_op)
         logits = linear(h, self.router)
-        y = self.moe_op(h, logits, self.eg, self.eu, self.ed, query_start_loc, params, self.moe_cfg)
+        y = self.experts(h, logits, self.eg, self.eu, self.ed, query_start_loc, params)
         if self.sg is not None:
             s = gated_mlp(h, self.sg, self.su, self.sd)
             y = y + s * expand_to(ops.sigmoid(linear(h, self.sgate)), s.shape)

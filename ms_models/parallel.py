@@ -20,6 +20,16 @@ Each rank holds 1/N of the weights and computes 1/N of every layer:
   completes it: every rank routes every token itself, so no token has to be sent to another rank
   before the experts (the all-reduce plays the part of the all-to-all's combine).
 
+* expert parallel across data-parallel engines (vLLM's --enable-expert-parallel with --data-parallel-size M): the
+  M engines' workers form one MindSpore cluster and the experts are partitioned over all M x N ranks (engine d's
+  rank r is cluster rank d*N + r). The engines' batches differ, so a sparse layer gathers every engine's tokens
+  (``ops.AllGather``), computes its experts' part of all of them, sums the parts (``ops.AllReduce``) and keeps its own
+  rows: all-gather + all-reduce, as MindSpore's CPU backend has neither a reduce-scatter nor an all-to-all kernel.
+  Every engine runs each step's forward together (vLLM's engines step in lockstep, an idle one runs a dummy batch),
+  with the same token bucket (CausalLM agrees on it first). MindSpore's CPU collectives run on the world group
+  only (a sub-group's AllGather is refused: "only support mccl_world_group on CPU"), so on the CPU the engines'
+  tensor-parallel size is 1 here (check_tensor_parallel).
+
 * multi-head latent attention (ms_models.mla): query heads split as above, the latent and its rope key
   computed on every rank (the latent cache is replicated, as in vLLM).
 
@@ -44,14 +54,31 @@ class TensorParallel:
     rank: int = 0
     size: int = 1
     expert_parallel: bool = False  # experts partitioned whole across the ranks (vLLM's --enable-expert-parallel)
+    dp_rank: int = 0               # with expert parallel over data-parallel engines: this engine, of dp_size
+    dp_size: int = 1
 
     def __post_init__(self):
         if self.size < 1 or not 0 <= self.rank < self.size:
             raise ValueError(f"tensor-parallel rank {self.rank} is not in 0..{self.size - 1} (size {self.size})")
+        if self.dp_size < 1 or not 0 <= self.dp_rank < self.dp_size:
+            raise ValueError(f"data-parallel rank {self.dp_rank} is not in 0..{self.dp_size - 1}")
+        if self.dp_size > 1 and not self.expert_parallel:
+            raise ValueError("data-parallel engines share one cluster only for expert parallel")
 
     @property
     def enabled(self) -> bool:
+        """Tensor parallel: the weights are split over this engine's ranks."""
         return self.size > 1
+
+    @property
+    def dp_experts(self) -> bool:
+        """The experts are spread over several data-parallel engines (their tokens meet in each sparse layer)."""
+        return self.dp_size > 1
+
+    @property
+    def cluster(self) -> tuple[int, int]:
+        """(rank, size) of this process in its MindSpore cluster: every engine's ranks with dp_experts."""
+        return self.dp_rank * self.size + self.rank, self.dp_size * self.size
 
     def split(self, n: int) -> tuple[int, int]:
         """[start, stop) of this rank's share of ``n`` items (contiguous, as even as possible; the first
@@ -69,11 +96,13 @@ class TensorParallel:
         return self.rank * num_kv_heads // self.size, 1
 
     def experts(self, num_experts: int) -> tuple[int, int]:
-        """[start, stop) of the experts this rank holds whole: all of them without expert parallel."""
+        """[start, stop) of the experts this rank holds whole: all of them without expert parallel, else its share
+        of the cluster's (every engine's ranks with dp_experts)."""
         if not self.expert_parallel:
             return 0, int(num_experts)
-        per = int(num_experts) // self.size
-        return self.rank * per, (self.rank + 1) * per
+        rank, size = self.cluster
+        per = int(num_experts) // size
+        return rank * per, (rank + 1) * per
 
     def vocab_per_rank(self, vocab: int) -> int:
         """Rows of the (padded) vocabulary each rank owns: ceil(vocab / size)."""
@@ -102,16 +131,25 @@ def check_divisible(num_heads: int, num_kv_heads: int, size: int) -> str | None:
             f" (each rank must own whole heads; sizes that fit: {fits})")
 
 
-def check_tensor_parallel(cfg, size: int, expert_parallel: bool = False) -> str | None:
-    """Why ``size`` ranks cannot serve the model of ModelConfig ``cfg``, or None: its heads must divide
-    (check_divisible; a multi-head latent attention model's one latent KV head is replicated), and with expert
-    parallel a mixture-of-experts model's experts must divide into equal parts (without it each expert's intermediate
-    features split like a dense MLP's, unevenly if need be)."""
+def check_tensor_parallel(cfg, size: int, expert_parallel: bool = False, dp_size: int = 1,
+                          device: str = "cpu") -> str | None:
+    """Why ``size`` ranks (per engine; ``dp_size`` engines sharing the experts) cannot serve the model of
+    ModelConfig ``cfg``, or None: its heads must divide (check_divisible; a multi-head latent attention model's one
+    latent KV head is replicated), and with expert parallel a mixture-of-experts model's experts must divide into
+    equal parts over all dp_size x size ranks (without it each expert's intermediate features split like a dense
+    MLP's, unevenly if need be). Experts over data-parallel engines take one rank per engine on the CPU (the
+    module docstring)."""
     if expert_parallel and not cfg.num_experts:
         return (f"--enable-expert-parallel: {cfg.architecture} has no routed experts to place (it is not a "
                 f"mixture-of-experts model)")
-    if expert_parallel and cfg.num_experts % size:
-        return (f"--enable-expert-parallel over {size} ranks: {cfg.architecture}'s {cfg.num_experts} experts do "
-                f"not divide into {size} equal parts (expert-parallel sizes that fit: "
+    ranks = size * dp_size
+    if dp_size > 1 and size > 1 and device == "cpu":
+        return (f"--enable-expert-parallel over {dp_size} data-parallel engines of tensor-parallel size {size}: on "
+                f"the CPU the engines' workers share experts with tensor-parallel size 1 only (MindSpore's CPU "
+                f"collectives run on the whole cluster, not on one engine's ranks)")
+    if expert_parallel and cfg.num_experts % ranks:
+        over = f"{ranks} ranks" + (f" ({dp_size} data-parallel engines x {size})" if dp_size > 1 else "")
+        return (f"--enable-expert-parallel over {over}: {cfg.architecture}'s {cfg.num_experts} experts do "
+                f"not divide into {ranks} equal parts (expert-parallel sizes that fit: "
                 f"{[d for d in range(1, cfg.num_experts + 1) if cfg.num_experts % d == 0]})")
     return check_divisible(cfg.num_heads, cfg.num_kv_heads, size)

@@ -146,6 +146,13 @@ def _add_tp_arguments(g) -> None:
                    help="a mixture-of-experts model's routed experts are partitioned whole across the N ranks "
                         "(E/N each; N must divide E) instead of each rank holding 1/N of every expert, as vLLM's "
                         "flag of that name; the same on every rank [MS_WORKER_ENABLE_EXPERT_PARALLEL]")
+    g.add_argument("--data-parallel-size", metavar="M", type=int, default=int(_env("DATA_PARALLEL_SIZE", "1")),
+                   help="with --enable-expert-parallel: the experts are spread over M data-parallel engines' workers "
+                        "(vLLM's --data-parallel-size), which form one MindSpore cluster of M x N ranks and run every "
+                        "step's forward together (default 1) [MS_WORKER_DATA_PARALLEL_SIZE]")
+    g.add_argument("--data-parallel-rank", metavar="D", type=int, default=int(_env("DATA_PARALLEL_RANK", "0")),
+                   help="this worker's data-parallel engine, 0..M-1: its cluster rank is D x N + its tensor-parallel "
+                        "rank (default 0) [MS_WORKER_DATA_PARALLEL_RANK]")
     g.add_argument("--dist-addr", metavar="HOST:PORT", default=_env("DIST_ADDR"),
                    help="where rank 0 runs the group's MindSpore cluster scheduler (HOST: an address of rank 0's "
                         "host), the same on every rank; needed when N > 1 [MS_WORKER_DIST_ADDR]")
@@ -178,15 +185,24 @@ def _check_args(args) -> str | None:
     if args.enable_expert_parallel and parse_device(args.device)[0] == "ascend":
         return ("--enable-expert-parallel: the Ascend path runs mixture-of-experts layers with every expert on every "
                 "rank (tensor parallel splits each expert); expert parallel runs on the CPU path only")
-    if args.world_size > 1 or args.enable_expert_parallel:
+    if args.data_parallel_size < 1 or not 0 <= args.data_parallel_rank < args.data_parallel_size:
+        return (f"--data-parallel-rank {args.data_parallel_rank} is not in 0..{args.data_parallel_size - 1} "
+                f"(--data-parallel-size {args.data_parallel_size})")
+    if args.data_parallel_size > 1 and not args.enable_expert_parallel:
+        return (f"--data-parallel-size {args.data_parallel_size} without --enable-expert-parallel: data-parallel "
+                f"engines share a cluster only to spread the experts over their workers; otherwise start each "
+                f"engine's workers on their own")
+    if cluster_of(args)[1] > 1 or args.enable_expert_parallel:
         from ms_models import ModelConfig, UnsupportedModelError
         from ms_models.parallel import check_tensor_parallel
         from ms_models.runtime import parse_dist_addr
 
-        if args.world_size > 1:
+        if cluster_of(args)[1] > 1:
             if not args.dist_addr:
-                return (f"--tp-size {args.world_size} needs --dist-addr HOST:PORT (MS_WORKER_DIST_ADDR): where "
-                        "rank 0 runs the group's MindSpore cluster scheduler, the same on every rank")
+                sizes = f"--tp-size {args.world_size}" + (f" x --data-parallel-size {args.data_parallel_size}"
+                                                          if args.data_parallel_size > 1 else "")
+                return (f"{sizes} needs --dist-addr HOST:PORT (MS_WORKER_DIST_ADDR): where rank 0 runs the group's "
+                        "MindSpore cluster scheduler, the same on every rank")
             try:
                 parse_dist_addr(args.dist_addr)
             except ValueError as e:
@@ -197,8 +213,15 @@ def _check_args(args) -> str | None:
             cfg = ModelConfig.from_model_dir(args.model)
         except (UnsupportedModelError, FileNotFoundError, ValueError) as e:
             return f"cannot load model {args.model}: {e}"
-        return check_tensor_parallel(cfg, args.world_size, args.enable_expert_parallel)
+        return check_tensor_parallel(cfg, args.world_size, args.enable_expert_parallel, args.data_parallel_size,
+                                     parse_device(args.device)[0])
     return None
+
+
+def cluster_of(args) -> tuple[int, int]:
+    """(rank, size) of this worker in its MindSpore cluster: its tensor-parallel group, or with experts over
+    data-parallel engines every engine's ranks (engine D's rank r is D x N + r)."""
+    return args.data_parallel_rank * args.world_size + args.rank, args.data_parallel_size * args.world_size
 
 
 def _weights_mib(model_dir: str) -> float:
@@ -321,7 +344,8 @@ def _join_cluster(args, kind: str, log) -> bool:
     parallel: selects the device. False (logged) on failure."""
     from ms_models.runtime import ClusterJoinError, DeviceUnavailableError, resolve_dist_addr, setup
 
-    if args.world_size == 1:
+    rank, size = cluster_of(args)
+    if size == 1:
         try:
             setup(kind)
         except DeviceUnavailableError as e:
@@ -331,7 +355,7 @@ def _join_cluster(args, kind: str, log) -> bool:
     from ms_worker import cluster
 
     sched = None
-    if args.rank == 0:
+    if rank == 0:
         try:
             busy = cluster.check_port_free(*resolve_dist_addr(args.dist_addr, args.dist_timeout_s))
         except ClusterJoinError as e:
@@ -339,7 +363,7 @@ def _join_cluster(args, kind: str, log) -> bool:
         if busy:
             log.error("%s (--dist-addr %s)", busy, args.dist_addr)
             return False
-        sched = cluster.Scheduler(args.dist_addr, args.world_size, kind, args.dist_timeout_s)
+        sched = cluster.Scheduler(args.dist_addr, size, kind, args.dist_timeout_s)
         sched.start()
         atexit.register(sched.stop)
         problem = sched.wait_listening(args.dist_timeout_s)
@@ -349,22 +373,22 @@ def _join_cluster(args, kind: str, log) -> bool:
             return False
     from ms_worker import serving
 
-    serving.sd_notify(f"STATUS=joining the tensor-parallel group on {args.dist_addr} as rank {args.rank} "
-                      f"of {args.world_size}")
+    serving.sd_notify(f"STATUS=joining the tensor-parallel group on {args.dist_addr} as rank {rank} "
+                      f"of {size}")
     log.info("rank %d of %d: joining the MindSpore cluster at %s (waiting up to %g s for all ranks)",
-             args.rank, args.world_size, args.dist_addr, args.dist_timeout_s)
+             rank, size, args.dist_addr, args.dist_timeout_s)
     try:
-        setup(kind, dist_addr=args.dist_addr, join_timeout_s=args.dist_timeout_s, tp_rank=args.rank,
-              tp_size=args.world_size)
+        setup(kind, dist_addr=args.dist_addr, join_timeout_s=args.dist_timeout_s, tp_rank=rank,
+              tp_size=size)
     except DeviceUnavailableError as e:
         log.error("%s (--device %s)", e, args.device)
     except ClusterJoinError as e:
-        log.error("%s", cluster.join_failure_message(args.rank, args.world_size, args.dist_addr, args.dist_timeout_s,
+        log.error("%s", cluster.join_failure_message(rank, size, args.dist_addr, args.dist_timeout_s,
                                                      e, sched))
     else:
         if sched is not None:
             sched.joining = False
-        log.info("rank %d of %d joined the MindSpore cluster at %s", args.rank, args.world_size, args.dist_addr)
+        log.info("rank %d of %d joined the MindSpore cluster at %s", rank, size, args.dist_addr)
         return True
     if sched is not None:
         sched.stop()
@@ -377,18 +401,21 @@ def _load(args, kind: str, log, t0: float):
 
     try:
         model = load_model(args.model, device=kind, use_jit=not args.no_jit, dtype=args.dtype,
-                           expert_parallel=args.enable_expert_parallel, tp_rank=args.rank, tp_size=args.world_size)
+                           expert_parallel=args.enable_expert_parallel, tp_rank=args.rank, tp_size=args.world_size,
+                           dp_rank=args.data_parallel_rank, dp_size=args.data_parallel_size)
     except (UnsupportedModelError, FileNotFoundError, ValueError) as e:
         log.error("cannot load model %s: %s", args.model, e)
         return None
     placement = ""
-    if model.config.num_experts and args.world_size > 1:
+    if model.config.num_experts and cluster_of(args)[1] > 1:
         first, stop = model.tp.experts(model.config.num_experts)
         placement = (f"; experts {first}..{stop - 1} of {model.config.num_experts} whole" if args.enable_expert_parallel
                      else f"; 1/{args.world_size} of each of the {model.config.num_experts} experts")
     log.info("model %s loaded in %.1f s (%.1f MiB of weights%s%s)", args.model, time.perf_counter() - t0,
              model.weight_bytes() / 2**20,
-             f", tensor-parallel rank {args.rank} of {args.world_size}" if args.world_size > 1 else "", placement)
+             f", tensor-parallel rank {args.rank} of {args.world_size}" if args.world_size > 1 else "",
+             placement + (f" over data-parallel engines: this is engine {args.data_parallel_rank} of "
+                          f"{args.data_parallel_size}" if args.data_parallel_size > 1 else ""))
     return model
 
 

@@ -136,7 +136,8 @@ class WorkerService(pb_grpc.ModelWorkerServicer):
             return None
         first, stop = tp.experts(n)
         return pb.ExpertPlacement(num_experts=n, expert_parallel=tp.expert_parallel, first_expert=first,
-                                  local_experts=stop - first)
+                                  local_experts=stop - first, data_parallel_size=tp.dp_size,
+                                  data_parallel_rank=tp.dp_rank)
 
     def _activation_peak(self, tokens: int, seqs: int) -> int:
         """The activation peak of one step of `tokens` tokens and `seqs` sampled rows, measured once per shape by
@@ -396,9 +397,26 @@ class WorkerService(pb_grpc.ModelWorkerServicer):
                                  busy_s=self.busy_s + (now - started if step_id else 0.0),
                                  compiling=bool(compiling), compiling_s=now - compiling if compiling else 0.0)
 
+    def RunDummyBatch(self, request, context):
+        """This engine's part of a step in which it has nothing to run (experts over data-parallel engines: the
+        other engines' forward waits for this one in its sparse layers); in turn with the steps."""
+        self._check_version(request, context)
+        if self.stopping.is_set():
+            context.abort(grpc.StatusCode.UNAVAILABLE, "worker is shutting down")
+        if not self.model.tp.dp_experts:
+            return pb.DummyBatchReply()
+        with self._turn_of(lambda: True, lambda: False):
+            if self.state is None:
+                context.abort(grpc.StatusCode.FAILED_PRECONDITION, "RunDummyBatch before InitializeCache")
+            t0 = time.perf_counter()
+            self._on_model_thread(self.model.dummy_forward)
+            return pb.DummyBatchReply(forward_s=time.perf_counter() - t0)
+
     def CheckLiveness(self, request, context):
         """A real one-token forward, like TGI's health check. It writes nothing (slot -1) and reads only the
-        cache's scratch block, so no request's state changes."""
+        cache's scratch block, so no request's state changes. With experts over data-parallel engines a forward
+        would wait for the other engines' (their sparse layers are collectives): there the model thread answers
+        without one (forward_s 0)."""
         self._check_version(request, context)
         if self.stopping.is_set():
             context.abort(grpc.StatusCode.UNAVAILABLE, "worker is shutting down")
@@ -409,6 +427,10 @@ class WorkerService(pb_grpc.ModelWorkerServicer):
         try:
             if self.state is None:
                 context.abort(grpc.StatusCode.FAILED_PRECONDITION, "liveness: no KV cache yet (InitializeCache first)")
+            if self.model.tp.dp_experts:
+                self._on_model_thread(lambda: None)
+                return pb.LivenessReply(worker_id=self.worker_id, next_step_id=self.next_step,
+                                        requests_active=len(self.state.requests))
             t0 = time.perf_counter()
             try:
                 logits = self._on_model_thread(self.model.forward, self.model.dummy_batch(1))

@@ -87,6 +87,8 @@ class Metrics:
         self.errors = Counter("ms_worker_rpc_errors", "ModelWorker calls that failed, by method and status code",
                               ["method", "code"], registry=r)
         self.liveness = Counter("ms_worker_liveness_checks", "deep liveness forwards run", registry=r)
+        self.dummy_batches = Counter("ms_worker_dummy_batches", "forwards joined for the other data-parallel "
+                                     "engines in steps this engine had nothing to run (RunDummyBatch)", registry=r)
         self._get_service = get_service
         self._last = (0, 0, 0)
         r.register(self)                    # collect(): the KV-cache gauges, read at scrape time
@@ -229,6 +231,8 @@ class WorkerInterceptor(grpc.ServerInterceptor):
                                        + sum(r.num_scheduled_tokens for r in request.cached_requests))
                 elif name == "CheckLiveness":
                     metrics.liveness.inc()
+                elif name == "RunDummyBatch" and reply.forward_s > 0:
+                    metrics.dummy_batches.inc()
             if hook is not None:
                 hook()
             return reply

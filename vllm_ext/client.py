@@ -173,6 +173,10 @@ class WorkerClient:
     def warmup(self, timeout: float = 1800.0) -> pb.WarmupReply:
         return self.call("Warmup", pb.WarmupRequest(protocol_version=PROTOCOL_VERSION), timeout)
 
+    def run_dummy_batch(self, timeout: float) -> pb.DummyBatchReply:
+        """This engine's part of a step it has nothing for (experts over data-parallel engines)."""
+        return self.call("RunDummyBatch", pb.DummyBatchRequest(protocol_version=PROTOCOL_VERSION), timeout)
+
     def shutdown(self, timeout: float = 5.0) -> None:
         self.call("Shutdown", pb.ShutdownRequest(protocol_version=PROTOCOL_VERSION), timeout)
 

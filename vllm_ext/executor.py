@@ -56,10 +56,10 @@ def speculative_config(vllm_config) -> pb.SpeculativeConfig | None:
                                 prompt_lookup_min=sc.prompt_lookup_min, prompt_lookup_max=sc.prompt_lookup_max)
 
 
-def check_tensor_parallel_size(model: str, size: int, expert_parallel: bool = False) -> None:
+def check_tensor_parallel_size(model: str, size: int, expert_parallel: bool = False, dp_size: int = 1) -> None:
     """Refuses a tensor-parallel size (and expert placement) the workers cannot serve for a local model directory
-    before any worker starts (heads that do not divide, experts that do not divide with --enable-expert-parallel);
-    the workers check the same."""
+    before any worker starts (heads that do not divide, experts that do not divide with --enable-expert-parallel,
+    over ``dp_size`` data-parallel engines' ranks when they share the experts); the workers check the same."""
     if (size <= 1 and not expert_parallel) or not os.path.isdir(model):
         return
     from ms_models.config import ModelConfig
@@ -69,7 +69,7 @@ def check_tensor_parallel_size(model: str, size: int, expert_parallel: bool = Fa
         cfg = ModelConfig.from_model_dir(model)
     except (OSError, ValueError):  # UnsupportedModelError included: the workers report it, naming the model
         return
-    problem = check_tensor_parallel(cfg, size, expert_parallel)
+    problem = check_tensor_parallel(cfg, size, expert_parallel, dp_size)
     if problem:
         raise ConfigError(f"ms_rpc: {problem} (model: {model})")
 
@@ -120,23 +120,25 @@ class MsRpcExecutor(Executor):
         pc = self.parallel_config
         if pc.pipeline_parallel_size != 1:
             raise ConfigError("ms_rpc serves pipeline parallel size 1 (tensor and data parallel are supported)")
-        check_tensor_parallel_size(self.model_config.model, pc.tensor_parallel_size, pc.enable_expert_parallel)
-        if pc.enable_expert_parallel and pc.data_parallel_size > 1:
-            log.warning("ms_rpc: --enable-expert-parallel places the experts over each data-parallel engine's %d "
-                        "tensor-parallel ranks (not over data x tensor parallel = %d ranks as vLLM's own workers "
-                        "do): every engine holds all the experts", pc.tensor_parallel_size,
-                        pc.data_parallel_size * pc.tensor_parallel_size)
+        # experts over data-parallel engines: vLLM's engines step in lockstep (an idle one runs a dummy batch), and
+        # so do their workers, one MindSpore cluster (ms_models.parallel)
+        dp = (pc.data_parallel_index, pc.data_parallel_size) if pc.enable_expert_parallel else (0, 1)
+        check_tensor_parallel_size(self.model_config.model, pc.tensor_parallel_size, pc.enable_expert_parallel, dp[1])
         self.settings = RpcSettings.from_vllm_config(self.vllm_config)
         self._speculative = speculative_config(self.vllm_config)
         # vLLM's async scheduling (--async-scheduling; plugin.py keeps it on the CPU platform for ms_rpc): the
         # engine schedules step N+1 while the workers run step N, so two steps are in flight
         self._async = bool(self.scheduler_config.async_scheduling)
+        if self._async and dp[1] > 1:
+            raise ConfigError("ms_rpc: --async-scheduling with --enable-expert-parallel over data-parallel engines is "
+                              "not served (their workers run every step's forward together, one step at a time); "
+                              "drop --async-scheduling")
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ms_rpc")
         self._cache: pb.CacheConfig | None = None   # the KV cache the workers hold, for a recovery's handshake
         self.loras = LoraAdapters(self.vllm_config.lora_config)
         addresses = group_addresses(self.settings.workers, pc.tensor_parallel_size, pc.data_parallel_index)
         self.group = WorkerGroup(self.settings, self.model_config.model, pc.tensor_parallel_size, addresses,
-                                 pc.enable_expert_parallel)
+                                 pc.enable_expert_parallel, dp)
         self.faults = FaultSupervisor(self.group, self.settings, self._rejoin)
         self.pipeline = StepPipeline(self.group, self.settings, self.faults, self.loras,
                                      StepStats(self.settings.stats_interval_s), self.model_config.logprobs_mode,
@@ -299,15 +301,21 @@ class MsRpcExecutor(Executor):
             return self._pool.submit(p.sample, grammar_output)
         return p.sample(grammar_output)
 
+    def execute_dummy_batch(self) -> None:
+        """vLLM's data-parallel engines of a mixture-of-experts model step in lockstep; one with nothing scheduled
+        runs a dummy batch. Its workers join the other engines' forward when they share the experts; otherwise
+        there is nothing to run."""
+        if self.group.dp_size > 1:
+            self.group.run_dummy_batch(timeout=self.pipeline.deadline())
+
     def take_draft_token_ids(self) -> DraftTokenIds | None:
         """The drafts the workers proposed with the last step's tokens (vLLM asks once per step)."""
         return self.pipeline.take_drafts()
 
     def collective_rpc(self, method, timeout=None, args=(), kwargs=None, non_block=False):
         name = method if isinstance(method, str) else getattr(method, "__name__", repr(method))
-        # No-ops for ms_rpc workers: no multimodal or encoder caches; no MoE collectives across data parallel
-        # ranks, so an idle DP rank's dummy batch has nothing to run.
-        if name in ("reset_mm_cache", "reset_encoder_cache", "update_max_model_len", "execute_dummy_batch"):
+        # No-ops for ms_rpc workers: no multimodal or encoder caches.
+        if name in ("reset_mm_cache", "reset_encoder_cache", "update_max_model_len"):
             return _done([None]) if non_block else [None]
         raise NotImplementedError(f"ms_rpc workers do not implement the worker call {name!r}")
 

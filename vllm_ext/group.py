@@ -77,9 +77,11 @@ def connect_worker(settings: RpcSettings, address: str, timeout: float | None = 
 
 class WorkerGroup:
     def __init__(self, settings: RpcSettings, model: str, tp_size: int, addresses: list[str],
-                 expert_parallel: bool = False):
+                 expert_parallel: bool = False, dp: tuple[int, int] = (0, 1)):
+        """``dp``: (this engine, engines) when the experts are spread over data-parallel engines, else (0, 1)."""
         self.settings, self.model, self.size = settings, model, tp_size
         self.expert_parallel = expert_parallel   # vLLM's --enable-expert-parallel: the workers must agree
+        self.dp_rank, self.dp_size = dp
         self.external = list(addresses)
         self.local: list[LocalWorker] = []
         self.clients: list[WorkerClient] = []
@@ -122,6 +124,9 @@ class WorkerGroup:
                     extra += ["--rank", str(rank), "--world-size", str(self.size), "--dist-addr", dist]
                 if self.expert_parallel:
                     extra.append("--enable-expert-parallel")
+                if self.dp_size > 1:   # one cluster of every engine's ranks (plugin._place_expert_cluster)
+                    extra += ["--data-parallel-size", str(self.dp_size), "--data-parallel-rank", str(self.dp_rank),
+                              "--dist-addr", self.settings.expert_cluster_addr]
                 self.local.append(LocalWorker(self.settings.worker_python, os.path.abspath(self.model), extra,
                                               token=token, rank=rank))
             for w in self.local:
@@ -154,6 +159,16 @@ class WorkerGroup:
                                   f"{inf.experts.first_expert + inf.experts.local_experts - 1} of "
                                   f"{inf.experts.num_experts}); this front runs {on if self.expert_parallel else off} "
                                   f"it: start every worker and the front with the same flag")
+            if inf.experts.num_experts and (max(inf.experts.data_parallel_size, 1), inf.experts.data_parallel_rank) \
+                    != (self.dp_size, self.dp_rank):
+                raise ConfigError(f"ms_rpc worker {c.address} shares its experts with "
+                                  f"{max(inf.experts.data_parallel_size, 1)} data-parallel engine(s) as engine "
+                                  f"{inf.experts.data_parallel_rank}; this front expects "
+                                  + (f"engine {self.dp_rank} of {self.dp_size} (--data-parallel-size with "
+                                     f"--enable-expert-parallel: start it with --data-parallel-size {self.dp_size} "
+                                     f"--data-parallel-rank {self.dp_rank})" if self.dp_size > 1 else
+                                     "every expert within this engine's workers (start it without "
+                                     "--data-parallel-size)"))
             if inf.model.config_hash != self.infos[0].model.config_hash or inf.model_path != self.info.model_path:
                 raise ConfigError(f"ms_rpc workers {self.clients[0].address} and {c.address} serve different models "
                                   f"({self.info.model_path} vs {inf.model_path})")
@@ -265,6 +280,10 @@ class WorkerGroup:
         futures = [self._pool.submit(c.determine_available_memory, block_size, requested, utilization,
                                      max_num_batched_tokens, max_num_seqs) for c in self.clients]
         return [f.result() for f in futures]
+
+    def run_dummy_batch(self, timeout: float) -> None:
+        """This engine's part of a step it has nothing for, on every rank (experts over data-parallel engines)."""
+        self.call_all(lambda c: c.run_dummy_batch(timeout), abort_on_error=True)
 
     def check_liveness(self, timeout: float) -> None:
         """Every rank runs a real one-token forward, all at once (a forward holds collectives across the ranks)."""

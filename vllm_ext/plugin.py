@@ -30,6 +30,11 @@ scheduler and executor interface are vLLM's own async path (AsyncScheduler, the 
 sample_tokens futures), exactly as with a GPU executor; the only CPU-platform assumption it lifts is that the
 model runs in the engine process.
 
+Experts over data-parallel engines (`--enable-expert-parallel --data-parallel-size M`, local workers):
+`_place_expert_cluster` picks the loopback address of their one MindSpore cluster while `get_class` runs in the
+process that then starts the M engine cores, and writes it into the config they receive
+(`additional_config.ms_rpc.expert_cluster_addr`).
+
 World size > 1: vLLM 0.32's CPU platform rewrites the backend only when it is "uni" (to "mp"), and the
 parallel config picks a backend only when none is given, so `--tensor-parallel-size N
 --distributed-executor-backend ms_rpc` reaches this executor unchanged (tests/test_tp.py serves through it).
@@ -60,6 +65,7 @@ def register() -> None:
             from vllm_ext.support import check_engine_config
 
             check_engine_config(vllm_config)
+            _place_expert_cluster(vllm_config)
             _refuse_unsupported_requests()
             _keep_async_scheduling(vllm_config)
             return MsRpcExecutor
@@ -91,6 +97,24 @@ def _refuse_unsupported_requests() -> None:
 
     validate_request._ms_rpc_wrapped = True
     platform.validate_request = classmethod(validate_request)
+
+
+def _place_expert_cluster(vllm_config) -> None:
+    """Experts over data-parallel engines with local workers: every engine's workers join one MindSpore cluster,
+    whose scheduler address is picked here, in the process that resolves the executor and then starts the engines
+    (they receive this config)."""
+    pc = vllm_config.parallel_config
+    if not (pc.enable_expert_parallel and pc.data_parallel_size > 1):
+        return
+    if vllm_config.additional_config is None:
+        vllm_config.additional_config = {}
+    extra = vllm_config.additional_config.setdefault("ms_rpc", {})
+    if not extra.get("workers") and not extra.get("expert_cluster_addr"):
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            extra["expert_cluster_addr"] = f"127.0.0.1:{s.getsockname()[1]}"
 
 
 def _keep_async_scheduling(vllm_config) -> None:

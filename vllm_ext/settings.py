@@ -24,6 +24,9 @@ class RpcSettings:
     workers: tuple[str, ...] = ()         # external worker addresses (MS_RPC_WORKERS: comma separated); () = local
     worker_python: str = field(default_factory=default_worker_python)   # the local workers' Python
     worker_args: tuple[str, ...] = ()     # extra `ms-worker serve` arguments for local workers
+    # experts over data-parallel engines, local workers: where the engines' one MindSpore cluster meets (the plugin
+    # picks a free loopback port in the process that starts the engines)
+    expert_cluster_addr: str = ""
     security: dict = field(default_factory=dict, repr=False)   # SECURITY_KEYS -> value (a token among them)
     # numbers: the type of the default is the setting's
     connect_timeout_s: float = 30.0       # wait for a worker's health SERVING at start-up
@@ -53,6 +56,7 @@ class RpcSettings:
         values = dict(workers=tuple(workers or ()),
                       worker_python=extra.get("worker_python") or env["worker_python"] or default_worker_python(),
                       worker_args=tuple(extra.get("worker_args") or (env["worker_args"] or "").split()),
+                      expert_cluster_addr=str(extra.get("expert_cluster_addr") or env["expert_cluster_addr"] or ""),
                       security=security)
         for f in fields(cls):
             if isinstance(f.default, (int, float)):

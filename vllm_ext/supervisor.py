@@ -116,6 +116,10 @@ class FaultSupervisor:
         Then the full handshake again (the new workers hold no requests and an empty KV cache)."""
         s = self.settings
         start, backoff, last = time.monotonic(), 1.0, self.down
+        if self.group.dp_size > 1:
+            return self._give_up(f"{last}; these workers share their experts with {self.group.dp_size - 1} other "
+                                 f"data-parallel engine(s) in one MindSpore cluster, which a lost rank breaks for "
+                                 f"all of them (ms_rpc does not rebuild it)")
         while not self.closing.is_set():
             try:
                 if not self.group.external:

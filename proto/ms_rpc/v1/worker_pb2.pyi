@@ -82,16 +82,20 @@ class WorkerInfo(_message.Message):
     def __init__(self, protocol_version: _Optional[int] = ..., worker_id: _Optional[str] = ..., framework: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., model_path: _Optional[str] = ..., model: _Optional[_Union[ModelInfo, _Mapping]] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., features: _Optional[_Iterable[str]] = ..., experts: _Optional[_Union[ExpertPlacement, _Mapping]] = ...) -> None: ...
 
 class ExpertPlacement(_message.Message):
-    __slots__ = ("num_experts", "expert_parallel", "first_expert", "local_experts")
+    __slots__ = ("num_experts", "expert_parallel", "first_expert", "local_experts", "data_parallel_size", "data_parallel_rank")
     NUM_EXPERTS_FIELD_NUMBER: _ClassVar[int]
     EXPERT_PARALLEL_FIELD_NUMBER: _ClassVar[int]
     FIRST_EXPERT_FIELD_NUMBER: _ClassVar[int]
     LOCAL_EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    DATA_PARALLEL_SIZE_FIELD_NUMBER: _ClassVar[int]
+    DATA_PARALLEL_RANK_FIELD_NUMBER: _ClassVar[int]
     num_experts: int
     expert_parallel: bool
     first_expert: int
     local_experts: int
-    def __init__(self, num_experts: _Optional[int] = ..., expert_parallel: _Optional[bool] = ..., first_expert: _Optional[int] = ..., local_experts: _Optional[int] = ...) -> None: ...
+    data_parallel_size: int
+    data_parallel_rank: int
+    def __init__(self, num_experts: _Optional[int] = ..., expert_parallel: _Optional[bool] = ..., first_expert: _Optional[int] = ..., local_experts: _Optional[int] = ..., data_parallel_size: _Optional[int] = ..., data_parallel_rank: _Optional[int] = ...) -> None: ...
 
 class MemoryRequest(_message.Message):
     __slots__ = ("protocol_version", "block_size", "requested_bytes", "gpu_memory_utilization", "max_num_batched_tokens", "max_num_seqs")
@@ -453,6 +457,18 @@ class LivenessReply(_message.Message):
     next_step_id: int
     requests_active: int
     def __init__(self, worker_id: _Optional[str] = ..., forward_s: _Optional[float] = ..., next_step_id: _Optional[int] = ..., requests_active: _Optional[int] = ...) -> None: ...
+
+class DummyBatchRequest(_message.Message):
+    __slots__ = ("protocol_version",)
+    PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    protocol_version: int
+    def __init__(self, protocol_version: _Optional[int] = ...) -> None: ...
+
+class DummyBatchReply(_message.Message):
+    __slots__ = ("forward_s",)
+    FORWARD_S_FIELD_NUMBER: _ClassVar[int]
+    forward_s: float
+    def __init__(self, forward_s: _Optional[float] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("protocol_version",)

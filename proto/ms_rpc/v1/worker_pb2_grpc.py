@@ -99,6 +99,11 @@ class ModelWorkerStub:
                 request_serializer=ms__rpc_dot_v1_dot_worker__pb2.LoraRequest.SerializeToString,
                 response_deserializer=ms__rpc_dot_v1_dot_worker__pb2.LoraList.FromString,
                 _registered_method=True)
+        self.RunDummyBatch = channel.unary_unary(
+                '/ms_rpc.v1.ModelWorker/RunDummyBatch',
+                request_serializer=ms__rpc_dot_v1_dot_worker__pb2.DummyBatchRequest.SerializeToString,
+                response_deserializer=ms__rpc_dot_v1_dot_worker__pb2.DummyBatchReply.FromString,
+                _registered_method=True)
 
 
 class ModelWorkerServicer:
@@ -192,6 +197,16 @@ class ModelWorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RunDummyBatch(self, request, context):
+        """Experts spread over data-parallel engines (ExpertPlacement.data_parallel_size > 1): every engine's workers run
+        each step's forward together, so an engine with nothing to run in a step sends this instead (vLLM's
+        execute_dummy_batch): one forward of a dummy token that writes nothing, joining the other engines' sparse
+        layers. It has no step number and changes no state; without such a placement it does nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ModelWorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -259,6 +274,11 @@ def add_ModelWorkerServicer_to_server(servicer, server):
                     servicer.ListLoras,
                     request_deserializer=ms__rpc_dot_v1_dot_worker__pb2.LoraRequest.FromString,
                     response_serializer=ms__rpc_dot_v1_dot_worker__pb2.LoraList.SerializeToString,
+            ),
+            'RunDummyBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.RunDummyBatch,
+                    request_deserializer=ms__rpc_dot_v1_dot_worker__pb2.DummyBatchRequest.FromString,
+                    response_serializer=ms__rpc_dot_v1_dot_worker__pb2.DummyBatchReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -612,6 +632,33 @@ class ModelWorker:
             '/ms_rpc.v1.ModelWorker/ListLoras',
             ms__rpc_dot_v1_dot_worker__pb2.LoraRequest.SerializeToString,
             ms__rpc_dot_v1_dot_worker__pb2.LoraList.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RunDummyBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ms_rpc.v1.ModelWorker/RunDummyBatch',
+            ms__rpc_dot_v1_dot_worker__pb2.DummyBatchRequest.SerializeToString,
+            ms__rpc_dot_v1_dot_worker__pb2.DummyBatchReply.FromString,
             options,
             channel_credentials,
             insecure,
