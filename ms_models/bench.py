@@ -7,6 +7,8 @@ Prints load time, first call (compile) and median steady time per batch (its fla
 token bucket).
 Tensor parallel: run it once per rank with ``--tp-rank I --tp-size N --dist-addr HOST:PORT``
 and the cluster's scheduler beside them (``ms-worker sched --dist-addr HOST:PORT --tp-size N``).
+Experts over data-parallel engines: ``--enable-expert-parallel --data-parallel-size M --data-parallel-rank D`` per
+engine process (the scheduler's --tp-size is then M x N); every engine runs the same batches.
 Decode rows each have ``ctx`` tokens of context (the cache holds arbitrary values: only
 timing is measured).
 LoRA: ``--lora-slots L --lora-rank R`` gives the model L slots of rank R on all seven targets, each holding a
@@ -57,6 +59,9 @@ def main(argv=None):
     ap.add_argument("--dist-addr", default=None, help="HOST:PORT of the MindSpore cluster scheduler (tp-size > 1)")
     ap.add_argument("--enable-expert-parallel", action="store_true",
                     help="mixture-of-experts: each rank holds tp-size'th of the experts whole (else 1/tp-size of each)")
+    ap.add_argument("--data-parallel-size", type=int, default=1,
+                    help="with --enable-expert-parallel: the experts over this many engine processes (one each)")
+    ap.add_argument("--data-parallel-rank", type=int, default=0, help="this process's engine")
     ap.add_argument("--lora-slots", type=int, default=0, help="LoRA slots (0 = LoRA off)")
     ap.add_argument("--lora-rank", type=int, default=16)
     ap.add_argument("--profile", metavar="DIR", help="also profile each case (MindSpore's profiler, output in DIR)")
@@ -66,10 +71,12 @@ def main(argv=None):
     from .batch import FlatBatch, token_bucket
 
     t0 = time.perf_counter()
-    runtime.setup(a.device, tp_rank=a.tp_rank, tp_size=a.tp_size, dist_addr=a.dist_addr, join_timeout_s=300)
+    runtime.setup(a.device, tp_rank=a.data_parallel_rank * a.tp_size + a.tp_rank,
+                  tp_size=a.data_parallel_size * a.tp_size, dist_addr=a.dist_addr, join_timeout_s=300)
     t1 = time.perf_counter()
     model = load_model(a.model_dir, device=a.device, use_jit=not a.eager, tp_rank=a.tp_rank, tp_size=a.tp_size,
-                       expert_parallel=a.enable_expert_parallel)
+                       expert_parallel=a.enable_expert_parallel, dp_rank=a.data_parallel_rank,
+                       dp_size=a.data_parallel_size)
     t2 = time.perf_counter()
     bs, nb = a.block_size, a.num_blocks
     cases = [(int(b), 1, a.ctx) for b in a.decode_batches.split(",") if b]

@@ -286,6 +286,9 @@ class WorkerService(pb_grpc.ModelWorkerServicer):
             try:
                 t1 = time.perf_counter()
                 out = self._on_model_thread(self.runner.forward, plan) if plan.scheduled else None
+                if out is None and plan.refused and self.model.tp.dp_experts:
+                    # vLLM counts this step as run (it scheduled tokens): the other engines' forward waits for ours
+                    self._on_model_thread(self.model.dummy_forward)
                 step = _Deferred(request.step_id, plan, out, t0, t1 - t0, time.perf_counter() - t1)
                 if request.defer_sampling:
                     self.pending = step
