@@ -69,10 +69,12 @@ def main(argv=None):
 
     from . import load_model, runtime
     from .batch import FlatBatch, token_bucket
+    from .parallel import TensorParallel
 
     t0 = time.perf_counter()
-    runtime.setup(a.device, tp_rank=a.data_parallel_rank * a.tp_size + a.tp_rank,
-                  tp_size=a.data_parallel_size * a.tp_size, dist_addr=a.dist_addr, join_timeout_s=300)
+    rank, size = TensorParallel(a.tp_rank, a.tp_size, a.enable_expert_parallel, a.data_parallel_rank,
+                                a.data_parallel_size).cluster
+    runtime.setup(a.device, tp_rank=rank, tp_size=size, dist_addr=a.dist_addr, join_timeout_s=300)
     t1 = time.perf_counter()
     model = load_model(a.model_dir, device=a.device, use_jit=not a.eager, tp_rank=a.tp_rank, tp_size=a.tp_size,
                        expert_parallel=a.enable_expert_parallel, dp_rank=a.data_parallel_rank,

@@ -133,9 +133,10 @@ class CausalLM:
         if self._body is None:
             raise RuntimeError("allocate_kv_cache() must be called before forward()")
         parts = batch.split(self.buckets[-1])
-        if self.tp.dp_experts:   # every engine runs as many forwards as the one with the most (dummy ones)
-            parts += [self.dummy_batch(1, 0)] * (int(self._agree(len(parts))) - len(parts))
-        outs = [self._forward_part(part) for part in parts]
+        sizes = [token_bucket(p.num_tokens, self.buckets) for p in parts]
+        if self.tp.dp_experts:
+            parts, sizes = self._agree_forwards(parts, sizes)
+        outs = [self._forward_part(part, Tp) for part, Tp in zip(parts, sizes)]
         return outs[0] if len(outs) == 1 else np.concatenate(outs)
 
     __call__ = forward
@@ -145,14 +146,24 @@ class CausalLM:
         layers hold collectives over all of them): one forward of a token that writes nothing."""
         self.forward(self.dummy_batch(1, 0))
 
-    def _agree(self, value: int) -> int:
-        """The largest ``value`` (a count below 2**24) over the cluster's ranks, gathered outside the graphs:
-        the engines' forwards must have the same count and shapes."""
+    def _agree_forwards(self, parts: list, sizes: list) -> tuple[list, list]:
+        """Experts over data-parallel engines: every engine runs as many forwards as the one with the most (dummy
+        ones added) and each forward at the largest token bucket of the engines'. One exchange for a step of one
+        forward (the count and the first bucket), one more per further forward."""
+        n, first = self._agree(len(parts), sizes[0])
+        parts = parts + [self.dummy_batch(1, 0)] * (n - len(parts))
+        sizes = sizes + [1] * (n - len(sizes))
+        return parts, [first] + [self._agree(s)[0] for s in sizes[1:]]
+
+    def _agree(self, *values: int) -> list[int]:
+        """The largest of each of ``values`` (counts below 2**24) over the cluster's ranks, gathered outside the
+        graphs."""
         if self._max is None:
             from mindspore import ops
 
             self._max = ops.AllGather()   # MindSpore's CPU AllReduce sums floats only
-        return int(self._max(Tensor(np.array([value], np.float32))).asnumpy().max())
+        got = self._max(Tensor(np.array([values], np.float32))).asnumpy()   # [ranks, len(values)]
+        return [int(v) for v in got.max(0)]
 
     def _pad(self, batch: FlatBatch, Tp: int) -> FlatBatch:
         """``batch`` padded to Tp tokens (a token bucket), with min(Tp, max_num_seqs) request rows and full-width
@@ -174,9 +185,8 @@ class CausalLM:
                          pad(batch.query_start_loc, Rp + 1, T), pad(batch.seq_lens, Rp, 0), bt, batch.logits_indices,
                          None if batch.lora_slots is None else pad(batch.lora_slots, Tp, -1))
 
-    def _forward_part(self, batch: FlatBatch) -> np.ndarray:
-        Tp = token_bucket(batch.num_tokens, self.buckets)
-        padded = self._pad(batch, int(self._agree(Tp)) if self.tp.dp_experts else Tp)
+    def _forward_part(self, batch: FlatBatch, Tp: int) -> np.ndarray:
+        padded = self._pad(batch, Tp)
         step = self.net.prepare_inputs(padded, self.num_blocks, self.block_size, batch.num_reqs)
         # None inputs are constants of the graph: the fused path's kernel path (layers.build_fused_attention_metadata)
         # leaves some None, so its body graphs are keyed by the token bucket and which inputs are None (CPU: none)

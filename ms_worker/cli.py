@@ -220,8 +220,11 @@ def _check_args(args) -> str | None:
 
 def cluster_of(args) -> tuple[int, int]:
     """(rank, size) of this worker in its MindSpore cluster: its tensor-parallel group, or with experts over
-    data-parallel engines every engine's ranks (engine D's rank r is D x N + r)."""
-    return args.data_parallel_rank * args.world_size + args.rank, args.data_parallel_size * args.world_size
+    data-parallel engines every engine's ranks (TensorParallel.cluster). After _check_args."""
+    from ms_models.parallel import TensorParallel
+
+    return TensorParallel(args.rank, args.world_size, args.enable_expert_parallel, args.data_parallel_rank,
+                          args.data_parallel_size).cluster
 
 
 def _weights_mib(model_dir: str) -> float:

@@ -26,7 +26,7 @@ from vllm_ext.settings import ConfigError, RpcSettings
 log = logging.getLogger("vllm.ms_rpc")  # under vLLM's logger: same format and level
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -114,7 +114,7 @@ class WorkerGroup:
         sec = self.settings.security
         self.settings = replace(self.settings, security={k: sec.get(k) for k in ("token", "token_file")})
         token = self.settings.channel_security().token
-        dist = f"127.0.0.1:{_free_port()}" if self.size > 1 else None
+        dist = f"127.0.0.1:{free_port()}" if self.size > 1 else None
         try:
             for rank in range(self.size):
                 extra = list(self.settings.worker_args)

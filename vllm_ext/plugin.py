@@ -110,11 +110,9 @@ def _place_expert_cluster(vllm_config) -> None:
         vllm_config.additional_config = {}
     extra = vllm_config.additional_config.setdefault("ms_rpc", {})
     if not extra.get("workers") and not extra.get("expert_cluster_addr"):
-        import socket
+        from vllm_ext.group import free_port
 
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            extra["expert_cluster_addr"] = f"127.0.0.1:{s.getsockname()[1]}"
+        extra["expert_cluster_addr"] = f"127.0.0.1:{free_port()}"
 
 
 def _keep_async_scheduling(vllm_config) -> None:
