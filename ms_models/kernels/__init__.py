@@ -1,8 +1,9 @@
 """Custom MindSpore CPU kernels (ops.Custom, func_type "aot"), compiled from C++ on first use.
 
-``build(source)`` compiles one kernel source (``paged_attention.cc`` by default, ``moe_ffn.cc``) with g++
+``build(source)`` compiles one kernel source (``paged_attention.cc`` by default, ``moe_ffn.cc``; both include
+``common.h``) with g++
 into ``ms_models/kernels/build/`` (or ``$MS_MODELS_KERNEL_DIR``) as ``<name>-<hash>.so``, the hash
-covering the source and the compiler command, so a changed source gets a new file and a stale one is
+covering the source, common.h and the compiler command, so a changed source gets a new file and a stale one is
 never loaded; a file lock (``fcntl.flock``) lets worker processes that start together build it once.
 ``python -m ms_models.kernels`` builds them all ahead (the worker environment's Makefile recipe does).
 
@@ -51,6 +52,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCE = os.path.join(HERE, "paged_attention.cc")
 FUNC_NAME = "PagedAttentionFlat"
 MOE_SOURCE = os.path.join(HERE, "moe_ffn.cc")
+SOURCES = (SOURCE, MOE_SOURCE)
+HEADER = os.path.join(HERE, "common.h")  # included by every source
 CXX_FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 # libgomp's spin before an idle thread sleeps (see the module docstring for the measurement).
 _SPINCOUNT = "0"
@@ -87,8 +90,10 @@ def _compiler() -> str:
 
 
 def _lib_path(source: str = SOURCE) -> tuple[str, list[str]]:
-    with open(source, "rb") as f:
-        src = f.read()
+    src = b""
+    for part in (source, HEADER):
+        with open(part, "rb") as f:
+            src += f.read()
     cxx = _compiler()
     h = hashlib.sha256(src + " ".join([cxx] + CXX_FLAGS).encode()).hexdigest()[:16]
     name = os.path.splitext(os.path.basename(source))[0]
@@ -187,7 +192,7 @@ def main(argv=None) -> int:
     ap.add_argument("--force", action="store_true", help="rebuild even if the library exists")
     args = ap.parse_args(argv)
     try:
-        for source in (SOURCE, MOE_SOURCE):
+        for source in SOURCES:
             print(build(force=args.force, source=source))
     except KernelBuildError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -39,10 +39,11 @@
 #include <cstdlib>
 #include <vector>
 
+#include "common.h"
+
 #ifndef MOE_CLONES
 #define MOE_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #endif
-#define PA_INLINE static inline __attribute__((always_inline))
 
 namespace {
 
@@ -57,13 +58,8 @@ struct Unit {
 bool is(const char *dtype, const char *want) { return dtype && strcmp(dtype, want) == 0; }
 
 int num_threads(int64_t flops, int64_t units) {
-  static const int max_threads = [] {
-    const char *s = getenv("MS_PA_THREADS");
-    int n = s ? atoi(s) : 2;
-    return n > 0 ? n : 1;
-  }();
   if (flops < SERIAL_FLOPS || units < 2) return 1;
-  return (int)std::min<int64_t>(max_threads, units);
+  return (int)std::min<int64_t>(max_kernel_threads(), units);
 }
 
 // Top-k of one token from its router logits: expert ids and weights (see the contract).

@@ -52,10 +52,11 @@
 #include <cstdlib>
 #include <vector>
 
+#include "common.h"
+
 #ifndef PA_CLONES  // tests build with -DPA_CLONES= (plus -mavx2 -mfma) to check each clone's code path
 #define PA_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #endif
-#define PA_INLINE static inline __attribute__((always_inline))
 
 namespace {
 
@@ -66,28 +67,6 @@ struct Dims {
   int64_t T, H, KVH, D, BS, NB, M, R, G;
   int num_reqs, window;
 };
-
-// exp(x) for x <= 0 (scores minus the running max), vectorisable (no libm call): Cephes-style
-// range reduction x = n*ln2 + r, |r| <= ln2/2, degree-6 polynomial; relative error ~2e-7.
-// Inputs below -87 give 0.
-PA_INLINE float fast_exp(float x) {
-  x = std::max(x, -87.0f);
-  // round to nearest with the 1.5*2^23 trick (vectorises on every target; no -ffast-math here)
-  float n = (x * 1.44269504088896341f + 12582912.f) - 12582912.f;
-  float r = x - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  int32_t e = (static_cast<int32_t>(n) + 127) << 23;
-  float s;
-  memcpy(&s, &e, 4);
-  return p * s;
-}
 
 // dst = neox-rotate(src) for one head of width D; cs = cat(cos[:D/2], sin[:D/2]).
 PA_INLINE void rotate(float *__restrict dst, const float *__restrict src, const float *__restrict cs, int64_t D) {
@@ -329,17 +308,11 @@ PA_CLONES void attend(const Dims &dm, const Unit &u, const float *q, const float
     attend_unit<0>(dm, u, q, cos_sin, k_cache, v_cache, seq_lens, qsl, block_tables, out, ws);
 }
 
-// Threads. MindSpore's CPU budget here is 2 threads; MS_PA_THREADS overrides (1: no OpenMP team).
-// Small work runs on the calling thread. Wait policy: see ms_models/kernels/__init__.py.
+// Threads (common.h): small work runs on the calling thread.
 int pa_num_threads(int64_t work, int64_t units) {
-  static int max_threads = [] {
-    const char *e = getenv("MS_PA_THREADS");
-    int n = e ? atoi(e) : 2;
-    return n < 1 ? 1 : n;
-  }();
   // ~1M cost units is ~0.1 ms on one thread (decode B=4 at 256 context, Qwen2.5-0.5B heads)
   if (work < ((int64_t)1 << 20) || units < 2) return 1;
-  return (int)std::min<int64_t>(max_threads, units);
+  return (int)std::min<int64_t>(max_kernel_threads(), units);
 }
 
 // MS_PA_PROFILE=1: the kernel's own wall time (count, mean) to stderr at exit, to tell kernel time from
