@@ -20,7 +20,7 @@ from .batch import FlatBatch
 from .lora import GROUPS, lora_input, lora_masks
 from .layers import (DeviceOps, RotaryEmbedding, build_fused_attention_metadata, embedding, flash_causal_mask,
                      fused_attention, fused_rotary, gated_mlp, gather_logits, head_rms_norm, lm_head, linear,
-                     new_kv_cache, param_bytes, rms_norm, to_param, vocab_parallel_embedding)
+                     new_kv_cache, param_bytes, rms_norm, to_param, tp_all_reduce, vocab_parallel_embedding)
 
 __all__ = ["DecoderLayer", "FusedDecoderLayer", "DecoderModel", "build_decoder", "read_linear", "read_vocab_rows"]
 
@@ -69,7 +69,7 @@ class DecoderLayer(nn.Cell):
             self.norm_op = self.rope_op = self.write_op = self.paged_op = self.flash_op = self.flash_mask = None
             self.attn_op = dev.attention_kernel()
         # tensor parallel: o_proj and down_proj are row-parallel, their partial sums are all-reduced
-        self.all_reduce = ops.AllReduce() if dev.tp.enabled else None
+        self.all_reduce = tp_all_reduce(dev.tp)
         for a_name in GROUPS:   # LoRA slots' stacked A (ms_models.lora.LoraSlots), when enabled
             setattr(self, a_name, None)
         self.k_cache = None
@@ -172,13 +172,14 @@ class DecoderModel(nn.Cell):
         # tied: the lm head multiplies by the embedding Parameter itself (no copy)
         self.lm_head = self.embed if lm_head_w is None else to_param(lm_head_w, "lm_head.weight", dev.dtype)
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
-        # tensor parallel (ms_models.parallel): ``cfg`` holds this rank's heads; the embedding and the
-        # lm head hold its vocabulary rows [vocab_start, vocab_start + Vp), zero-padded
+        # tensor parallel (ms_models.parallel): ``cfg`` holds this rank's heads; split by vocabulary
+        # (TensorParallel.vocab_parallel), the embedding and the lm head hold its rows [vocab_start, vocab_start + Vp),
+        # zero-padded
         self.tp_size = dev.tp.size
         self.vocab_size = cfg.vocab_size
         self.vocab_start = dev.tp.vocab_range(cfg.vocab_size)[0]
-        self.all_reduce = ops.AllReduce() if dev.tp.enabled else None
-        self.all_gather = ops.AllGather() if dev.tp.enabled else None
+        self.all_reduce = ops.AllReduce() if dev.tp.vocab_parallel else None
+        self.all_gather = ops.AllGather() if dev.tp.vocab_parallel else None
         self.lora_cols = None   # with LoRA slots (ms_models.lora.LoraSlots): the slot of each stacked A column
 
     # ---- protocol used by model.CausalLM
@@ -279,7 +280,7 @@ def read_vocab_rows(weights, tp, name: str, vocab_size: int, dtype):
     """The embedding or lm head ``name`` as a Parameter: whole, or under tensor parallel this rank's vocabulary
     rows, zero-padded to ceil(vocab / size) (TensorParallel.vocab_range)."""
     vstart, vstop, vpad = tp.vocab_range(vocab_size)
-    return to_param(_read(weights, name, 0, (vstart, vstop) if tp.enabled else None, vpad), name, dtype)
+    return to_param(_read(weights, name, 0, (vstart, vstop) if tp.vocab_parallel else None, vpad), name, dtype)
 
 
 def build_decoder(cfg: ModelConfig, weights, dev: DeviceOps, sparse_layer=None) -> DecoderModel:

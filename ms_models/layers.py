@@ -31,10 +31,10 @@ import math
 
 import numpy as np
 import mindspore as ms
-from mindspore import Parameter, Tensor, ops
+from mindspore import Parameter, Tensor, nn, ops
 
 __all__ = [
-    "MASK_VALUE", "DeviceOps", "to_param", "new_kv_cache", "param_bytes",
+    "MASK_VALUE", "DeviceOps", "tp_all_reduce", "EngineSum", "to_param", "new_kv_cache", "param_bytes",
     "rms_norm", "head_rms_norm", "linear", "embedding", "lm_head", "vocab_parallel_embedding", "gather_logits",
     "gated_mlp", "FusedKernels", "fused_rotary", "fused_attention", "build_fused_attention_metadata",
     "flash_causal_mask", "FLASH_MAX_SEQS", "PAGED_MASK_VALUE",
@@ -208,6 +208,35 @@ def _cpu_attention_kernel():
     """The CPU attention kernel: RoPE, paged cache write and ragged attention in one op (ms_models.kernels)."""
     from .kernels import paged_attention_op
     return paged_attention_op()
+
+
+def tp_all_reduce(tp):
+    """The sum over this engine's tensor-parallel ranks (after a row-parallel layer), or None without tensor
+    parallel: MindSpore's AllReduce when the cluster is the engine's ranks, EngineSum when it holds every
+    data-parallel engine's (ms_models.parallel)."""
+    if not tp.enabled:
+        return None
+    return EngineSum(tp) if tp.dp_experts else ops.AllReduce()
+
+
+class EngineSum(nn.Cell):
+    """The sum of x [T, ...] over one engine's N ranks of a cluster shared by data-parallel engines (whose CPU
+    collectives run on the whole cluster only): an AllGather of every rank's x, then the engine's N parts added in
+    rank order, so that its ranks hold the same sum bit for bit. Every engine runs it with the same T."""
+
+    def __init__(self, tp):
+        super().__init__(auto_prefix=False)
+        self.gather = ops.AllGather()
+        self.first = tp.dp_rank * tp.size   # the engine's first cluster rank
+        self.size = tp.size
+
+    def construct(self, x):
+        T = x.shape[0]
+        parts = self.gather(x)
+        y = parts[self.first * T:(self.first + 1) * T]
+        for i in range(1, self.size):
+            y = y + parts[(self.first + i) * T:(self.first + i + 1) * T]
+        return y
 
 
 def to_param(arr, name: str, dtype=None):

@@ -292,7 +292,7 @@ def load_model(model_dir: str, device: str = "cpu", use_jit: bool = True, thread
     dtype = runtime.resolve_dtype(dev_name, dtype, stand_ins=kernels is not None)
     cfg = ModelConfig.from_model_dir(model_dir, dtype=dtype)  # before importing MindSpore: cheap failures first
     tp = TensorParallel(int(tp_rank), int(tp_size), bool(expert_parallel), int(dp_rank), int(dp_size))
-    problem = check_tensor_parallel(cfg, tp.size, tp.expert_parallel, tp.dp_size, dev_name)
+    problem = check_tensor_parallel(cfg, tp.size, tp.expert_parallel, tp.dp_size)
     if problem:
         raise ValueError(f"{problem} (model: {os.fspath(model_dir)})")
     src = SafetensorsWeights(model_dir)

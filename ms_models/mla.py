@@ -53,7 +53,7 @@ from mindspore import nn, ops
 from .config import ModelConfig
 from .decoder import DecoderModel, read_linear, read_vocab_rows
 from .layers import (PAGED_MASK_VALUE, DeviceOps, RotaryEmbedding, build_fused_attention_metadata, expand_to,
-                     flash_causal_mask, gated_mlp, linear, rms_norm, to_param)
+                     flash_causal_mask, gated_mlp, linear, rms_norm, to_param, tp_all_reduce)
 from .moe import QWEN_EXPERTS, RoutedExperts, fused_experts, read_experts
 from .registry import UnsupportedModelError
 
@@ -177,7 +177,7 @@ class MlaDecoderLayer(nn.Cell):
             self.attn_op = dev.attention_kernel()
             self.experts = (RoutedExperts(cfg.num_experts_per_tok, True, w.get("first_expert", 0), dev.tp)
                             if self.router is not None else None)
-        self.all_reduce = ops.AllReduce() if dev.tp.enabled else None
+        self.all_reduce = tp_all_reduce(dev.tp)
         self.k_cache = None
 
     @property

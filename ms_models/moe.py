@@ -61,7 +61,9 @@ class RoutedExperts(nn.Cell):
     ``top_k`` per token (renormalised if ``renorm``), the rank's first expert ``first_expert``. With the experts
     spread over data-parallel engines (TensorParallel.dp_experts) every engine's tokens meet here: their normed
     hidden states and router logits gathered, this rank's experts' part of all of them (every gathered row is
-    routed, the engines' padding rows included), the parts summed over the cluster and this engine's rows kept."""
+    routed, the engines' padding rows included), the parts summed over the cluster and this engine's rows kept; with
+    tensor parallel in the engines only by its rank 0 (zeros on the others: the layer's tensor-parallel sum adds
+    the engine's ranks, ms_models.parallel)."""
 
     def __init__(self, top_k: int, renorm: bool, first_expert: int, tp):
         super().__init__(auto_prefix=False)
@@ -72,6 +74,7 @@ class RoutedExperts(nn.Cell):
         self.gather = ops.AllGather() if tp.dp_experts else None
         self.sum = ops.AllReduce() if tp.dp_experts else None
         self.rank, self.ranks = tp.cluster
+        self.keep = Tensor(np.float32(tp.rank == 0)) if tp.dp_experts and tp.enabled else None
 
     def construct(self, h, logits, eg, eu, ed, query_start_loc, params):
         if self.gather is None:
@@ -80,7 +83,8 @@ class RoutedExperts(nn.Cell):
         rows = ops.concat((ops.zeros((1,), ms.int32), ops.full((1,), T * self.ranks, dtype=ms.int32)))
         one_request = ops.concat((ops.ones((1,), ms.int32), ops.zeros((1,), ms.int32)))  # (num_reqs, window)
         y = self.sum(self.op(self.gather(h), self.gather(logits), eg, eu, ed, rows, one_request, self.cfg))
-        return y[self.rank * T:(self.rank + 1) * T]
+        y = y[self.rank * T:(self.rank + 1) * T]
+        return y if self.keep is None else y * self.keep
 
 
 class MoeDecoderLayer(DecoderLayer):

@@ -27,8 +27,13 @@ Each rank holds 1/N of the weights and computes 1/N of every layer:
   rows: all-gather + all-reduce, as MindSpore's CPU backend has neither a reduce-scatter nor an all-to-all kernel.
   Every engine runs each step's forward together (vLLM's engines step in lockstep, an idle one runs a dummy batch),
   with the same token bucket (CausalLM agrees on it first). MindSpore's CPU collectives run on the world group
-  only (a sub-group's AllGather is refused: "only support mccl_world_group on CPU"), so on the CPU the engines'
-  tensor-parallel size is 1 here (check_tensor_parallel).
+  only (a sub-group's AllGather is refused: "only support mccl_world_group on CPU"), so with N > 1 an engine's
+  tensor-parallel sum is built from the world's: an AllGather of every rank's part, then the sum of the engine's
+  N parts, in rank order on each of its ranks (layers.tp_all_reduce). The embedding and the lm head are then
+  replicated, not split by vocabulary (vocab_parallel): the head runs on each engine's own schedule (its rows
+  and chunks differ between engines), so it must not need a collective. A sparse layer's gathered rows hold
+  each engine's tokens N times (once per rank); its experts' sum is kept by the engine's rank 0 only, and the
+  layer's tensor-parallel sum, which also completes the shared expert, adds it once.
 
 * multi-head latent attention (ms_models.mla): query heads split as above, the latent and its rope key
   computed on every rank (the latent cache is replicated, as in vLLM).
@@ -76,6 +81,12 @@ class TensorParallel:
         return self.dp_size > 1
 
     @property
+    def vocab_parallel(self) -> bool:
+        """The embedding and lm head split by vocabulary over this engine's ranks: with tensor parallel, unless the
+        experts are spread over data-parallel engines (then replicated: the module docstring)."""
+        return self.enabled and not self.dp_experts
+
+    @property
     def cluster(self) -> tuple[int, int]:
         """(rank, size) of this process in its MindSpore cluster: every engine's ranks with dp_experts."""
         return self.dp_rank * self.size + self.rank, self.dp_size * self.size
@@ -105,14 +116,14 @@ class TensorParallel:
         return rank * per, (rank + 1) * per
 
     def vocab_per_rank(self, vocab: int) -> int:
-        """Rows of the (padded) vocabulary each rank owns: ceil(vocab / size)."""
-        return -(-int(vocab) // self.size)
+        """Rows of the (padded) vocabulary each rank owns: ceil(vocab / size), all of them unless vocab_parallel."""
+        return -(-int(vocab) // self.size) if self.vocab_parallel else int(vocab)
 
     def vocab_range(self, vocab: int) -> tuple[int, int, int]:
         """(start, stop, padded) of this rank's vocabulary rows: real rows [start, stop), then zero rows up to
         ``padded`` = vocab_per_rank rows in all."""
         vp = self.vocab_per_rank(vocab)
-        start = min(self.rank * vp, int(vocab))
+        start = min(self.rank * vp, int(vocab)) if self.vocab_parallel else 0
         return start, min(start + vp, int(vocab)), vp
 
 
@@ -131,22 +142,16 @@ def check_divisible(num_heads: int, num_kv_heads: int, size: int) -> str | None:
             f" (each rank must own whole heads; sizes that fit: {fits})")
 
 
-def check_tensor_parallel(cfg, size: int, expert_parallel: bool = False, dp_size: int = 1,
-                          device: str = "cpu") -> str | None:
+def check_tensor_parallel(cfg, size: int, expert_parallel: bool = False, dp_size: int = 1) -> str | None:
     """Why ``size`` ranks (per engine; ``dp_size`` engines sharing the experts) cannot serve the model of
     ModelConfig ``cfg``, or None: its heads must divide (check_divisible; a multi-head latent attention model's one
     latent KV head is replicated), and with expert parallel a mixture-of-experts model's experts must divide into
     equal parts over all dp_size x size ranks (without it each expert's intermediate features split like a dense
-    MLP's, unevenly if need be). Experts over data-parallel engines take one rank per engine on the CPU (the
-    module docstring)."""
+    MLP's, unevenly if need be)."""
     if expert_parallel and not cfg.num_experts:
         return (f"--enable-expert-parallel: {cfg.architecture} has no routed experts to place (it is not a "
                 f"mixture-of-experts model)")
     ranks = size * dp_size
-    if dp_size > 1 and size > 1 and device == "cpu":
-        return (f"--enable-expert-parallel over {dp_size} data-parallel engines of tensor-parallel size {size}: on "
-                f"the CPU the engines' workers share experts with tensor-parallel size 1 only (MindSpore's CPU "
-                f"collectives run on the whole cluster, not on one engine's ranks)")
     if expert_parallel and cfg.num_experts % ranks:
         over = f"{ranks} ranks" + (f" ({dp_size} data-parallel engines x {size})" if dp_size > 1 else "")
         return (f"--enable-expert-parallel over {over}: {cfg.architecture}'s {cfg.num_experts} experts do "

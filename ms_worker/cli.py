@@ -213,8 +213,7 @@ def _check_args(args) -> str | None:
             cfg = ModelConfig.from_model_dir(args.model)
         except (UnsupportedModelError, FileNotFoundError, ValueError) as e:
             return f"cannot load model {args.model}: {e}"
-        return check_tensor_parallel(cfg, args.world_size, args.enable_expert_parallel, args.data_parallel_size,
-                                     parse_device(args.device)[0])
+        return check_tensor_parallel(cfg, args.world_size, args.enable_expert_parallel, args.data_parallel_size)
     return None
 
 

@@ -227,13 +227,14 @@ def test_served_greedy_equals_hf_at_tp2_and_expert_parallel(ckpts):
         assert sorted(placed) == sorted(want), placed
 
 
-def test_experts_over_two_data_parallel_engines(ckpts, tmp_path):
-    """vLLM's --data-parallel-size 2 --enable-expert-parallel: two engines, each with one external worker started
-    as an operator would (--data-parallel-size 2 --data-parallel-rank D, one --dist-addr), all in one MindSpore
-    cluster, each worker holding 4 of the 8 experts whole. Every served greedy token equals HF's (each engine's
-    tokens pass through the other engine's experts), in a concurrent batch that both engines compute and for a
-    request alone (the other engine idle: its dummy batches join every forward). Workers listed in the wrong
-    engine's place are refused at start-up, naming both."""
+def test_experts_over_two_data_parallel_engines_of_two_ranks(ckpts, tmp_path):
+    """vLLM's --data-parallel-size 2 --tensor-parallel-size 2 --enable-expert-parallel: two engines of two ranks,
+    each rank an external worker started as an operator would (--data-parallel-size 2 --data-parallel-rank D
+    --rank R --world-size 2, one --dist-addr), all four in one MindSpore cluster, each holding 2 of the 8 experts
+    whole; an engine's tensor-parallel sums are built from the cluster's collectives (layers.EngineSum). Every served
+    greedy token equals HF's (each engine's tokens pass through the other engine's experts), in a concurrent batch
+    that both engines compute and for a request alone (the other engine idle: its dummy batches join every
+    forward). The engines' workers listed in each other's place are refused at start-up, naming both."""
     from concurrent.futures import ThreadPoolExecutor
 
     from conftest import Server, concurrent_greedy, free_port, metric, start_worker
@@ -243,23 +244,26 @@ def test_experts_over_two_data_parallel_engines(ckpts, tmp_path):
     rng = np.random.default_rng(3)
     prompts = [[int(x) for x in rng.integers(0, VOCAB, size=L)] for L in (*SERVE_PROMPT_LENS, 5, 14, 30)]
     hf = hf_greedy(path, prompts, MAX_NEW)
-    dist, mports = f"127.0.0.1:{free_port()}", [free_port(), free_port()]
+    dist, mports = f"127.0.0.1:{free_port()}", [free_port() for _ in range(4)]
+    ranks = [(d, r) for d in (0, 1) for r in (0, 1)]   # worker i: engine i // 2, rank i % 2 (the addresses' order)
 
-    def worker(d):
+    def worker(i):
+        d, r = ranks[i]
         return start_worker(path, ["--enable-expert-parallel", "--data-parallel-size", "2", "--data-parallel-rank",
-                                   str(d), "--dist-addr", dist, "--metrics-port", str(mports[d])],
-                            log_path=tmp_path / f"worker{d}.log")
+                                   str(d), "--rank", str(r), "--world-size", "2", "--dist-addr", dist,
+                                   "--metrics-port", str(mports[i])], log_path=tmp_path / f"worker{i}.log")
 
-    with ThreadPoolExecutor(2) as ex:   # each waits in the cluster for the other before it is ready
-        started = list(ex.map(worker, (0, 1)))
+    with ThreadPoolExecutor(4) as ex:   # each waits in the cluster for the others before it is ready
+        started = list(ex.map(worker, range(4)))
     procs, addresses = [p for p, _ in started], [a for _, a in started]
     metrics = [f"http://127.0.0.1:{p}/metrics" for p in mports]
-    common = ["--max-model-len", "512", "--kv-cache-memory-bytes", str(64 << 20), "--skip-tokenizer-init",
-              "--additional-config", json.dumps({"ms_rpc": {"workers": addresses}})]
+    common = ["--tensor-parallel-size", "2", "--max-model-len", "512", "--kv-cache-memory-bytes", str(64 << 20),
+              "--skip-tokenizer-init", "--additional-config", json.dumps({"ms_rpc": {"workers": addresses}})]
     try:
-        logs = [(tmp_path / f"worker{d}.log").read_text() for d in (0, 1)]
-        assert "experts 0..3 of 8 whole over data-parallel engines: this is engine 0 of 2" in logs[0], logs[0][-2000:]
-        assert "experts 4..7 of 8 whole over data-parallel engines: this is engine 1 of 2" in logs[1], logs[1][-2000:]
+        for i, (d, r) in enumerate(ranks):
+            log = (tmp_path / f"worker{i}.log").read_text()
+            assert (f"tensor-parallel rank {r} of 2; experts {2 * i}..{2 * i + 1} of 8 whole over data-parallel "
+                    f"engines: this is engine {d} of 2") in log, log[-2000:]
         server = Server(path, ["--data-parallel-size", "2", "--enable-expert-parallel", *common],
                         log_path=tmp_path / "serve.log")
         try:
@@ -268,12 +272,12 @@ def test_experts_over_two_data_parallel_engines(ckpts, tmp_path):
             assert all(metric(m, "ms_worker_scheduled_tokens_total") > 0 for m in metrics)   # both engines ran
             dummies = sum(metric(m, "ms_worker_dummy_batches_total") for m in metrics)
             assert concurrent_greedy(server.url, path, prompts[-1:], MAX_NEW) == hf[-1:]
-            assert sum(metric(m, "ms_worker_dummy_batches_total") for m in metrics) >= dummies + MAX_NEW
+            assert sum(metric(m, "ms_worker_dummy_batches_total") for m in metrics) >= dummies + 2 * MAX_NEW
         finally:
             server.stop()
-        # the same workers listed in the wrong order: engine 0 would get engine 1's worker
+        # the engines' workers listed in each other's place: engine 0 would get engine 1's two workers
         swapped = [a for a in common]
-        swapped[-1] = json.dumps({"ms_rpc": {"workers": addresses[::-1]}})
+        swapped[-1] = json.dumps({"ms_rpc": {"workers": addresses[2:] + addresses[:2]}})
         wrong = Server(path, ["--data-parallel-size", "2", "--enable-expert-parallel", *swapped],
                        log_path=tmp_path / "wrong.log")
         try:
@@ -282,7 +286,7 @@ def test_experts_over_two_data_parallel_engines(ckpts, tmp_path):
             log = wrong.tail(300)
         finally:
             wrong.stop()
-        assert (f"ms_rpc worker {addresses[1]} shares its experts with 2 data-parallel engine(s) as engine 1; this "
+        assert (f"ms_rpc worker {addresses[2]} shares its experts with 2 data-parallel engine(s) as engine 1; this "
                 f"front expects engine 0 of 2") in log, str(refused.value)
     finally:
         for p in procs:
@@ -310,14 +314,15 @@ def test_expert_placement_that_cannot_be_served_is_refused(ckpts, tmp_path, defa
     assert want in check_tensor_parallel(c, 4, expert_parallel=True)
     with pytest.raises(ConfigError, match="ms_rpc: " + re.escape(want)):
         check_tensor_parallel_size(str(six), 4, expert_parallel=True)
-    # experts over data-parallel engines: all their ranks share the experts; one rank per engine on the CPU
+    # experts over data-parallel engines: all their ranks share the experts
     assert check_tensor_parallel(c, 1, expert_parallel=True, dp_size=3) is None
     over_dp = ("--enable-expert-parallel over 4 ranks (4 data-parallel engines x 1): Qwen3MoeForCausalLM's 6 experts "
                "do not divide into 4 equal parts")
     assert over_dp in check_tensor_parallel(c, 1, expert_parallel=True, dp_size=4)
-    with pytest.raises(ConfigError, match=re.escape("engines of tensor-parallel size 2: on the CPU the engines' "
-                                                    "workers share experts with tensor-parallel size 1 only")):
-        check_tensor_parallel_size(str(six), 2, expert_parallel=True, dp_size=3)
+    assert check_tensor_parallel(c, 2, expert_parallel=True, dp_size=3) is None
+    over_dp_tp = "over 4 ranks (2 data-parallel engines x 2): Qwen3MoeForCausalLM's 6 experts do not divide"
+    with pytest.raises(ConfigError, match=re.escape(over_dp_tp)):
+        check_tensor_parallel_size(str(six), 2, expert_parallel=True, dp_size=2)
     p = subprocess.run([WORKER_PY, "-m", "ms_worker", "serve", "--model", str(six), "--port", "0",
                         "--data-parallel-size", "2", "--data-parallel-rank", "1", "--dist-addr", "127.0.0.1:1"],
                        cwd=REPO, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=REPO), timeout=120)
