@@ -60,7 +60,7 @@ def main(argv=None):
     ap.add_argument("--enable-expert-parallel", action="store_true",
                     help="mixture-of-experts: each rank holds tp-size'th of the experts whole (else 1/tp-size of each)")
     ap.add_argument("--data-parallel-size", type=int, default=1,
-                    help="with --enable-expert-parallel: the experts over this many engine processes (one each)")
+                    help="with --enable-expert-parallel: the experts over this many engines (--tp-size processes each)")
     ap.add_argument("--data-parallel-rank", type=int, default=0, help="this process's engine")
     ap.add_argument("--lora-slots", type=int, default=0, help="LoRA slots (0 = LoRA off)")
     ap.add_argument("--lora-rank", type=int, default=16)

@@ -277,8 +277,8 @@ def read_linear(weights, tp, name, has_bias=False, gamma=None, mul=1.0, col=None
 
 
 def read_vocab_rows(weights, tp, name: str, vocab_size: int, dtype):
-    """The embedding or lm head ``name`` as a Parameter: whole, or under tensor parallel this rank's vocabulary
-    rows, zero-padded to ceil(vocab / size) (TensorParallel.vocab_range)."""
+    """The embedding or lm head ``name`` as a Parameter: whole, or split by vocabulary (TensorParallel.vocab_parallel)
+    this rank's rows, zero-padded to ceil(vocab / size) (TensorParallel.vocab_range)."""
     vstart, vstop, vpad = tp.vocab_range(vocab_size)
     return to_param(_read(weights, name, 0, (vstart, vstop) if tp.vocab_parallel else None, vpad), name, dtype)
 
@@ -296,7 +296,7 @@ def build_decoder(cfg: ModelConfig, weights, dev: DeviceOps, sparse_layer=None) 
     Tensor parallel (``dev.tp``, see ms_models.parallel): only this rank's shard of each weight
     is read (``weights.get(name, dim=, start=, stop=, pad_to=)``): q/k/v/gate/up split along
     their output (HF dim 0), o/down along their input (HF dim 1; a bias stays with rank 0),
-    embedding and lm head by vocabulary rows, zero-padded to ceil(vocab / size); the layers are
+    embedding and lm head by vocabulary rows (when vocab_parallel), zero-padded to ceil(vocab / size); the layers are
     built with this rank's heads, KV heads and intermediate size.
 
     ``sparse_layer(prefix, gamma)``: for the layers in ``cfg.moe_layers``, reads that layer's MLP weights

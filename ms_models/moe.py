@@ -74,7 +74,7 @@ class RoutedExperts(nn.Cell):
         self.gather = ops.AllGather() if tp.dp_experts else None
         self.sum = ops.AllReduce() if tp.dp_experts else None
         self.rank, self.ranks = tp.cluster
-        self.keep = Tensor(np.float32(tp.rank == 0)) if tp.dp_experts and tp.enabled else None
+        self.keep = Tensor(np.full((1, 1), tp.rank == 0, np.float32)) if tp.dp_experts and tp.enabled else None
 
     def construct(self, h, logits, eg, eu, ed, query_start_loc, params):
         if self.gather is None:
@@ -84,7 +84,7 @@ class RoutedExperts(nn.Cell):
         one_request = ops.concat((ops.ones((1,), ms.int32), ops.zeros((1,), ms.int32)))  # (num_reqs, window)
         y = self.sum(self.op(self.gather(h), self.gather(logits), eg, eu, ed, rows, one_request, self.cfg))
         y = y[self.rank * T:(self.rank + 1) * T]
-        return y if self.keep is None else y * self.keep
+        return y if self.keep is None else y * expand_to(self.keep, y.shape)
 
 
 class MoeDecoderLayer(DecoderLayer):

@@ -6,11 +6,12 @@ Each rank holds 1/N of the weights and computes 1/N of every layer:
   attention heads / KV heads and 1/N of the MLP's intermediate features); with fewer KV heads than
   ranks, each KV head is replicated on N / kv_heads ranks (rank r holds KV head r * kv_heads // N), as
   vLLM's QKVParallelLinear does;
-* row-parallel o_proj and down_proj (the input dim is split), followed by ``ops.AllReduce``
-  (their bias, if any, is added by rank 0 only, before the sum);
+* row-parallel o_proj and down_proj (the input dim is split), followed by the ranks' sum, ``ops.AllReduce``
+  (layers.tp_all_reduce; their bias, if any, is added by rank 0 only, before the sum);
 * vocab-parallel embedding (each rank looks up the rows it owns, zeros for the others, then
   ``ops.AllReduce``) and lm head (each rank computes the logits of its vocab slice, then
-  ``ops.AllGather``), so that every rank ends with the same full logits, bit for bit.
+  ``ops.AllGather``), so that every rank ends with the same full logits, bit for bit (both whole on every rank
+  when the experts are spread over data-parallel engines: see below).
 
 * mixture-of-experts layers (ms_models.moe): the router is replicated; without expert parallel every
   expert is split like a dense MLP (1/N of its intermediate features per rank); with expert parallel
@@ -38,7 +39,7 @@ Each rank holds 1/N of the weights and computes 1/N of every layer:
 * multi-head latent attention (ms_models.mla): query heads split as above, the latent and its rope key
   computed on every rank (the latent cache is replicated, as in vLLM).
 
-The vocabulary is padded to a multiple of N (zero rows; their logits are cut off after the
+Split by vocabulary, the vocabulary is padded to a multiple of N (zero rows; their logits are cut off after the
 gather). The collectives are primitives inside the ``ms.jit`` whole-model graph (the
 functional ``mindspore.communication.comm_func`` ones have no CPU kernel); the graph
 functions are ``layers.vocab_parallel_embedding`` and ``layers.gather_logits``, the weight

@@ -234,7 +234,8 @@ def test_experts_over_two_data_parallel_engines_of_two_ranks(ckpts, tmp_path):
     whole; an engine's tensor-parallel sums are built from the cluster's collectives (layers.EngineSum). Every served
     greedy token equals HF's (each engine's tokens pass through the other engine's experts), in a concurrent batch
     that both engines compute and for a request alone (the other engine idle: its dummy batches join every
-    forward). The engines' workers listed in each other's place are refused at start-up, naming both."""
+    forward). The engines' workers listed in each other's place are refused at start-up, naming the worker and
+    the engine it was started for."""
     from concurrent.futures import ThreadPoolExecutor
 
     from conftest import Server, concurrent_greedy, free_port, metric, start_worker

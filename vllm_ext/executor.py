@@ -138,7 +138,7 @@ class MsRpcExecutor(Executor):
         self.loras = LoraAdapters(self.vllm_config.lora_config)
         addresses = group_addresses(self.settings.workers, pc.tensor_parallel_size, pc.data_parallel_index)
         self.group = WorkerGroup(self.settings, self.model_config.model, pc.tensor_parallel_size, addresses,
-                                 pc.enable_expert_parallel, dp)
+                                 pc.enable_expert_parallel, dp, pc.data_parallel_index)
         self.faults = FaultSupervisor(self.group, self.settings, self._rejoin)
         self.pipeline = StepPipeline(self.group, self.settings, self.faults, self.loras,
                                      StepStats(self.settings.stats_interval_s), self.model_config.logprobs_mode,

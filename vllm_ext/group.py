@@ -77,9 +77,11 @@ def connect_worker(settings: RpcSettings, address: str, timeout: float | None = 
 
 class WorkerGroup:
     def __init__(self, settings: RpcSettings, model: str, tp_size: int, addresses: list[str],
-                 expert_parallel: bool = False, dp: tuple[int, int] = (0, 1)):
-        """``dp``: (this engine, engines) when the experts are spread over data-parallel engines, else (0, 1)."""
+                 expert_parallel: bool = False, dp: tuple[int, int] = (0, 1), engine: int = 0):
+        """``dp``: (this engine, engines) when the experts are spread over data-parallel engines, else (0, 1);
+        ``engine``: vLLM's data-parallel index of this engine, shared experts or not."""
         self.settings, self.model, self.size = settings, model, tp_size
+        self.engine = engine
         self.expert_parallel = expert_parallel   # vLLM's --enable-expert-parallel: the workers must agree
         self.dp_rank, self.dp_size = dp
         self.external = list(addresses)
@@ -114,19 +116,23 @@ class WorkerGroup:
         sec = self.settings.security
         self.settings = replace(self.settings, security={k: sec.get(k) for k in ("token", "token_file")})
         token = self.settings.channel_security().token
-        dist = f"127.0.0.1:{free_port()}" if self.size > 1 else None
+        # the ranks' MindSpore cluster: this engine's, or every engine's when they share the experts
+        # (plugin._place_expert_cluster)
+        dist = (self.settings.expert_cluster_addr if self.dp_size > 1 else
+                f"127.0.0.1:{free_port()}" if self.size > 1 else None)
         try:
             for rank in range(self.size):
                 extra = list(self.settings.worker_args)
-                if rank > 0:  # one port each: the metrics and health ports of worker_args go to rank 0 only
-                    extra = _without_options(extra, ("--metrics-port", "--health-port"))
+                if rank > 0 or self.engine > 0:  # one port each: worker_args' metrics and health ports go to
+                    extra = _without_options(extra, ("--metrics-port", "--health-port"))   # engine 0's rank 0
+                if self.size > 1:
+                    extra += ["--rank", str(rank), "--world-size", str(self.size)]
                 if dist:
-                    extra += ["--rank", str(rank), "--world-size", str(self.size), "--dist-addr", dist]
+                    extra += ["--dist-addr", dist]
                 if self.expert_parallel:
                     extra.append("--enable-expert-parallel")
-                if self.dp_size > 1:   # one cluster of every engine's ranks (plugin._place_expert_cluster)
-                    extra += ["--data-parallel-size", str(self.dp_size), "--data-parallel-rank", str(self.dp_rank),
-                              "--dist-addr", self.settings.expert_cluster_addr]
+                if self.dp_size > 1:
+                    extra += ["--data-parallel-size", str(self.dp_size), "--data-parallel-rank", str(self.dp_rank)]
                 self.local.append(LocalWorker(self.settings.worker_python, os.path.abspath(self.model), extra,
                                               token=token, rank=rank))
             for w in self.local:
