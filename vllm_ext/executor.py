@@ -122,14 +122,14 @@ class MsRpcExecutor(Executor):
             raise ConfigError("ms_rpc serves pipeline parallel size 1 (tensor and data parallel are supported)")
         # experts over data-parallel engines: vLLM's engines step in lockstep (an idle one runs a dummy batch), and
         # so do their workers, one MindSpore cluster (ms_models.parallel)
-        dp = (pc.data_parallel_index, pc.data_parallel_size) if pc.enable_expert_parallel else (0, 1)
-        check_tensor_parallel_size(self.model_config.model, pc.tensor_parallel_size, pc.enable_expert_parallel, dp[1])
+        dp_size = pc.data_parallel_size if pc.enable_expert_parallel else 1
+        check_tensor_parallel_size(self.model_config.model, pc.tensor_parallel_size, pc.enable_expert_parallel, dp_size)
         self.settings = RpcSettings.from_vllm_config(self.vllm_config)
         self._speculative = speculative_config(self.vllm_config)
         # vLLM's async scheduling (--async-scheduling; plugin.py keeps it on the CPU platform for ms_rpc): the
         # engine schedules step N+1 while the workers run step N, so two steps are in flight
         self._async = bool(self.scheduler_config.async_scheduling)
-        if self._async and dp[1] > 1:
+        if self._async and dp_size > 1:
             raise ConfigError("ms_rpc: --async-scheduling with --enable-expert-parallel over data-parallel engines is "
                               "not served (their workers run every step's forward together, one step at a time); "
                               "drop --async-scheduling")
@@ -138,7 +138,7 @@ class MsRpcExecutor(Executor):
         self.loras = LoraAdapters(self.vllm_config.lora_config)
         addresses = group_addresses(self.settings.workers, pc.tensor_parallel_size, pc.data_parallel_index)
         self.group = WorkerGroup(self.settings, self.model_config.model, pc.tensor_parallel_size, addresses,
-                                 pc.enable_expert_parallel, dp, pc.data_parallel_index)
+                                 pc.enable_expert_parallel, pc.data_parallel_index, dp_size)
         self.faults = FaultSupervisor(self.group, self.settings, self._rejoin)
         self.pipeline = StepPipeline(self.group, self.settings, self.faults, self.loras,
                                      StepStats(self.settings.stats_interval_s), self.model_config.logprobs_mode,

@@ -77,13 +77,14 @@ def connect_worker(settings: RpcSettings, address: str, timeout: float | None = 
 
 class WorkerGroup:
     def __init__(self, settings: RpcSettings, model: str, tp_size: int, addresses: list[str],
-                 expert_parallel: bool = False, dp: tuple[int, int] = (0, 1), engine: int = 0):
-        """``dp``: (this engine, engines) when the experts are spread over data-parallel engines, else (0, 1);
-        ``engine``: vLLM's data-parallel index of this engine, shared experts or not."""
+                 expert_parallel: bool = False, engine: int = 0, dp_size: int = 1):
+        """``engine``: vLLM's data-parallel index of this engine; ``dp_size``: the engines that spread the experts
+        over their workers (1: the experts stay within this engine's)."""
         self.settings, self.model, self.size = settings, model, tp_size
         self.engine = engine
         self.expert_parallel = expert_parallel   # vLLM's --enable-expert-parallel: the workers must agree
-        self.dp_rank, self.dp_size = dp
+        self.dp_size = dp_size
+        self.dp_rank = engine if dp_size > 1 else 0   # this engine's place among them
         self.external = list(addresses)
         self.local: list[LocalWorker] = []
         self.clients: list[WorkerClient] = []
