@@ -59,11 +59,13 @@ MIXTRAL_EXPERTS = ExpertNames("block_sparse_moe", "w1", "w3", "w2")
 class RoutedExperts(nn.Cell):
     """The CPU path's routed experts: the MoeFFN kernel (ms_models.kernels.moe_ffn_op) over this rank's experts,
     ``top_k`` per token (renormalised if ``renorm``), the rank's first expert ``first_expert``. With the experts
-    spread over data-parallel engines (TensorParallel.dp_experts) every engine's tokens meet here: their normed
-    hidden states and router logits gathered, this rank's experts' part of all of them (every gathered row is
-    routed, the engines' padding rows included), the parts summed over the cluster and this engine's rows kept; with
-    tensor parallel in the engines only by its rank 0 (zeros on the others: the layer's tensor-parallel sum adds
-    the engine's ranks, ms_models.parallel)."""
+    spread over data-parallel engines (TensorParallel.dp_experts) every engine's tokens meet here: each of an
+    engine's N ranks gives its 1/N share of the engine's T rows (normed hidden states and router logits; ceil(T/N)
+    rows, the last share zero-padded), the cluster gathers the shares (so every engine's rows once, in engine
+    order), this rank's experts compute their part of all of them (every gathered row is routed, the engines' padding
+    rows included), the parts are summed over the cluster and this engine's T rows kept; with tensor parallel in the
+    engines only by its rank 0 (zeros on the others: the layer's tensor-parallel sum adds the engine's ranks,
+    ms_models.parallel)."""
 
     def __init__(self, top_k: int, renorm: bool, first_expert: int, tp):
         super().__init__(auto_prefix=False)
@@ -73,17 +75,25 @@ class RoutedExperts(nn.Cell):
         self.cfg = Tensor(np.array([top_k, int(renorm), first_expert], np.int32))
         self.gather = ops.AllGather() if tp.dp_experts else None
         self.sum = ops.AllReduce() if tp.dp_experts else None
-        self.rank, self.ranks = tp.cluster
+        self.share, self.shares = tp.rank, tp.size          # this rank's share of its engine's rows
+        self.engine, self.engines = tp.dp_rank, tp.dp_size
         self.keep = Tensor(np.full((1, 1), tp.rank == 0, np.float32)) if tp.dp_experts and tp.enabled else None
 
     def construct(self, h, logits, eg, eu, ed, query_start_loc, params):
         if self.gather is None:
             return self.op(h, logits, eg, eu, ed, query_start_loc, params, self.cfg)
         T = h.shape[0]
-        rows = ops.concat((ops.zeros((1,), ms.int32), ops.full((1,), T * self.ranks, dtype=ms.int32)))
+        c = (T + self.shares - 1) // self.shares   # rows per share (the graph's shapes are static)
+        per_engine = c * self.shares
+        if per_engine > T:
+            h = ops.concat((h, ops.zeros((per_engine - T, h.shape[1]), h.dtype)))
+            logits = ops.concat((logits, ops.zeros((per_engine - T, logits.shape[1]), logits.dtype)))
+        if self.shares > 1:
+            h, logits = h[self.share * c:(self.share + 1) * c], logits[self.share * c:(self.share + 1) * c]
+        rows = ops.concat((ops.zeros((1,), ms.int32), ops.full((1,), per_engine * self.engines, dtype=ms.int32)))
         one_request = ops.concat((ops.ones((1,), ms.int32), ops.zeros((1,), ms.int32)))  # (num_reqs, window)
         y = self.sum(self.op(self.gather(h), self.gather(logits), eg, eu, ed, rows, one_request, self.cfg))
-        y = y[self.rank * T:(self.rank + 1) * T]
+        y = y[self.engine * per_engine:self.engine * per_engine + T]
         return y if self.keep is None else y * expand_to(self.keep, y.shape)
 
 

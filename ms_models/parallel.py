@@ -32,9 +32,10 @@ Each rank holds 1/N of the weights and computes 1/N of every layer:
   tensor-parallel sum is built from the world's: an AllGather of every rank's part, then the sum of the engine's
   N parts, in rank order on each of its ranks (layers.tp_all_reduce). The embedding and the lm head are then
   replicated, not split by vocabulary (vocab_parallel): the head runs on each engine's own schedule (its rows
-  and chunks differ between engines), so it must not need a collective. A sparse layer's gathered rows hold
-  each engine's tokens N times (once per rank); its experts' sum is kept by the engine's rank 0 only, and the
-  layer's tensor-parallel sum, which also completes the shared expert, adds it once.
+  and chunks differ between engines), so it must not need a collective. In a sparse layer each of an engine's
+  N ranks contributes 1/N of the engine's rows to the gather, so every engine's tokens are routed once; the
+  experts' sum is kept by the engine's rank 0 only, and the layer's tensor-parallel sum, which also completes the
+  shared expert, adds it once.
 
 * multi-head latent attention (ms_models.mla): query heads split as above, the latent and its rope key
   computed on every rank (the latent cache is replicated, as in vLLM).

@@ -18,7 +18,8 @@ Checks:
   * served: greedy tokens through vLLM's engine with the ms_rpc executor equal HF's, for V2 at TP 2 and V3 at
     TP 2 with expert parallel, several
     prompts in one generate call, one spanning several KV blocks and chunked-prefill steps; the engine's block
-    count is what the worker's latent cache holds in --kv-cache-memory-bytes;
+    count is what the worker's latent cache holds in --kv-cache-memory-bytes; V3 served by two data-parallel
+    engines of two ranks sharing the experts (vllm serve, embedded workers);
   * a tensor-parallel size that does not divide the heads, or with --enable-expert-parallel the experts, and
     quantized checkpoints are refused at start-up, naming the numbers.
 """
@@ -172,6 +173,34 @@ def test_served_greedy_equals_hf_on_an_mla_sized_cache(ckpts):
         assert [len(t) for t in got] == [MAX_NEW] * len(prompts)
         assert len({tuple(t) for t in hf}) == len(prompts), "the reference continuations must differ"
         assert got == hf, path.name
+
+
+def test_v3_over_two_data_parallel_engines_of_two_ranks(ckpts, tmp_path):
+    """V3 served with --data-parallel-size 2 --tensor-parallel-size 2 --enable-expert-parallel (vllm-mindspore's
+    DeepSeek-R1 layout), embedded: four workers in one MindSpore cluster, 2 of the 8 routed experts each, the shared
+    expert and the dense first layer split by the engine's two ranks, each rank sending half its engine's tokens to
+    the experts (moe.RoutedExperts). Greedy tokens == HF for prompts both engines serve at once, and for a request
+    alone (one token a step: its engine's second rank sends a padding row, the idle engine a dummy batch)."""
+    from conftest import Server, concurrent_greedy
+
+    path = ckpts["v3"][0]
+    rng = np.random.default_rng(5)
+    prompts = [[int(x) for x in rng.integers(3, VOCAB, size=L)] for L in (*SERVE_PROMPT_LENS, 6, 29)]
+    hf = hf_greedy(path, prompts, MAX_NEW)
+    assert len({tuple(t) for t in hf}) == len(prompts), "the reference continuations must differ"
+    server = Server(path, ["--data-parallel-size", "2", "--tensor-parallel-size", "2", "--enable-expert-parallel",
+                           "--max-model-len", "512", "--kv-cache-memory-bytes", str(16 << 20),
+                           "--skip-tokenizer-init"], log_path=tmp_path / "serve.log")
+    try:
+        server.wait_healthy()
+        assert concurrent_greedy(server.url, path, prompts, MAX_NEW) == hf
+        assert concurrent_greedy(server.url, path, prompts[:1], MAX_NEW) == hf[:1]
+        log = (tmp_path / "serve.log").read_text(errors="replace")
+    finally:
+        server.stop()
+    for c in range(4):
+        assert (f"tensor-parallel rank {c % 2} of 2; experts {2 * c}..{2 * c + 1} of 8 whole over data-parallel "
+                f"engines: this is engine {c // 2} of 2") in log, log[-3000:]
 
 
 def test_parallel_sizes_that_do_not_divide_and_quantized_checkpoints_refused(ckpts, tmp_path):
