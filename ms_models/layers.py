@@ -92,7 +92,8 @@ class FusedKernels:
       ``expert_tokens_cumsum[e]``: the rows of experts 0..e.
     * ``grouped_matmul()``: GroupedMatmul(split_item 3, group_type 0); ``([x [M, K]], [w [E, K, N]], None x 5,
       group_list [E] int64) -> [y [M, N]]``: rows ``group_list[e-1] .. group_list[e]-1`` times w[e]; the last
-      group_list value is M.
+      group_list value is M, or less with expert parallel (a rank's E local experts, as vLLM-MindSpore's
+      tensor + expert parallel mode calls it): the rows past it are not computed, their content undefined.
     * ``moe_token_unpermute()``: MoeTokenUnpermute; ``(permuted_tokens [T*k, H], sorted_indices [T*k] int32,
       probs [T, k]) -> [T, H]``: out[t] = sum_j probs[t, j] * permuted_tokens[sorted_indices[t*k + j]].
     """

@@ -162,7 +162,7 @@ class MlaDecoderLayer(nn.Cell):
         self.top_k, self.n_group, self.topk_group = cfg.num_experts_per_tok, cfg.n_group, cfg.topk_group
         self.sigmoid = cfg.routing == "sigmoid"
         self.renorm = cfg.norm_topk_prob
-        self.num_experts = cfg.num_experts
+        self.num_experts, self.first_expert = cfg.num_experts, w.get("first_expert", 0)
         if dev.fused:
             kern = dev.kernels
             self.write_op = kern.reshape_and_cache()
@@ -290,7 +290,7 @@ class FusedMlaDecoderLayer(MlaDecoderLayer):
         """The routed experts through the fused MoE kernels (fused_experts): the top-k softmax of the log-weights is
         w / sum(w); _output_and_mlp multiplies it back by sum(w) where the model does not renormalise."""
         return fused_experts(h, log_weights, self.eg, self.eu, self.ed, self.top_k, True, self.num_experts,
-                             *self.moe_ops)
+                             *self.moe_ops, self.first_expert)
 
 
 class MlaModel(DecoderModel):
@@ -322,8 +322,8 @@ class MlaModel(DecoderModel):
 def build_mla_decoder(cfg: ModelConfig, weights, dev: DeviceOps) -> MlaModel:
     """Reads a DeepSeek-V2/V3 checkpoint (HF names) into an MlaModel, folding as the module docstring says;
     under tensor parallel this rank's share only (``dev.tp``: heads h0 .. h0 + H - 1 of the model's)."""
-    if dev.fused and dev.tp.expert_parallel:
-        raise UnsupportedModelError(f"{cfg.architecture}: expert parallel runs on the CPU path only")
+    if dev.fused and dev.tp.dp_experts:
+        raise UnsupportedModelError(f"{cfg.architecture}: experts over data-parallel engines run on the CPU path only")
     if dev.fused and ((cfg.qk_nope_head_dim + cfg.qk_rope_head_dim) % 16 or cfg.v_head_dim > cfg.qk_nope_head_dim +
                       cfg.qk_rope_head_dim):
         raise UnsupportedModelError(

@@ -119,6 +119,7 @@ class MoeDecoderLayer(DecoderLayer):
             self.moe_ops = (kern.moe_gating_top_k_softmax(), kern.moe_init_routing_v2(), kern.grouped_matmul(),
                             kern.moe_token_unpermute())
             self.top_k, self.renorm, self.num_experts = cfg.num_experts_per_tok, cfg.norm_topk_prob, cfg.num_experts
+            self.first_expert = w["first_expert"]
         else:
             self.experts = RoutedExperts(cfg.num_experts_per_tok, cfg.norm_topk_prob, w["first_expert"], dev.tp)
 
@@ -171,7 +172,7 @@ class FusedMoeDecoderLayer(MoeDecoderLayer):
         x = x + y
         h = rms_norm(x, self.eps, self.ln2, self.norm_op)
         y = fused_experts(h, linear(h, self.router), self.eg, self.eu, self.ed, self.top_k, self.renorm,
-                          self.num_experts, *self.moe_ops)
+                          self.num_experts, *self.moe_ops, self.first_expert)
         if self.sg is not None:
             s = gated_mlp(h, self.sg, self.su, self.sd)
             y = y + s * expand_to(ops.sigmoid(linear(h, self.sgate)), s.shape)
@@ -180,18 +181,34 @@ class FusedMoeDecoderLayer(MoeDecoderLayer):
         return x + y
 
 
-def fused_experts(h, logits, eg, eu, ed, top_k: int, renorm: bool, num_experts: int, gating, routing, gmm, unpermute):
+def fused_experts(h, logits, eg, eu, ed, top_k: int, renorm: bool, num_experts: int, gating, routing, gmm, unpermute,
+                  first_expert: int = 0):
     """The routed experts' output [T, H] for tokens ``h`` [T, H] with router ``logits`` [T, E] through the fused
     MoE kernels (layers.FusedKernels' contracts): top-k of the softmax (renormalised if ``renorm``), the pairs
-    sorted by expert, each expert's gate/up/down over its rows, the weighted sum back in token order."""
+    sorted by expert, each expert's gate/up/down over its rows, the weighted sum back in token order.
+
+    Expert parallel (this rank holds El = eg.shape[0] < E experts from ``first_expert``; every rank has every token,
+    as vLLM-MindSpore's tensor + expert parallel mode): the pairs of other ranks' experts get weight 0 and an
+    expert id at or past El, so the sort puts them after the rank's own; the group list ends at the rank's last
+    expert, so the grouped matmuls compute the rank's rows only, and the rows past it (undefined) are zeroed before
+    the weighted sum. The layer's all-reduce adds the ranks' parts."""
     weights, experts, _ = gating(logits, None, top_k)
     if renorm:
         weights = weights / expand_to(ops.sum(weights, -1, keepdim=True), weights.shape)
+    El = eg.shape[0]
+    if El < num_experts:
+        local = experts - first_expert
+        other = ops.logical_or(local < 0, local >= El)
+        experts = ops.select(other, ops.full_like(local, num_experts - 1), local)   # num_experts - 1 >= El
+        weights = ops.select(other, ops.zeros_like(weights), weights)
     xs, rows, cumsum, _ = routing(h, experts, 0, 0, num_experts, 0, 1, False)
-    groups = ops.cast(cumsum, ms.int64)
+    groups = ops.cast(cumsum[:El], ms.int64)
     g = gmm([xs], [eg], None, None, None, None, None, groups)[0]
     u = gmm([xs], [eu], None, None, None, None, None, groups)[0]
     y = gmm([ops.silu(g) * u], [ed], None, None, None, None, None, groups)[0]
+    if El < num_experts:
+        mine = ops.cast(ops.arange(0, y.shape[0], 1, dtype=ms.int64) < groups[El - 1], y.dtype).reshape(-1, 1)
+        y = ops.select(expand_to(mine, y.shape) > 0, y, ops.zeros_like(y))   # not a product: undefined may be NaN
     return unpermute(y, rows, ops.cast(weights, y.dtype))
 
 
@@ -244,9 +261,8 @@ def read_experts(weights, prefix: str, gamma, cfg: ModelConfig, names: ExpertNam
 def build_moe_decoder(cfg: ModelConfig, weights, dev: DeviceOps, names: ExpertNames) -> DecoderModel:
     """build_decoder with the layers in ``cfg.moe_layers`` as MoeDecoderLayer (FusedMoeDecoderLayer on the fused
     path; the others dense)."""
-    if dev.fused and dev.tp.expert_parallel:
-        raise UnsupportedModelError(f"{cfg.architecture}: expert parallel runs on the CPU path only (the fused path "
-                                    "routes every token over all experts on every rank; use tensor parallel)")
+    if dev.fused and dev.tp.dp_experts:
+        raise UnsupportedModelError(f"{cfg.architecture}: experts over data-parallel engines run on the CPU path only")
     cls = FusedMoeDecoderLayer if dev.fused else MoeDecoderLayer
     return build_decoder(cfg, weights, dev, lambda prefix, gamma: (
         cls, read_experts(weights, prefix, gamma, cfg, names, dev.tp)))

@@ -182,9 +182,10 @@ def _check_args(args) -> str | None:
         return f"--kv-cache-memory-bytes {args.kv_cache_memory_bytes} is negative"
     if args.world_size < 1 or not 0 <= args.rank < args.world_size:
         return f"rank {args.rank} is not in 0..{args.world_size - 1} (tensor-parallel size {args.world_size})"
-    if args.enable_expert_parallel and parse_device(args.device)[0] == "ascend":
-        return ("--enable-expert-parallel: the Ascend path runs mixture-of-experts layers with every expert on every "
-                "rank (tensor parallel splits each expert); expert parallel runs on the CPU path only")
+    if args.data_parallel_size > 1 and parse_device(args.device)[0] == "ascend":
+        return (f"--data-parallel-size {args.data_parallel_size} --enable-expert-parallel: experts over data-parallel "
+                f"engines run on the CPU path only (the Ascend path spreads the experts over one engine's "
+                f"tensor-parallel ranks)")
     if args.data_parallel_size < 1 or not 0 <= args.data_parallel_rank < args.data_parallel_size:
         return (f"--data-parallel-rank {args.data_parallel_rank} is not in 0..{args.data_parallel_size - 1} "
                 f"(--data-parallel-size {args.data_parallel_size})")

@@ -21,7 +21,9 @@ CPU path's (< 1e-4); the caches hold the same K/V (padding tokens write only the
 meets its contract (shapes, dtypes, index ranges, the meaning of each length, no all-masked row); per layer the
 cache write comes first, then the kernel the step's kind calls for, then in a sparse layer MoeGatingTopKSoftmax,
 MoeInitRoutingV2, three GroupedMatmul and MoeTokenUnpermute (moe.fused_experts); one body graph per token bucket and kernel
-path. MLA (ms_models.mla's FusedMlaDecoderLayer): ReshapeAndCache of the latent row alone (no value), PagedAttention
+path. Expert parallel (moe.fused_experts with a rank's experts): the parts of 2 and 4 ranks add up to all experts'
+output, with GroupedMatmul's rows past a rank's group list (undefined in the contract) NaN in the stand-in. MLA
+(ms_models.mla's FusedMlaDecoderLayer): ReshapeAndCache of the latent row alone (no value), PagedAttention
 with mla_v_dim over the latent cache passed as key and value cache, FlashAttentionScore on expanded heads for pure
 prefills. And the real kernels: an "ascend" model in bf16 builds here with MindSpore's own primitives (attributes
 checked: FlashAttentionScore TND / sparse_mode 3 and its constant causal mask), bf16 weights and a bf16 cache half
@@ -192,7 +194,8 @@ def stand_in_kernels(log: list | None):
             return ops.gather(x, order // k, 0), rows, cumsum, counts
 
     class GroupedMatmul(nn.Cell):
-        """split_item 3, group_type 0: rows group_list[e-1] .. group_list[e]-1 of x times weight[e]."""
+        """split_item 3, group_type 0: rows group_list[e-1] .. group_list[e]-1 of x times weight[e]; rows past
+        group_list[-1] (expert parallel) are undefined in the contract: NaN here."""
 
         def __init__(self, split_item, group_type):
             super().__init__()
@@ -204,8 +207,11 @@ def stand_in_kernels(log: list | None):
             M = xs.shape[0]
             rows = ops.arange(0, M, 1, dtype=ms.int64).reshape(M, 1)
             expert = ops.cast(rows >= group_list.reshape(1, -1), ms.int32).sum(-1)
-            y = ops.BatchMatMul()(xs.reshape(M, 1, -1), ops.gather(w, expert, 0))
-            return (y.reshape(M, -1),)
+            past = expert >= w.shape[0]
+            expert = ops.select(past, ops.zeros_like(expert), expert)
+            y = ops.BatchMatMul()(xs.reshape(M, 1, -1), ops.gather(w, expert, 0)).reshape(M, -1)
+            nan = ops.fill(y.dtype, y.shape, float("nan"))
+            return (ops.select(ops.tile(past.reshape(M, 1), (1, y.shape[1])), nan, y),)
 
     class MoeTokenUnpermute(nn.Cell):
         """out[t] = sum_j probs[t, j] * permuted_tokens[sorted_indices[t*k + j]]."""
@@ -232,7 +238,7 @@ def stand_in_kernels(log: list | None):
         xs, w, g = x[0], weight[0], group_list.asnumpy()
         assert xs.ndim == 2 and w.ndim == 3 and w.shape[1] == xs.shape[1] and xs.dtype == w.dtype, (xs.shape, w.shape)
         assert group_list.dtype == ms.int64 and g.shape == (w.shape[0],), (group_list.dtype, g.shape)
-        assert (np.diff(g, prepend=0) >= 0).all() and g[-1] == xs.shape[0], g
+        assert (np.diff(g, prepend=0) >= 0).all() and g[-1] <= xs.shape[0], g   # less: expert parallel
 
     def check_unpermute(permuted_tokens, sorted_indices, probs=None, padded_mode=False, restore_shape=None):
         s, (T, k) = sorted_indices.asnumpy(), probs.shape
@@ -396,6 +402,35 @@ def real_kernels_check(model_dir: str, cpu_model) -> dict:
     }
 
 
+def expert_parallel_check(fused, checked) -> dict:
+    """moe.fused_experts over a sparse layer's experts split as expert parallel over R = 2 and 4 ranks (rank r:
+    experts r*E/R .. (r+1)*E/R - 1, ``first_expert`` r*E/R): {R: [max |sum of the ranks' parts - all experts'|,
+    ranks whose part is all finite, ranks whose part is non-zero]}, for 7 and 16 tokens, with the stand-ins under
+    contract checks (the grouped matmul's rows past a rank's experts are NaN) and as the jit model runs them."""
+    from mindspore import Tensor
+    from ms_models.moe import fused_experts
+
+    rng = np.random.default_rng(4)
+    layer = next(x for x in checked.net.layers if getattr(x, "eg", None) is not None)
+    E, H = layer.num_experts, layer.eg.shape[1]
+    out = {}
+    for T in (7, 16):
+        h = Tensor(rng.standard_normal((T, H)).astype(np.float32))
+        logits = Tensor((rng.standard_normal((T, E)) * 2).astype(np.float32))
+        for R in (2, 4):
+            for name, model in (("checked", checked), ("fused", fused)):
+                ly = next(x for x in model.net.layers if getattr(x, "eg", None) is not None)
+                args = (ly.top_k, getattr(ly, "renorm", True), E, *ly.moe_ops)
+                whole = fused_experts(h, logits, ly.eg, ly.eu, ly.ed, *args).asnumpy()
+                n = E // R
+                parts = [fused_experts(h, logits, ly.eg[r * n:(r + 1) * n], ly.eu[r * n:(r + 1) * n],
+                                       ly.ed[r * n:(r + 1) * n], *args, r * n).asnumpy() for r in range(R)]
+                out[f"{name} T={T} R={R}"] = [float(np.abs(sum(parts) - whole).max()),
+                                              sum(bool(np.isfinite(p).all()) for p in parts),
+                                              sum(bool(np.abs(p).max() > 0) for p in parts)]
+    return out
+
+
 def batches(rng, vocab: int) -> list:
     """One round of steps as (FlatBatch, kind): each request computes ``count`` tokens after ``start`` earlier
     ones, over blocks of its own (distinct within a step; earlier steps' keys, the same in every model's cache, are
@@ -456,6 +491,8 @@ def ms_side(spec_path: str) -> None:
                         "body_graphs": sorted([k[1], list(k[2])] for k in fused.compiled if k[0] == "body")}
         if arch == "llama":
             result["real"] = real_kernels_check(model_dir, cpu)
+        if cpu.config.moe_layers:
+            result[arch]["expert_parallel"] = expert_parallel_check(fused, checked)
         if arch == "qwen2_moe":  # MindSpore's own MoE primitives, built (not run) here
             layer = load_model(model_dir, device="ascend", dtype="bfloat16", kernels=FusedKernels()).net.layers[0]
             result["real_moe"] = [[type(op).__name__, [getattr(op, "split_item", None), getattr(op, "group_type", None)]]
@@ -535,6 +572,10 @@ def test_ascend_path_with_contract_stand_ins_matches_cpu(tmp_path):
         assert len({tuple(n) for _, n in graphs}) == len(used), (arch, graphs)
 
     assert r["qwen2_moe"]["moe_layers"] == [0, 2] and r["deepseek_v3"]["moe_layers"] == [1, 2]
+    for arch in ("qwen2_moe", "deepseek_v3"):   # expert parallel on the fused path: the ranks' parts add up
+        ep = r[arch]["expert_parallel"]
+        assert len(ep) == 8 and all(d < 1e-5 and finite == nonzero == int(k[-1]) for k, (d, finite, nonzero)
+                                    in ep.items()), (arch, ep)
     mla = r["real_mla"]
     heads, latent, row = mla["dims"]
     assert [n for n, _ in mla["prims"].values()] == ["ReshapeAndCache", "PagedAttention", "FlashAttentionScore"]

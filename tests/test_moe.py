@@ -297,7 +297,7 @@ def test_experts_over_two_data_parallel_engines_of_two_ranks(ckpts, tmp_path):
 
 def test_expert_placement_that_cannot_be_served_is_refused(ckpts, tmp_path, default_model):
     """Experts that do not divide over the ranks with --enable-expert-parallel, the flag on a model without
-    experts and on the Ascend path: refused by the front before any worker starts and by the worker before it loads
+    experts, experts over data-parallel engines on the Ascend path: refused by the front before any worker starts and by the worker before it loads
     anything, naming the numbers."""
     from ms_models.config import ModelConfig
     from ms_models.parallel import check_tensor_parallel
@@ -329,11 +329,13 @@ def test_expert_placement_that_cannot_be_served_is_refused(ckpts, tmp_path, defa
                        cwd=REPO, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=REPO), timeout=120)
     assert p.returncode == 2 and "--data-parallel-size 2 without --enable-expert-parallel" in p.stderr, p.stderr[-3000:]
     dense = "--enable-expert-parallel: LlamaForCausalLM has no routed experts to place"
-    ascend = "--enable-expert-parallel: the Ascend path runs mixture-of-experts layers with every expert on every rank"
+    ascend = "--data-parallel-size 2 --enable-expert-parallel: experts over data-parallel engines run on the CPU path"
     for model, extra, why in ((six, ["--tp-size", "4", "--tp-rank", "1", "--dist-addr", "127.0.0.1:1"], want),
                               (six, ["--data-parallel-size", "4", "--data-parallel-rank", "3", "--dist-addr",
                                      "127.0.0.1:1"], over_dp),
-                              (default_model, [], dense), (six, ["--device", "ascend"], ascend)):
+                              (default_model, [], dense),
+                              (six, ["--device", "ascend", "--data-parallel-size", "2", "--data-parallel-rank", "0",
+                                     "--dist-addr", "127.0.0.1:1"], ascend)):
         p = subprocess.run([WORKER_PY, "-m", "ms_worker", "serve", "--model", str(model), "--port", "0",
                             "--enable-expert-parallel", *extra], cwd=REPO, capture_output=True, text=True,
                            env=dict(os.environ, PYTHONPATH=REPO), timeout=120)
