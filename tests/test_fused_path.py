@@ -22,7 +22,8 @@ meets its contract (shapes, dtypes, index ranges, the meaning of each length, no
 cache write comes first, then the kernel the step's kind calls for, then in a sparse layer MoeGatingTopKSoftmax,
 MoeInitRoutingV2, three GroupedMatmul and MoeTokenUnpermute (moe.fused_experts); one body graph per token bucket and kernel
 path. Expert parallel (moe.fused_experts with a rank's experts): the parts of 2 and 4 ranks add up to all experts'
-output, with GroupedMatmul's rows past a rank's group list (undefined in the contract) NaN in the stand-in. MLA
+output, with GroupedMatmul's rows past a rank's group list (undefined in the contract) NaN in the stand-in; the
+whole fused model over two expert-parallel ranks (two processes) gives the one-process logits. MLA
 (ms_models.mla's FusedMlaDecoderLayer): ReshapeAndCache of the latent row alone (no value), PagedAttention
 with mla_v_dim over the latent cache passed as key and value cache, FlashAttentionScore on expanded heads for pure
 prefills. And the real kernels: an "ascend" model in bf16 builds here with MindSpore's own primitives (attributes
@@ -513,6 +514,42 @@ def ms_side(spec_path: str) -> None:
 
 
 # ============================================================================ pytest side
+def test_ascend_path_expert_parallel_over_two_ranks(tmp_path):
+    """The fused path with --enable-expert-parallel over two tensor-parallel ranks (two processes, one MindSpore
+    cluster, stand-in kernels): each rank holds 4 of the 8 experts whole, and the logits of every step of the
+    scenarios equal the one-process fused model's (< 1e-4), the two ranks' bit for bit; Qwen2-MoE and DeepSeek-V3."""
+    from conftest import ROOT, WORKER_PY, free_port
+    from test_deepseek import _make as make_deepseek
+    from test_moe import _make as make_moe
+
+    env = {"PYTHONPATH": f"{ROOT}:{ROOT / 'proto'}:{ROOT / 'tests'}", "PATH": "/usr/bin:/bin", "GLOG_v": "3"}
+    for arch, model in (("qwen2_moe", make_moe("qwen2_moe", 34, norm_topk_prob=True)),
+                        ("deepseek_v3", make_deepseek("v3", 35, **MLA_DIMS))):
+        path = tmp_path / arch
+        model.save_pretrained(path)
+
+        def side(rank, size, addr="-"):
+            return subprocess.Popen([str(WORKER_PY), __file__, "ep-rank", str(path), str(rank), str(size), addr,
+                                     str(tmp_path / f"{arch}_{size}_{rank}.json")], cwd=ROOT, env=env,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+        addr = f"127.0.0.1:{free_port()}"
+        sched = subprocess.Popen([str(WORKER_PY), "-m", "ms_worker", "sched", "--dist-addr", addr, "--tp-size", "2"],
+                                 cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            procs = [side(0, 1), side(0, 2, addr), side(1, 2, addr)]
+            errs = [p.communicate(timeout=900)[1] for p in procs]
+            assert all(p.returncode == 0 for p in procs), [e[-3000:] for e in errs]
+        finally:
+            sched.kill()
+            sched.wait()
+        ref, r0, r1 = (json.loads((tmp_path / f"{arch}_{n}_{r}.json").read_text()) for n, r in ((1, 0), (2, 0), (2, 1)))
+        assert (ref["experts"], r0["experts"], r1["experts"]) == ([0, 8], [0, 4], [4, 4]), arch
+        assert len(ref["logits"]) == ROUNDS * len(SCENARIOS) and r0["logits"] == r1["logits"], arch
+        worst = max(float(np.abs(np.array(a) - np.array(b)).max()) for a, b in zip(ref["logits"], r0["logits"]))
+        assert worst < ATOL, (arch, worst)
+
+
 def test_ascend_path_with_contract_stand_ins_matches_cpu(tmp_path):
     from conftest import ROOT, WORKER_PY
     from test_models import _make_checkpoint
@@ -608,5 +645,27 @@ def test_ascend_path_with_contract_stand_ins_matches_cpu(tmp_path):
     assert 0.45 < real["weight_bytes"][0] / real["weight_bytes"][1] < 0.55     # bf16 (norms unfolded, no rotate_half)
 
 
+def ep_rank_side(model_dir: str, rank: int, size: int, dist_addr: str, out: str) -> None:
+    """The fused path with stand-ins as tensor-parallel rank ``rank`` of ``size`` with expert parallel (size 1: the
+    whole model on one process, no collective): the logits of two rounds of ``batches`` and the rank's experts."""
+    from ms_models import load_model, runtime
+
+    if size > 1:
+        runtime.setup("cpu", tp_rank=rank, tp_size=size, dist_addr=dist_addr, join_timeout_s=300)
+    else:
+        runtime.setup("cpu")
+    m = load_model(model_dir, device="ascend", dtype="float32", kernels=stand_in_kernels(None), tp_rank=rank,
+                   tp_size=size, expert_parallel=size > 1)
+    m.allocate_kv_cache(NUM_BLOCKS, BLOCK_SIZE, max_num_seqs=MAX_SEQS, max_model_len=MAX_MODEL_LEN,
+                        max_num_batched_tokens=MAX_TOKENS)
+    rng = np.random.default_rng(1)
+    logits = [m.forward(b).tolist() for _ in range(ROUNDS) for b, _ in batches(rng, m.config.vocab_size)]
+    layer = next(x for x in m.net.layers if getattr(x, "eg", None) is not None)
+    json.dump({"logits": logits, "experts": [layer.first_expert, layer.eg.shape[0]]}, open(out, "w"))
+
+
 if __name__ == "__main__":
-    ms_side(sys.argv[1])
+    if sys.argv[1] == "ep-rank":
+        ep_rank_side(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5], sys.argv[6])
+    else:
+        ms_side(sys.argv[1])
