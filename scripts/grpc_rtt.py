@@ -1,18 +1,21 @@
 """The floor under the wire's cost: a bare gRPC Python unary round trip on loopback, nothing else.
 
-An echo method (generic handler, bytes in, the same bytes out) on a grpc.server with a thread pool, as the workers
-serve, called back to back from one client thread: blocking (``stub(msg)``) and as a future resolved at once
-(``stub.future(msg).result()``, what the executor's step pipeline does so that several ranks, or two steps, can be
-in flight). Message sizes bracket a step at 64 sequences (the executor's encoded Execute request and StepResult
-are a few KB). Prints the median and mean round trip per size and call style; compare with the executor's
-"encode + transfer + decode" per step (scripts/bench.py's step breakdown), measured on the same host.
+An echo method (generic handler, bytes in, the same bytes out) served by a separate process, as a worker serves
+(a thread-pool grpc.server, as ms_worker; with ``--aio-server`` a grpc.aio server instead), called back to back from
+one client thread: blocking (``stub(msg)``) and as a future resolved at once (``stub.future(msg).result()``, what
+the executor's step pipeline does so that several ranks, or two steps, can be in flight), and from a grpc.aio
+client. Message sizes bracket a step at 64 sequences (the executor's encoded Execute request and StepResult are a
+few KB). Prints the median and mean round trip per size and call style; compare with the executor's "encode +
+transfer + decode" per step (scripts/bench.py's step breakdown), measured on the same host.
 
-Usage: .venv/bin/python scripts/grpc_rtt.py [--sizes 200,4000,20000] [--calls 1500]
+Usage: .venv/bin/python scripts/grpc_rtt.py [--sizes 200,4000,20000] [--calls 1500] [--aio-server]
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import multiprocessing
 import platform
 import statistics
 import time
@@ -20,14 +23,31 @@ from concurrent import futures
 
 import grpc
 
+SERVICE, METHOD = "rtt.Echo", "/rtt.Echo/Echo"
 
-def serve() -> tuple[grpc.Server, int]:
+
+def _serve_threads(port_q) -> None:
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
     echo = grpc.unary_unary_rpc_method_handler(lambda request, context: request)
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("rtt.Echo", {"Echo": echo}),))
-    port = server.add_insecure_port("127.0.0.1:0")
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {"Echo": echo}),))
+    port_q.put(server.add_insecure_port("127.0.0.1:0"))
     server.start()
-    return server, port
+    server.wait_for_termination()
+
+
+def _serve_aio(port_q) -> None:
+    async def echo(request, context):
+        return request
+
+    async def main():
+        server = grpc.aio.server()
+        handler = grpc.unary_unary_rpc_method_handler(echo)
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {"Echo": handler}),))
+        port_q.put(server.add_insecure_port("127.0.0.1:0"))
+        await server.start()
+        await server.wait_for_termination()
+
+    asyncio.run(main())
 
 
 def round_trips(stub, msg: bytes, calls: int, as_future: bool) -> list[float]:
@@ -44,23 +64,47 @@ def round_trips(stub, msg: bytes, calls: int, as_future: bool) -> list[float]:
     return out
 
 
+async def aio_round_trips(port: int, msg: bytes, calls: int) -> list[float]:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = channel.unary_unary(METHOD)
+        for _ in range(100):
+            await stub(msg)
+        out = []
+        for _ in range(calls):
+            t = time.perf_counter()
+            await stub(msg)
+            out.append(time.perf_counter() - t)
+        return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="200,4000,20000", help="message sizes in bytes, comma-separated")
     ap.add_argument("--calls", type=int, default=1500, help="timed round trips per size and call style")
+    ap.add_argument("--aio-server", action="store_true", help="serve with grpc.aio instead of a thread pool")
     a = ap.parse_args()
-    server, port = serve()
+    ctx = multiprocessing.get_context("spawn")
+    port_q = ctx.Queue()
+    server = ctx.Process(target=_serve_aio if a.aio_server else _serve_threads, args=(port_q,), daemon=True)
+    server.start()
+    port = port_q.get(timeout=60)
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-    stub = channel.unary_unary("/rtt.Echo/Echo")
-    print(f"grpc {grpc.__version__}, {platform.processor() or platform.machine()}; round trip in ms")
-    for size in (int(s) for s in a.sizes.split(",") if s):
-        for as_future in (False, True):
-            ts = round_trips(stub, b"x" * size, a.calls, as_future)
-            style = "future" if as_future else "blocking"
-            print(f"size {size:6d} B  {style:8s}  median {statistics.median(ts) * 1e3:.3f}  "
-                  f"mean {statistics.mean(ts) * 1e3:.3f}", flush=True)
-    channel.close()
-    server.stop(None)
+    stub = channel.unary_unary(METHOD)
+    kind = "grpc.aio" if a.aio_server else "thread-pool"
+    print(f"grpc {grpc.__version__}, {platform.processor() or platform.machine()}; {kind} server in its own process; "
+          f"round trip in ms")
+    try:
+        for size in (int(s) for s in a.sizes.split(",") if s):
+            msg = b"x" * size
+            styles = [("blocking", round_trips(stub, msg, a.calls, False)),
+                      ("future", round_trips(stub, msg, a.calls, True)),
+                      ("aio", asyncio.run(aio_round_trips(port, msg, a.calls)))]
+            for style, ts in styles:
+                print(f"size {size:6d} B  {style:8s}  median {statistics.median(ts) * 1e3:.3f}  "
+                      f"mean {statistics.mean(ts) * 1e3:.3f}", flush=True)
+    finally:
+        channel.close()
+        server.kill()
 
 
 if __name__ == "__main__":
