@@ -182,10 +182,6 @@ def _check_args(args) -> str | None:
         return f"--kv-cache-memory-bytes {args.kv_cache_memory_bytes} is negative"
     if args.world_size < 1 or not 0 <= args.rank < args.world_size:
         return f"rank {args.rank} is not in 0..{args.world_size - 1} (tensor-parallel size {args.world_size})"
-    if args.data_parallel_size > 1 and parse_device(args.device)[0] == "ascend":
-        return (f"--data-parallel-size {args.data_parallel_size} --enable-expert-parallel: experts over data-parallel "
-                f"engines run on the CPU path only (the Ascend path spreads the experts over one engine's "
-                f"tensor-parallel ranks)")
     if args.data_parallel_size < 1 or not 0 <= args.data_parallel_rank < args.data_parallel_size:
         return (f"--data-parallel-rank {args.data_parallel_rank} is not in 0..{args.data_parallel_size - 1} "
                 f"(--data-parallel-size {args.data_parallel_size})")
@@ -193,6 +189,10 @@ def _check_args(args) -> str | None:
         return (f"--data-parallel-size {args.data_parallel_size} without --enable-expert-parallel: data-parallel "
                 f"engines share a cluster only to spread the experts over their workers; otherwise start each "
                 f"engine's workers on their own")
+    if args.data_parallel_size > 1 and parse_device(args.device)[0] == "ascend":
+        return (f"--data-parallel-size {args.data_parallel_size} --enable-expert-parallel: experts over data-parallel "
+                f"engines run on the CPU path only (the Ascend path spreads the experts over one engine's "
+                f"tensor-parallel ranks)")
     if cluster_of(args)[1] > 1 or args.enable_expert_parallel:
         from ms_models import ModelConfig, UnsupportedModelError
         from ms_models.parallel import check_tensor_parallel

@@ -403,6 +403,11 @@ def real_kernels_check(model_dir: str, cpu_model) -> dict:
     }
 
 
+def sparse_layer(model):
+    """The first layer of ``model`` with routed experts."""
+    return next(x for x in model.net.layers if getattr(x, "eg", None) is not None)
+
+
 def expert_parallel_check(fused, checked) -> dict:
     """moe.fused_experts over a sparse layer's experts split as expert parallel over R = 2 and 4 ranks (rank r:
     experts r*E/R .. (r+1)*E/R - 1, ``first_expert`` r*E/R): {R: [max |sum of the ranks' parts - all experts'|,
@@ -412,7 +417,7 @@ def expert_parallel_check(fused, checked) -> dict:
     from ms_models.moe import fused_experts
 
     rng = np.random.default_rng(4)
-    layer = next(x for x in checked.net.layers if getattr(x, "eg", None) is not None)
+    layer = sparse_layer(checked)
     E, H = layer.num_experts, layer.eg.shape[1]
     out = {}
     for T in (7, 16):
@@ -420,7 +425,7 @@ def expert_parallel_check(fused, checked) -> dict:
         logits = Tensor((rng.standard_normal((T, E)) * 2).astype(np.float32))
         for R in (2, 4):
             for name, model in (("checked", checked), ("fused", fused)):
-                ly = next(x for x in model.net.layers if getattr(x, "eg", None) is not None)
+                ly = sparse_layer(model)
                 args = (ly.top_k, getattr(ly, "renorm", True), E, *ly.moe_ops)
                 whole = fused_experts(h, logits, ly.eg, ly.eu, ly.ed, *args).asnumpy()
                 n = E // R
@@ -660,7 +665,7 @@ def ep_rank_side(model_dir: str, rank: int, size: int, dist_addr: str, out: str)
                         max_num_batched_tokens=MAX_TOKENS)
     rng = np.random.default_rng(1)
     logits = [m.forward(b).tolist() for _ in range(ROUNDS) for b, _ in batches(rng, m.config.vocab_size)]
-    layer = next(x for x in m.net.layers if getattr(x, "eg", None) is not None)
+    layer = sparse_layer(m)
     json.dump({"logits": logits, "experts": [layer.first_expert, layer.eg.shape[0]]}, open(out, "w"))
 
 

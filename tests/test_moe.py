@@ -297,8 +297,8 @@ def test_experts_over_two_data_parallel_engines_of_two_ranks(ckpts, tmp_path):
 
 def test_expert_placement_that_cannot_be_served_is_refused(ckpts, tmp_path, default_model):
     """Experts that do not divide over the ranks with --enable-expert-parallel, the flag on a model without
-    experts, experts over data-parallel engines on the Ascend path: refused by the front before any worker starts and by the worker before it loads
-    anything, naming the numbers."""
+    experts, experts over data-parallel engines on the Ascend path: refused by the front before any worker starts
+    and by the worker before it loads anything, naming the numbers."""
     from ms_models.config import ModelConfig
     from ms_models.parallel import check_tensor_parallel
     from vllm_ext.executor import ConfigError, check_tensor_parallel_size
