@@ -149,8 +149,8 @@ if __name__ == "__main__":
 
 
 def test_served_greedy_equals_hf_on_an_mla_sized_cache(ckpts):
-    """V2 (attention biases) at TP 2 (2 of the 4 heads per rank, each expert split) and V3 at TP 2 with
-    --enable-expert-parallel (4 of the 8 experts per rank; TP 1 is the logits test's) through vLLM's engine with the ms_rpc executor
+    """V2 (attention biases) at TP 2 (2 of the 4 heads per rank, each expert split), V3 at TP 1 and at TP 2 with
+    --enable-expert-parallel (4 of the 8 experts per rank) through vLLM's engine with the ms_rpc executor
     (one process, one engine after the other): 3 prompts in one generate call, 16-token blocks, steps of at most
     64 tokens (the 150-token prompt is prefilled in chunks, beside the others' decodes); greedy tokens == HF.
     --kv-cache-memory-bytes buys exactly the blocks each rank's latent cache (replicated under TP) holds:
@@ -159,7 +159,7 @@ def test_served_greedy_equals_hf_on_an_mla_sized_cache(ckpts):
     rng = np.random.default_rng(3)
     prompts = [[int(x) for x in rng.integers(3, VOCAB, size=L)] for L in SERVE_PROMPT_LENS]
     tp2 = {"tensor_parallel_size": 2}
-    runs = [(ckpts["v2_greedy"][0], tp2), (ckpts["v3"][0], dict(tp2, enable_expert_parallel=True))]
+    runs = [(ckpts["v2_greedy"][0], tp2), (ckpts["v3"][0], {}), (ckpts["v3"][0], dict(tp2, enable_expert_parallel=True))]
     kv_bytes, block = 3 * 2**20, 16
     out = subprocess.run([sys.executable, "-c", SERVE, json.dumps(prompts), str(MAX_NEW), str(kv_bytes), str(block),
                           json.dumps([(str(p), v) for p, v in runs])], capture_output=True, text=True, timeout=900,
@@ -175,12 +175,14 @@ def test_served_greedy_equals_hf_on_an_mla_sized_cache(ckpts):
         assert got == hf, path.name
 
 
-def test_v3_over_two_data_parallel_engines_of_two_ranks(ckpts, tmp_path):
-    """V3 served with --data-parallel-size 2 --tensor-parallel-size 2 --enable-expert-parallel (vllm-mindspore's
-    DeepSeek-R1 layout), embedded: four workers in one MindSpore cluster, 2 of the 8 routed experts each, the shared
-    expert and the dense first layer split by the engine's two ranks, each rank sending half its engine's tokens to
-    the experts (moe.RoutedExperts). Greedy tokens == HF for prompts both engines serve at once, and for a request
-    alone (one token a step: its engine's second rank sends a padding row, the idle engine a dummy batch)."""
+@pytest.mark.parametrize("tp", [1, 2])
+def test_v3_over_two_data_parallel_engines(ckpts, tmp_path, tp):
+    """V3 served with --data-parallel-size 2 --enable-expert-parallel, embedded, engines of one rank (DP x EP) and
+    of two (--tensor-parallel-size 2: vllm-mindspore's DeepSeek-R1 layout): 2 x tp workers in one MindSpore cluster,
+    8 / (2 x tp) of the routed experts each; at TP 2 the shared expert and the dense first layer are split by the
+    engine's two ranks, each sending half its engine's tokens to the experts (moe.RoutedExperts). Greedy tokens == HF
+    for prompts both engines serve at once, and for a request alone (one token a step: at TP 2 its engine's second
+    rank sends a padding row; the idle engine runs a dummy batch)."""
     from conftest import Server, concurrent_greedy
 
     path = ckpts["v3"][0]
@@ -188,7 +190,7 @@ def test_v3_over_two_data_parallel_engines_of_two_ranks(ckpts, tmp_path):
     prompts = [[int(x) for x in rng.integers(3, VOCAB, size=L)] for L in (*SERVE_PROMPT_LENS, 6, 29)]
     hf = hf_greedy(path, prompts, MAX_NEW)
     assert len({tuple(t) for t in hf}) == len(prompts), "the reference continuations must differ"
-    server = Server(path, ["--data-parallel-size", "2", "--tensor-parallel-size", "2", "--enable-expert-parallel",
+    server = Server(path, ["--data-parallel-size", "2", "--tensor-parallel-size", str(tp), "--enable-expert-parallel",
                            "--max-model-len", "512", "--kv-cache-memory-bytes", str(16 << 20),
                            "--skip-tokenizer-init"], log_path=tmp_path / "serve.log")
     try:
@@ -198,9 +200,10 @@ def test_v3_over_two_data_parallel_engines_of_two_ranks(ckpts, tmp_path):
         log = (tmp_path / "serve.log").read_text(errors="replace")
     finally:
         server.stop()
-    for c in range(4):
-        assert (f"tensor-parallel rank {c % 2} of 2; experts {2 * c}..{2 * c + 1} of 8 whole over data-parallel "
-                f"engines: this is engine {c // 2} of 2") in log, log[-3000:]
+    per = 8 // (2 * tp)
+    for c in range(2 * tp):   # cluster rank c = engine * tp + rank
+        place = f"experts {per * c}..{per * c + per - 1} of 8 whole over data-parallel engines: this is engine {c // tp} of 2"
+        assert (f"tensor-parallel rank {c % tp} of {tp}; " if tp > 1 else "") + place in log, log[-3000:]
 
 
 def test_parallel_sizes_that_do_not_divide_and_quantized_checkpoints_refused(ckpts, tmp_path):

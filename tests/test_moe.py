@@ -204,16 +204,16 @@ def _serve(path, prompts, variants):
     return results, out.stderr
 
 
-def test_served_greedy_equals_hf_at_tp2_and_expert_parallel(ckpts):
-    """Qwen3-MoE served at TP 2 with --enable-expert-parallel (each rank 4 of the 8 experts whole), Qwen2-MoE
-    (shared expert, one KV head replicated on both ranks) at TP 2 (each rank 1/2 of every expert and of the shared
-    one): greedy tokens equal HF's, and the workers say where their experts are. (TP 1 is the logits test's.)"""
+def test_served_greedy_equals_hf_at_tp1_tp2_and_expert_parallel(ckpts):
+    """Qwen3-MoE served at TP 1 and at TP 2 with --enable-expert-parallel (each rank 4 of the 8 experts whole),
+    Qwen2-MoE (shared expert, one KV head replicated on both ranks) at TP 2 (each rank 1/2 of every expert and of the
+    shared one): greedy tokens equal HF's, and the workers say where their experts are."""
     from test_models import MAX_NEW
 
     rng = np.random.default_rng(1)
     prompts = [[int(x) for x in rng.integers(0, VOCAB, size=L)] for L in SERVE_PROMPT_LENS]
     tp2, ep2 = {"tensor_parallel_size": 2}, {"tensor_parallel_size": 2, "enable_expert_parallel": True}
-    for name, variants in (("qwen3_moe", [ep2]), ("qwen2_moe", [tp2])):
+    for name, variants in (("qwen3_moe", [{}, ep2]), ("qwen2_moe", [tp2])):
         path = ckpts[name][0]
         hf = hf_greedy(path, prompts, MAX_NEW)
         results, log = _serve(path, prompts, variants)
