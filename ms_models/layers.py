@@ -5,7 +5,8 @@ Written for MindSpore 2.10's CPU backend (see shared/notes/mindspore_cpu.md):
 * fp32 only; plain ops (the RmsNorm, RoPE, FlashAttention, PagedAttention and
   ReshapeAndCache kernels do not exist on CPU);
 * linear weights stored [in, out] and multiplied with ``ops.matmul`` (no per-call
-  transpose); the lm head keeps the HF [vocab, hidden] layout with a
+  transpose), or, in graphs of at most 8 token rows (decode), with the SmallMatMul kernel
+  (ms_models.kernels; MindSpore's MatMul runs so few rows on one thread); the lm head keeps the HF [vocab, hidden] layout with a
   ``MatMul(transpose_b=True)`` (measured as fast, and tied embeddings need no copy);
 * attention is one custom operator per layer (ms_models.kernels, C++ through ``ops.Custom``):
   RoPE on q and k, the K/V write into the paged cache and causal attention over each
@@ -28,6 +29,7 @@ MindSpore's fused kernels instead (:class:`FusedKernels`, :func:`fused_rotary`,
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import mindspore as ms
@@ -197,6 +199,8 @@ class DeviceOps:
         self.dtype = _MS_DTYPES[self.dtype_name]
         self.kernels = (kernels or FusedKernels()) if self.fused else None
         self.attention_kernel = None if self.fused else _cpu_attention_kernel
+        if not self.fused and os.environ.get("MS_SMALL_MATMUL", "1") != "0":
+            _use_small_matmul()
         self.fold_norm = not self.fused
         self.tp = tp if tp is not None else TensorParallel()
 
@@ -209,6 +213,12 @@ def _cpu_attention_kernel():
     """The CPU attention kernel: RoPE, paged cache write and ragged attention in one op (ms_models.kernels)."""
     from .kernels import paged_attention_op
     return paged_attention_op()
+
+
+def _use_small_matmul() -> None:
+    global _small_matmul, _SMALL_MATMUL_ROWS
+    from .kernels import SMALL_MATMUL_ROWS, small_matmul_op
+    _small_matmul, _SMALL_MATMUL_ROWS = small_matmul_op(), SMALL_MATMUL_ROWS
 
 
 def tp_all_reduce(tp):
@@ -297,9 +307,19 @@ def head_rms_norm(x, head_dim, eps, weight, fused=None):
     return y.reshape(T, D) * expand_to(weight.reshape(1, D), (T, D))
 
 
+# The CPU path's product for the few rows of a decode step (ms_models.kernels.small_matmul_op; MindSpore's MatMul
+# runs it on one thread), set when a CPU model is built (DeviceOps) unless MS_SMALL_MATMUL=0.
+_small_matmul = None
+_SMALL_MATMUL_ROWS = 0   # kernels.SMALL_MATMUL_ROWS once set
+
+
 def linear(x, weight, bias=None):
-    """x @ weight (+ bias); weight stored [in, out]."""
-    y = ops.matmul(x, weight)
+    """x @ weight (+ bias); weight stored [in, out]. Graphs of at most _SMALL_MATMUL_ROWS token rows (static
+    shapes: decided when the graph compiles) use the CPU kernel when set."""
+    if _small_matmul is not None and x.ndim == 2 and x.shape[0] <= _SMALL_MATMUL_ROWS and x.dtype == ms.float32:
+        y = _small_matmul(x, weight)
+    else:
+        y = ops.matmul(x, weight)
     if bias is not None:
         y = y + bias
     return y

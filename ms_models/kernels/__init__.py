@@ -1,7 +1,7 @@
 """Custom MindSpore CPU kernels (ops.Custom, func_type "aot"), compiled from C++ on first use.
 
-``build(source)`` compiles one kernel source (``paged_attention.cc`` by default, ``moe_ffn.cc``; both include
-``common.h``) with g++
+``build(source)`` compiles one kernel source (``paged_attention.cc`` by default, ``moe_ffn.cc``,
+``small_matmul.cc``; all include ``common.h``) with g++
 into ``ms_models/kernels/build/`` (or ``$MS_MODELS_KERNEL_DIR``) as ``<name>-<hash>.so``, the hash
 covering the source, common.h and the compiler command, so a changed source gets a new file and a stale one is
 never loaded; a file lock (``fcntl.flock``) lets worker processes that start together build it once.
@@ -9,7 +9,8 @@ never loaded; a file lock (``fcntl.flock``) lets worker processes that start tog
 
 ``paged_attention_op()`` returns the ``PagedAttentionFlat`` Custom op (cached per process); the
 contract is at the top of paged_attention.cc. ``moe_ffn_op()`` returns ``MoeFFN`` (the routed experts of
-a mixture-of-experts layer, moe_ffn.cc; ms_models.moe). It writes the two cache inputs in place: pass
+a mixture-of-experts layer, moe_ffn.cc; ms_models.moe), ``small_matmul_op()`` ``SmallMatMul`` (the products of
+decode graphs, small_matmul.cc; ms_models.layers.linear). The attention op writes the two cache inputs in place: pass
 ``Parameter`` caches (in place under ``ms.jit`` and in PyNative; checked by
 tests/test_attention_kernel.py).
 
@@ -45,14 +46,15 @@ import shutil
 import subprocess
 import sys
 
-__all__ = ["build", "paged_attention_op", "moe_ffn_op", "set_omp_wait_policy", "KernelBuildError", "SOURCE",
+__all__ = ["build", "paged_attention_op", "moe_ffn_op", "small_matmul_op", "SMALL_MATMUL_ROWS", "set_omp_wait_policy", "KernelBuildError", "SOURCE",
            "MOE_SOURCE", "FUNC_NAME"]
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCE = os.path.join(HERE, "paged_attention.cc")
 FUNC_NAME = "PagedAttentionFlat"
 MOE_SOURCE = os.path.join(HERE, "moe_ffn.cc")
-SOURCES = (SOURCE, MOE_SOURCE)
+MATMUL_SOURCE = os.path.join(HERE, "small_matmul.cc")
+SOURCES = (SOURCE, MOE_SOURCE, MATMUL_SOURCE)
 HEADER = os.path.join(HERE, "common.h")  # included by every source
 CXX_FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 # libgomp's spin before an idle thread sleeps (see the module docstring for the measurement).
@@ -183,6 +185,26 @@ def moe_ffn_op():
         _MOE_OP = ops.Custom(f"{path}:MoeFFN", out_shape=lambda x, *_: x, out_dtype=lambda x, *_: x,
                              func_type="aot")
     return _MOE_OP
+
+
+# The token buckets whose linears run SmallMatMul (small_matmul.cc): at 16 rows it is no faster than MindSpore's
+# MatMul in the graph (its accumulators leave L1).
+SMALL_MATMUL_ROWS = 8
+_MM_OP = None
+
+
+def small_matmul_op():
+    """The SmallMatMul ops.Custom (one per process): x [M <= 16, K] @ w [K, N] -> [M, N], f32, the weight's columns
+    split over MS_PA_THREADS threads (small_matmul.cc)."""
+    global _MM_OP
+    if _MM_OP is None:
+        from mindspore import ops
+
+        path = build(source=MATMUL_SOURCE)
+        _check_white_list(path)
+        _MM_OP = ops.Custom(f"{path}:SmallMatMul", out_shape=lambda x, w: [x[0], w[1]], out_dtype=lambda x, w: x,
+                            func_type="aot")
+    return _MM_OP
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,187 @@
+// SmallMatMul: y [M, N] = x [M, K] @ w [K, N] for the few rows of a decode step (M <= 16; the model uses it
+// for token buckets of at most SMALL_MATMUL_ROWS, ms_models.layers.linear), as a MindSpore custom CPU operator
+// (ops.Custom, func_type "aot"). Built by ms_models/kernels/__init__.py like paged_attention.cc.
+//
+// Why: MindSpore's MatMul runs a product of 1-16 rows on one thread (measured: the same time with 1 and 2
+// threads), reading the weights at ~17 GB/s, while decode is weight-bandwidth bound and two cores read ~30.
+// Here the weight's columns are split between MS_PA_THREADS threads; each streams eight weight rows at a time
+// (sequentially, [K, N] row-major as the model stores it) into per-row accumulators that stay in L1/L2
+// (chunks of 2,048 columns), so every weight byte is read once per call whatever M is.
+//
+// Contract: params = x f32 [M, K], w f32 [K, N], out f32 [M, N]; all contiguous; M <= 16. Returns nonzero
+// (MindSpore raises) otherwise. Sums run in another order than MindSpore's MatMul: results differ in the last
+// bits (relative 1e-6).
+//
+// Threads: not OpenMP. A helper woken from sleep for every call costs ~65 us on this VM (a futex wake of an
+// idle vCPU), as much as a 1,536-column product; so the helpers of a small pool spin for SPIN_US after each
+// call, yielding the core (sched_yield) to any other runnable thread, and only then sleep. Decode graphs call
+// the kernel every few tens of microseconds; a prefill graph does not call it, and its helpers sleep.
+
+#include <stdint.h>
+#include <string.h>
+#include <sched.h>
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <mutex>
+#include <thread>
+#include <vector>
+#include "common.h"
+
+#pragma GCC diagnostic ignored "-Wpsabi"  // v16 by value in always-inline helpers only
+
+#ifndef SM_CLONES  // tests build with -DSM_CLONES= to check one code path
+#define SM_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#endif
+
+
+namespace {
+typedef float v16 __attribute__((vector_size(64), aligned(4)));  // 16 floats: one zmm, two ymm, four xmm
+constexpr int KU = 8;                 // weight rows per pass
+constexpr int64_t CHUNK = 2048;       // columns per accumulator block
+constexpr int SPIN_US = 300;          // a helper's spin after a call, before it sleeps
+
+PA_INLINE v16 ld(const float *p) { v16 v; memcpy(&v, p, 64); return v; }
+PA_INLINE void st(float *p, v16 v) { memcpy(p, &v, 64); }
+
+// y[:, j0:j1] = x @ w[:, j0:j1] for M <= 16 rows; j1 - j0 a multiple of 16 (the caller does the tail).
+SM_CLONES void cols(const float *__restrict x, int64_t M, int64_t K, const float *__restrict w, int64_t N, int64_t j0,
+                 int64_t j1, float *__restrict y, float *__restrict acc) {
+  const int64_t nc = j1 - j0;
+  for (int64_t i = 0; i < M * nc; ++i) acc[i] = 0.f;
+  int64_t k = 0;
+  for (; k + KU <= K; k += KU) {
+    const float *wk = w + k * N + j0;
+    float xs[16][KU];
+    for (int64_t m = 0; m < M; ++m)
+      for (int u = 0; u < KU; ++u) xs[m][u] = x[m * K + k + u];
+    for (int64_t j = 0; j < nc; j += 16) {
+      v16 wv[KU];
+      for (int u = 0; u < KU; ++u) wv[u] = ld(wk + u * N + j);
+      for (int64_t m = 0; m < M; ++m) {
+        v16 a = ld(acc + m * nc + j);
+        for (int u = 0; u < KU; ++u) a += xs[m][u] * wv[u];
+        st(acc + m * nc + j, a);
+      }
+    }
+  }
+  for (; k < K; ++k) {
+    const float *wk = w + k * N + j0;
+    for (int64_t j = 0; j < nc; j += 16) {
+      const v16 wv = ld(wk + j);
+      for (int64_t m = 0; m < M; ++m) st(acc + m * nc + j, ld(acc + m * nc + j) + x[m * K + k] * wv);
+    }
+  }
+  for (int64_t m = 0; m < M; ++m) memcpy(y + m * N + j0, acc + m * nc, sizeof(float) * nc);
+}
+
+void tail(const float *x, int64_t M, int64_t K, const float *w, int64_t N, int64_t j0, float *y) {
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t j = j0; j < N; ++j) {
+      float s = 0.f;
+      for (int64_t k = 0; k < K; ++k) s += x[m * K + k] * w[k * N + j];
+      y[m * N + j] = s;
+    }
+}
+
+// The pool: max_kernel_threads() - 1 helpers, started on first use (never before MindSpore's first op, so
+// never across a fork), never destroyed (their threads outlive exit()).
+struct Pool {
+  int helpers = 0;
+  std::vector<std::thread> threads;
+  std::atomic<uint64_t> gen{0};
+  std::atomic<int> left{0};
+  std::mutex mu;
+  std::condition_variable cv;
+  int sleeping = 0;
+  void (*fn)(void *, int) = nullptr;
+  void *ctx = nullptr;
+
+  explicit Pool(int n) : helpers(n) {
+    for (int i = 0; i < n; ++i) threads.emplace_back([this, i] { loop(i + 1); });
+    for (auto &t : threads) t.detach();
+  }
+  void loop(int id) {
+    uint64_t seen = 0;
+    for (;;) {
+      auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(SPIN_US);
+      int spins = 0;
+      while (gen.load(std::memory_order_acquire) == seen) {
+        if (++spins % 64 == 0) {
+          if (std::chrono::steady_clock::now() > until) {
+            std::unique_lock<std::mutex> lk(mu);
+            ++sleeping;
+            cv.wait(lk, [&] { return gen.load(std::memory_order_acquire) != seen; });
+            --sleeping;
+            break;
+          }
+          sched_yield();
+        }
+      }
+      seen = gen.load(std::memory_order_acquire);
+      fn(ctx, id);
+      left.fetch_sub(1, std::memory_order_acq_rel);
+    }
+  }
+  void run(void (*f)(void *, int), void *c) {
+    fn = f;
+    ctx = c;
+    left.store(helpers, std::memory_order_release);
+    gen.fetch_add(1, std::memory_order_acq_rel);
+    {
+      std::lock_guard<std::mutex> lk(mu);
+      if (sleeping) cv.notify_all();
+    }
+    f(c, 0);
+    while (left.load(std::memory_order_acquire) > 0) __builtin_ia32_pause();
+  }
+};
+
+Pool &pool() {
+  static Pool *p = new Pool(max_kernel_threads() - 1);  // never destroyed: its threads outlive exit()
+  return *p;
+}
+
+struct Job {
+  const float *x, *w;
+  float *y;
+  int64_t M, K, N, per;  // per: columns per part (a multiple of 16)
+};
+
+void part(void *c, int id) {
+  const Job &j = *static_cast<Job *>(c);
+  const int64_t j0 = id * j.per, j1 = std::min<int64_t>(j.N / 16 * 16, j0 + j.per);
+  if (j0 >= j1) return;
+  thread_local std::vector<float> acc;
+  if ((int64_t)acc.size() < j.M * CHUNK) acc.resize(j.M * CHUNK);
+  for (int64_t c0 = j0; c0 < j1; c0 += CHUNK) cols(j.x, j.M, j.K, j.w, j.N, c0, std::min(j1, c0 + CHUNK), j.y, acc.data());
+}
+}  // namespace
+
+extern "C" int SmallMatMul(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
+                           void *extra) {
+  (void)stream;
+  (void)extra;
+  if (nparam != 3) return 1;
+  for (int i = 0; i < 3; ++i)
+    if (ndims[i] != 2 || !dtypes[i] || strcmp(dtypes[i], "float32") != 0) return 1;
+  const int64_t M = shapes[0][0], K = shapes[0][1], N = shapes[1][1];
+  if (shapes[1][0] != K || shapes[2][0] != M || shapes[2][1] != N || M > 16) return 2;
+  Job j{(const float *)params[0], (const float *)params[1], (float *)params[2], M, K, N, 0};
+  const int64_t n16 = N / 16 * 16;
+  // a product under ~0.1 ms (K x N < 128 Ki floats) or under 32 columns runs on the calling thread
+  const int parts = (K * N >= (1 << 17) && n16 >= 32) ? max_kernel_threads() : 1;
+  j.per = (n16 / 16 + parts - 1) / parts * 16;
+  // MindSpore may launch independent kernels (q, k, v) at once: one call uses the pool, the others run alone
+  static std::mutex in_use;
+  std::unique_lock<std::mutex> lk(in_use, std::defer_lock);
+  if (parts > 1 && lk.try_lock()) {
+    pool().run(part, &j);
+  } else {
+    j.per = n16;
+    part(&j, 0);
+  }
+  if (n16 < N) tail(j.x, M, K, j.w, N, n16, j.y);
+  return 0;
+}
