@@ -6,8 +6,9 @@ Written for MindSpore 2.10's CPU backend (see shared/notes/mindspore_cpu.md):
   ReshapeAndCache kernels do not exist on CPU);
 * linear weights stored [in, out] and multiplied with ``ops.matmul`` (no per-call
   transpose), or, in graphs of at most 8 token rows (decode), with the SmallMatMul kernel
-  (ms_models.kernels; MindSpore's MatMul runs so few rows on one thread); the lm head keeps the HF [vocab, hidden] layout with a
-  ``MatMul(transpose_b=True)`` (measured as fast, and tied embeddings need no copy);
+  (ms_models.kernels; MindSpore's MatMul runs so few rows on one thread); the lm head keeps the HF
+  [vocab, hidden] layout with a ``MatMul(transpose_b=True)`` (measured as fast, and tied embeddings need
+  no copy), or the kernel's transposed form for few rows;
 * attention is one custom operator per layer (ms_models.kernels, C++ through ``ops.Custom``):
   RoPE on q and k, the K/V write into the paged cache and causal attention over each
   request's blocks, for the whole flat token batch of a step; its per-step inputs (cos/sin,
@@ -216,9 +217,9 @@ def _cpu_attention_kernel():
 
 
 def _use_small_matmul() -> None:
-    global _small_matmul, _SMALL_MATMUL_ROWS
+    global _small_matmul, _small_matmul_t, _SMALL_MATMUL_ROWS
     from .kernels import SMALL_MATMUL_ROWS, small_matmul_op
-    _small_matmul, _SMALL_MATMUL_ROWS = small_matmul_op(), SMALL_MATMUL_ROWS
+    _small_matmul, _small_matmul_t, _SMALL_MATMUL_ROWS = small_matmul_op(), small_matmul_op(True), SMALL_MATMUL_ROWS
 
 
 def tp_all_reduce(tp):
@@ -309,7 +310,7 @@ def head_rms_norm(x, head_dim, eps, weight, fused=None):
 
 # The CPU path's product for the few rows of a decode step (ms_models.kernels.small_matmul_op; MindSpore's MatMul
 # runs it on one thread), set when a CPU model is built (DeviceOps) unless MS_SMALL_MATMUL=0.
-_small_matmul = None
+_small_matmul = _small_matmul_t = None
 _SMALL_MATMUL_ROWS = 0   # kernels.SMALL_MATMUL_ROWS once set
 
 
@@ -331,7 +332,10 @@ def embedding(ids, table):
 
 
 def lm_head(x, table):
-    """x @ table^T with table [vocab, hidden] (HF layout; the embedding when tied)."""
+    """x @ table^T with table [vocab, hidden] (HF layout; the embedding when tied); few rows through the CPU
+    kernel as in linear()."""
+    if _small_matmul is not None and x.ndim == 2 and x.shape[0] <= _SMALL_MATMUL_ROWS and x.dtype == ms.float32:
+        return _small_matmul_t(x, table)
     return _mm_tb(x, table)
 
 

@@ -1,5 +1,5 @@
-"""The SmallMatMul custom kernel (ms_models/kernels/small_matmul.cc): x [M <= 16, K] @ w [K, N] against float64
-numpy, called through ctypes outside MindSpore (the model's own tests run it inside every decode graph: their
+"""The SmallMatMul custom kernels (ms_models/kernels/small_matmul.cc): x [M <= 16, K] @ w [K, N] and, SmallMatMulT,
+x @ w^T with w [N, K] (the lm head), against float64 numpy, called through ctypes outside MindSpore (the model's own tests run it inside every decode graph: their
 logits match HF's). Shapes cover the column tail (N not a multiple of 16), the weight rows' tail (K not a multiple
 of 8), more columns than one accumulator chunk (2,048), products small enough to stay on the calling thread, and
 each code path: the AVX-512 / AVX2 / baseline clones the default build dispatches between (this machine takes one)
@@ -26,11 +26,13 @@ from tests.test_small_matmul import call, check
 lib = ctypes.CDLL(sys.argv[1])
 for shape in eval(sys.argv[3]):
     check(lib, *shape)
+    check(lib, *shape, transposed=True)
 errors = []
 def worker(seed):
     try:
         for _ in range(20):
             check(lib, 8, 576, 1536, seed)
+            check(lib, 4, 576, 4000, seed, transposed=True)
     except AssertionError as e:
         errors.append(e)
 ts = [threading.Thread(target=worker, args=(s,)) for s in (1, 2)]
@@ -40,27 +42,30 @@ x = np.zeros((17, 4), np.float32); w = np.zeros((4, 4), np.float32); y = np.zero
 assert call(lib, x, w, y) != 0                     # more than 16 rows
 y = np.zeros((2, 4), np.float64)
 assert call(lib, x[:2], w, y) != 0                 # a float64 output
+assert call(lib, x[:2], np.zeros((4, 5), np.float32), np.zeros((2, 4), np.float32), True) != 0  # w^T's K != x's K
 print("OK")
 """
 
 
-def call(lib, x, w, y):
+def call(lib, x, w, y, transposed=False):
     arrs = [x, w, y]
     params = (ctypes.c_void_p * 3)(*[a.ctypes.data for a in arrs])
     nd = (ctypes.c_int * 3)(*[a.ndim for a in arrs])
     shp = [(ctypes.c_int64 * a.ndim)(*a.shape) for a in arrs]
     shapes = (ctypes.POINTER(ctypes.c_int64) * 3)(*[ctypes.cast(s, ctypes.POINTER(ctypes.c_int64)) for s in shp])
     dt = (ctypes.c_char_p * 3)(*[str(a.dtype).encode() for a in arrs])
-    return lib.SmallMatMul(3, params, nd, shapes, dt, None, None)
+    fn = lib.SmallMatMulT if transposed else lib.SmallMatMul
+    return fn(3, params, nd, shapes, dt, None, None)
 
 
-def check(lib, M, K, N, seed=0):
+def check(lib, M, K, N, seed=0, transposed=False):
+    """SmallMatMul (w [K, N]) or SmallMatMulT (w [N, K], x @ w^T) against float64 numpy."""
     rng = np.random.default_rng(seed + M * 7 + K * 13 + N)
     x = rng.standard_normal((M, K)).astype(np.float32)
-    w = rng.standard_normal((K, N)).astype(np.float32)
+    w = rng.standard_normal((N, K) if transposed else (K, N)).astype(np.float32)
     y = np.full((M, N), np.nan, np.float32)
-    assert call(lib, x, w, y) == 0
-    ref = x.astype(np.float64) @ w.astype(np.float64)
+    assert call(lib, x, w, y, transposed) == 0
+    ref = x.astype(np.float64) @ (w.T if transposed else w).astype(np.float64)
     err = np.abs(y - ref).max() / np.abs(ref).max()
     assert err <= 1e-5, (M, K, N, err)
 

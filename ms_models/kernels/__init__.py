@@ -190,21 +190,23 @@ def moe_ffn_op():
 # The token buckets whose linears run SmallMatMul (small_matmul.cc): at 16 rows it is no faster than MindSpore's
 # MatMul in the graph (its accumulators leave L1).
 SMALL_MATMUL_ROWS = 8
-_MM_OP = None
+_MM_OPS: dict = {}
 
 
-def small_matmul_op():
+def small_matmul_op(transposed: bool = False):
     """The SmallMatMul ops.Custom (one per process): x [M <= 16, K] @ w [K, N] -> [M, N], f32, the weight's columns
-    split over MS_PA_THREADS threads (small_matmul.cc)."""
-    global _MM_OP
-    if _MM_OP is None:
+    split over MS_PA_THREADS threads (small_matmul.cc); ``transposed``: SmallMatMulT, w [N, K] (x @ w^T, the lm
+    head's [vocab, hidden] table)."""
+    if transposed not in _MM_OPS:
         from mindspore import ops
 
         path = build(source=MATMUL_SOURCE)
         _check_white_list(path)
-        _MM_OP = ops.Custom(f"{path}:SmallMatMul", out_shape=lambda x, w: [x[0], w[1]], out_dtype=lambda x, w: x,
-                            func_type="aot")
-    return _MM_OP
+        col = 0 if transposed else 1
+        _MM_OPS[transposed] = ops.Custom(f"{path}:SmallMatMul{'T' if transposed else ''}",
+                                         out_shape=lambda x, w: [x[0], w[col]], out_dtype=lambda x, w: x,
+                                         func_type="aot")
+    return _MM_OPS[transposed]
 
 
 def main(argv=None) -> int:

@@ -8,7 +8,8 @@
 // (sequentially, [K, N] row-major as the model stores it) into per-row accumulators that stay in L1/L2
 // (chunks of 2,048 columns), so every weight byte is read once per call whatever M is.
 //
-// Contract: params = x f32 [M, K], w f32 [K, N], out f32 [M, N]; all contiguous; M <= 16. Returns nonzero
+// Contract: params = x f32 [M, K], w f32 [K, N], out f32 [M, N]; all contiguous; M <= 16. SmallMatMulT: w [N, K]
+// (x @ w^T, the lm head's [vocab, hidden]; each w row dotted with every x row). Returns nonzero
 // (MindSpore raises) otherwise. Sums run in another order than MindSpore's MatMul: results differ in the last
 // bits (relative 1e-6).
 //
@@ -85,6 +86,28 @@ void tail(const float *x, int64_t M, int64_t K, const float *w, int64_t N, int64
     }
 }
 
+// y[:, v0:v1] = x @ t[v0:v1, :]^T (t [N, K] row-major: the lm head's [vocab, hidden]): each row of t is read
+// once, dotted with every row of x (M accumulators in registers).
+SM_CLONES void rows_t(const float *__restrict x, int64_t M, int64_t K, const float *__restrict t, int64_t N, int64_t v0,
+                      int64_t v1, float *__restrict y) {
+  const int64_t k16 = K / 16 * 16;
+  for (int64_t v = v0; v < v1; ++v) {
+    const float *tv = t + v * K;
+    v16 acc[16];
+    for (int64_t m = 0; m < M; ++m) acc[m] = v16{};
+    for (int64_t k = 0; k < k16; k += 16) {
+      const v16 w = ld(tv + k);
+      for (int64_t m = 0; m < M; ++m) acc[m] += ld(x + m * K + k) * w;
+    }
+    for (int64_t m = 0; m < M; ++m) {
+      float s = 0.f;
+      for (int i = 0; i < 16; ++i) s += acc[m][i];
+      for (int64_t k = k16; k < K; ++k) s += x[m * K + k] * tv[k];
+      y[m * N + v] = s;
+    }
+  }
+}
+
 // The pool: max_kernel_threads() - 1 helpers, started on first use (never before MindSpore's first op, so
 // never across a fork), never destroyed (their threads outlive exit()).
 struct Pool {
@@ -146,33 +169,33 @@ Pool &pool() {
 struct Job {
   const float *x, *w;
   float *y;
-  int64_t M, K, N, per;  // per: columns per part (a multiple of 16)
+  int64_t M, K, N, per;  // per: columns per part (a multiple of 16 unless transposed)
+  bool transposed;       // w is [N, K]
 };
 
 void part(void *c, int id) {
   const Job &j = *static_cast<Job *>(c);
-  const int64_t j0 = id * j.per, j1 = std::min<int64_t>(j.N / 16 * 16, j0 + j.per);
+  const int64_t end = j.transposed ? j.N : j.N / 16 * 16;
+  const int64_t j0 = id * j.per, j1 = std::min<int64_t>(end, j0 + j.per);
   if (j0 >= j1) return;
+  if (j.transposed) return rows_t(j.x, j.M, j.K, j.w, j.N, j0, j1, j.y);
   thread_local std::vector<float> acc;
   if ((int64_t)acc.size() < j.M * CHUNK) acc.resize(j.M * CHUNK);
   for (int64_t c0 = j0; c0 < j1; c0 += CHUNK) cols(j.x, j.M, j.K, j.w, j.N, c0, std::min(j1, c0 + CHUNK), j.y, acc.data());
 }
-}  // namespace
 
-extern "C" int SmallMatMul(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
-                           void *extra) {
-  (void)stream;
-  (void)extra;
+// Checks the contract and runs the product (w [K, N], or [N, K] when transposed).
+int run(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, bool transposed) {
   if (nparam != 3) return 1;
   for (int i = 0; i < 3; ++i)
     if (ndims[i] != 2 || !dtypes[i] || strcmp(dtypes[i], "float32") != 0) return 1;
-  const int64_t M = shapes[0][0], K = shapes[0][1], N = shapes[1][1];
-  if (shapes[1][0] != K || shapes[2][0] != M || shapes[2][1] != N || M > 16) return 2;
-  Job j{(const float *)params[0], (const float *)params[1], (float *)params[2], M, K, N, 0};
-  const int64_t n16 = N / 16 * 16;
+  const int64_t M = shapes[0][0], K = shapes[0][1], N = shapes[1][transposed ? 0 : 1];
+  if (shapes[1][transposed ? 1 : 0] != K || shapes[2][0] != M || shapes[2][1] != N || M > 16) return 2;
+  Job j{(const float *)params[0], (const float *)params[1], (float *)params[2], M, K, N, 0, transposed};
+  const int64_t n16 = transposed ? N : N / 16 * 16;   // columns the parts share (the tail: below)
   // a product under ~0.1 ms (K x N < 128 Ki floats) or under 32 columns runs on the calling thread
   const int parts = (K * N >= (1 << 17) && n16 >= 32) ? max_kernel_threads() : 1;
-  j.per = (n16 / 16 + parts - 1) / parts * 16;
+  j.per = transposed ? (N + parts - 1) / parts : (n16 / 16 + parts - 1) / parts * 16;
   // MindSpore may launch independent kernels (q, k, v) at once: one call uses the pool, the others run alone
   static std::mutex in_use;
   std::unique_lock<std::mutex> lk(in_use, std::defer_lock);
@@ -184,4 +207,20 @@ extern "C" int SmallMatMul(int nparam, void **params, int *ndims, int64_t **shap
   }
   if (n16 < N) tail(j.x, M, K, j.w, N, n16, j.y);
   return 0;
+}
+}  // namespace
+
+extern "C" int SmallMatMul(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
+                           void *extra) {
+  (void)stream;
+  (void)extra;
+  return run(nparam, params, ndims, shapes, dtypes, false);
+}
+
+// The same with w [N, K] (y = x @ w^T): the lm head's [vocab, hidden] table.
+extern "C" int SmallMatMulT(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                            void *stream, void *extra) {
+  (void)stream;
+  (void)extra;
+  return run(nparam, params, ndims, shapes, dtypes, true);
 }
