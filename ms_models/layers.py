@@ -314,10 +314,15 @@ _small_matmul = _small_matmul_t = None
 _SMALL_MATMUL_ROWS = 0   # kernels.SMALL_MATMUL_ROWS once set
 
 
+def _few_rows(x):
+    """Whether the CPU kernel takes this product: set, and a 2-D f32 x of at most _SMALL_MATMUL_ROWS rows (static
+    shapes: decided when the graph compiles)."""
+    return _small_matmul is not None and x.ndim == 2 and x.shape[0] <= _SMALL_MATMUL_ROWS and x.dtype == ms.float32
+
+
 def linear(x, weight, bias=None):
-    """x @ weight (+ bias); weight stored [in, out]. Graphs of at most _SMALL_MATMUL_ROWS token rows (static
-    shapes: decided when the graph compiles) use the CPU kernel when set."""
-    if _small_matmul is not None and x.ndim == 2 and x.shape[0] <= _SMALL_MATMUL_ROWS and x.dtype == ms.float32:
+    """x @ weight (+ bias); weight stored [in, out]; few rows (_few_rows) through the CPU kernel."""
+    if _few_rows(x):
         y = _small_matmul(x, weight)
     else:
         y = ops.matmul(x, weight)
@@ -334,7 +339,7 @@ def embedding(ids, table):
 def lm_head(x, table):
     """x @ table^T with table [vocab, hidden] (HF layout; the embedding when tied); few rows through the CPU
     kernel as in linear()."""
-    if _small_matmul is not None and x.ndim == 2 and x.shape[0] <= _SMALL_MATMUL_ROWS and x.dtype == ms.float32:
+    if _few_rows(x):
         return _small_matmul_t(x, table)
     return _mm_tb(x, table)
 

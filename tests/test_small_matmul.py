@@ -1,16 +1,14 @@
 """The SmallMatMul custom kernels (ms_models/kernels/small_matmul.cc): x [M <= 16, K] @ w [K, N] and, SmallMatMulT,
-x @ w^T with w [N, K] (the lm head), against float64 numpy, called through ctypes outside MindSpore (the model's own tests run it inside every decode graph: their
-logits match HF's). Shapes cover the column tail (N not a multiple of 16), the weight rows' tail (K not a multiple
+x @ w^T with w [N, K] (the lm head), against float64 numpy, called through ctypes outside MindSpore (the model's own
+tests run it inside every decode graph: their logits match HF's). Shapes cover the column tail (N not a multiple of 16), the weight rows' tail (K not a multiple
 of 8), more columns than one accumulator chunk (2,048), products small enough to stay on the calling thread, and
 each code path: the AVX-512 / AVX2 / baseline clones the default build dispatches between (this machine takes one)
 built for one target each, with the pool's 2 threads and with 1; the same pool serving consecutive calls of
 different shapes; calls from two threads at once (MindSpore launches independent kernels together); and the
 contract's refusals."""
-import ctypes
 import os
 import subprocess
 import sys
-import threading
 
 import numpy as np
 import pytest
@@ -48,14 +46,9 @@ print("OK")
 
 
 def call(lib, x, w, y, transposed=False):
-    arrs = [x, w, y]
-    params = (ctypes.c_void_p * 3)(*[a.ctypes.data for a in arrs])
-    nd = (ctypes.c_int * 3)(*[a.ndim for a in arrs])
-    shp = [(ctypes.c_int64 * a.ndim)(*a.shape) for a in arrs]
-    shapes = (ctypes.POINTER(ctypes.c_int64) * 3)(*[ctypes.cast(s, ctypes.POINTER(ctypes.c_int64)) for s in shp])
-    dt = (ctypes.c_char_p * 3)(*[str(a.dtype).encode() for a in arrs])
-    fn = lib.SmallMatMulT if transposed else lib.SmallMatMul
-    return fn(3, params, nd, shapes, dt, None, None)
+    from ms_models.kernels.bench import aot_call
+
+    return aot_call(lib.SmallMatMulT if transposed else lib.SmallMatMul, [x, w, y])()
 
 
 def check(lib, M, K, N, seed=0, transposed=False):

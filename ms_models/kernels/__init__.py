@@ -46,8 +46,8 @@ import shutil
 import subprocess
 import sys
 
-__all__ = ["build", "paged_attention_op", "moe_ffn_op", "small_matmul_op", "SMALL_MATMUL_ROWS", "set_omp_wait_policy", "KernelBuildError", "SOURCE",
-           "MOE_SOURCE", "FUNC_NAME"]
+__all__ = ["build", "paged_attention_op", "moe_ffn_op", "small_matmul_op", "SMALL_MATMUL_ROWS", "set_omp_wait_policy",
+           "KernelBuildError", "SOURCE", "MOE_SOURCE", "MATMUL_SOURCE", "FUNC_NAME"]
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCE = os.path.join(HERE, "paged_attention.cc")

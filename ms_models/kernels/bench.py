@@ -83,7 +83,21 @@ def direct_call(lib_path, b, num_reqs, k_cache, v_cache, window=0):
     arrs = [b["q"], b["k"], b["v"], k_cache, v_cache, b["cos_sin"], b["slots"], b["qsl"], b["seq"], b["bt"],
             np.array([num_reqs, window], np.int32), np.zeros_like(b["q"])]
     assert k_cache.flags.c_contiguous and v_cache.flags.c_contiguous
-    arrs = [np.ascontiguousarray(a) for a in arrs]
+    run = aot_call(f, [np.ascontiguousarray(a) for a in arrs])
+
+    def call():
+        if run() != 0:
+            raise RuntimeError("PagedAttentionFlat failed")
+    call.keep = run.keep
+    return call
+
+
+def aot_call(fn, arrs):
+    """A callable running the AOT kernel function ``fn`` (a ctypes function of the .so) on the C-contiguous numpy
+    arrays ``arrs`` (its inputs, then its output), as MindSpore calls it: (nparam, params, ndims, shapes, dtypes,
+    stream, extra); returns the kernel's status. ``.keep[0]`` is ``arrs`` (the buffers must outlive the pointers)."""
+    import ctypes
+
     n = len(arrs)
     params = (ctypes.c_void_p * n)(*[a.ctypes.data for a in arrs])
     ndims = (ctypes.c_int * n)(*[a.ndim for a in arrs])
@@ -92,9 +106,8 @@ def direct_call(lib_path, b, num_reqs, k_cache, v_cache, window=0):
     dtypes = (ctypes.c_char_p * n)(*[str(a.dtype).encode() for a in arrs])
 
     def call():
-        if f(n, params, ndims, shapes, dtypes, None, None) != 0:
-            raise RuntimeError("PagedAttentionFlat failed")
-    call.keep = (arrs, shp)  # the buffers must outlive the pointers
+        return fn(n, params, ndims, shapes, dtypes, None, None)
+    call.keep = (arrs, shp)
     return call
 
 

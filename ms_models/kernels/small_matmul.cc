@@ -112,7 +112,6 @@ SM_CLONES void rows_t(const float *__restrict x, int64_t M, int64_t K, const flo
 // never across a fork), never destroyed (their threads outlive exit()).
 struct Pool {
   int helpers = 0;
-  std::vector<std::thread> threads;
   std::atomic<uint64_t> gen{0};
   std::atomic<int> left{0};
   std::mutex mu;
@@ -122,8 +121,7 @@ struct Pool {
   void *ctx = nullptr;
 
   explicit Pool(int n) : helpers(n) {
-    for (int i = 0; i < n; ++i) threads.emplace_back([this, i] { loop(i + 1); });
-    for (auto &t : threads) t.detach();
+    for (int i = 0; i < n; ++i) std::thread([this, i] { loop(i + 1); }).detach();
   }
   void loop(int id) {
     uint64_t seen = 0;
