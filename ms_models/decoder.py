@@ -19,8 +19,9 @@ from .config import ModelConfig
 from .batch import FlatBatch
 from .lora import GROUPS, lora_input, lora_masks
 from .layers import (DeviceOps, RotaryEmbedding, build_fused_attention_metadata, embedding, flash_causal_mask,
-                     fused_attention, fused_rotary, gated_mlp, gather_logits, head_rms_norm, lm_head, linear,
-                     new_kv_cache, param_bytes, rms_norm, to_param, tp_all_reduce, vocab_parallel_embedding)
+                     fused_attention, fused_rotary, gate_up, gated_mlp, gather_logits, head_rms_norm, lm_head, linear,
+                     new_kv_cache, param_bytes, qkv_linear, rms_norm, to_param, tp_all_reduce,
+                     vocab_parallel_embedding)
 
 __all__ = ["DecoderLayer", "FusedDecoderLayer", "DecoderModel", "build_decoder", "read_linear", "read_vocab_rows"]
 
@@ -89,12 +90,10 @@ class DecoderLayer(nn.Cell):
         ``m1``/``m2``/``m3``: with LoRA slots, each token's slot columns for groups of one, two and three targets
         (ms_models.lora); None: LoRA off, no extra ops."""
         h = lora_input(rms_norm(x, self.eps, self.ln1, self.norm_op), self.la_qkv, m3)
-        q = linear(h, self.wq, self.bq)
-        k = linear(h, self.wk, self.bk)
+        q, k, v = qkv_linear(h, self.wq, self.wk, self.wv, self.bq, self.bk, self.bv)
         if self.qn is not None:  # Qwen3: RMSNorm per head, before RoPE
             q = head_rms_norm(q, self.head_dim, self.eps, self.qn, self.norm_op)
             k = head_rms_norm(k, self.head_dim, self.eps, self.kn, self.norm_op)
-        v = linear(h, self.wv, self.bv)
         o = self.attn_op(q, k, v, self.k_cache, self.v_cache, cos_sin, slots, query_start_loc, seq_lens,
                          block_tables, params)
         y = linear(lora_input(o, self.la_o, m1), self.wo, self.bo)
@@ -106,7 +105,7 @@ class DecoderLayer(nn.Cell):
             y = gated_mlp(h, self.wg, self.wu, self.wd, self.bg, self.bu, self.bd)
         else:
             h = lora_input(h, self.la_gu, m2)
-            a = ops.silu(linear(h, self.wg, self.bg)) * linear(h, self.wu, self.bu)
+            a = gate_up(h, self.wg, self.wu, self.bg, self.bu)
             y = linear(lora_input(a, self.la_d, m1), self.wd, self.bd)
         if self.all_reduce is not None:
             y = self.all_reduce(y)

@@ -39,7 +39,7 @@ from mindspore import Parameter, Tensor, nn, ops
 __all__ = [
     "MASK_VALUE", "DeviceOps", "tp_all_reduce", "EngineSum", "to_param", "new_kv_cache", "param_bytes",
     "rms_norm", "head_rms_norm", "linear", "embedding", "lm_head", "vocab_parallel_embedding", "gather_logits",
-    "gated_mlp", "FusedKernels", "fused_rotary", "fused_attention", "build_fused_attention_metadata",
+    "gated_mlp", "gate_up", "qkv_linear", "FusedKernels", "fused_rotary", "fused_attention", "build_fused_attention_metadata",
     "flash_causal_mask", "FLASH_MAX_SEQS", "PAGED_MASK_VALUE",
     "rope_inv_freq", "RotaryEmbedding",
 ]
@@ -217,9 +217,11 @@ def _cpu_attention_kernel():
 
 
 def _use_small_matmul() -> None:
-    global _small_matmul, _small_matmul_t, _SMALL_MATMUL_ROWS
+    global _small_matmul, _small_matmul_t, _small_matmul3, _small_gate_up, _SMALL_MATMUL_ROWS
     from .kernels import SMALL_MATMUL_ROWS, small_matmul_op
-    _small_matmul, _small_matmul_t, _SMALL_MATMUL_ROWS = small_matmul_op(), small_matmul_op(True), SMALL_MATMUL_ROWS
+    _small_matmul, _small_matmul_t = small_matmul_op("mm"), small_matmul_op("t")
+    _small_matmul3, _small_gate_up = small_matmul_op("mm3"), small_matmul_op("gate_up")
+    _SMALL_MATMUL_ROWS = SMALL_MATMUL_ROWS
 
 
 def tp_all_reduce(tp):
@@ -308,9 +310,9 @@ def head_rms_norm(x, head_dim, eps, weight, fused=None):
     return y.reshape(T, D) * expand_to(weight.reshape(1, D), (T, D))
 
 
-# The CPU path's product for the few rows of a decode step (ms_models.kernels.small_matmul_op; MindSpore's MatMul
-# runs it on one thread), set when a CPU model is built (DeviceOps) unless MS_SMALL_MATMUL=0.
-_small_matmul = _small_matmul_t = None
+# The CPU path's products for the few rows of a decode step (ms_models.kernels.small_matmul_op; MindSpore's MatMul
+# runs them on one thread), set when a CPU model is built (DeviceOps) unless MS_SMALL_MATMUL=0.
+_small_matmul = _small_matmul_t = _small_matmul3 = _small_gate_up = None
 _SMALL_MATMUL_ROWS = 0   # kernels.SMALL_MATMUL_ROWS once set
 
 
@@ -329,6 +331,21 @@ def linear(x, weight, bias=None):
     if bias is not None:
         y = y + bias
     return y
+
+
+def qkv_linear(x, wq, wk, wv, bq=None, bk=None, bv=None):
+    """linear() of one x by three weights (a layer's q, k, v); few rows in one kernel call."""
+    if not _few_rows(x):
+        return linear(x, wq, bq), linear(x, wk, bk), linear(x, wv, bv)
+    q, k, v = _small_matmul3(x, wq, wk, wv)
+    return (q if bq is None else q + bq), (k if bk is None else k + bk), (v if bv is None else v + bv)
+
+
+def gate_up(x, w_gate, w_up, b_gate=None, b_up=None):
+    """silu(gate(x)) * up(x), a gated MLP's input to down; few rows without biases in one kernel call."""
+    if _few_rows(x) and b_gate is None and b_up is None:
+        return _small_gate_up(x, w_gate, w_up)
+    return ops.silu(linear(x, w_gate, b_gate)) * linear(x, w_up, b_up)
 
 
 def embedding(ids, table):
@@ -366,8 +383,8 @@ def gather_logits(local, all_gather, size, vocab):
 
 
 def gated_mlp(x, w_gate, w_up, w_down, b_gate=None, b_up=None, b_down=None):
-    """down(silu(gate(x)) * up(x)); separate gate/up matmuls (no slicing of a fused output)."""
-    return linear(ops.silu(linear(x, w_gate, b_gate)) * linear(x, w_up, b_up), w_down, b_down)
+    """down(silu(gate(x)) * up(x)); separate gate/up weights (no slicing of a fused output)."""
+    return linear(gate_up(x, w_gate, w_up, b_gate, b_up), w_down, b_down)
 
 
 def fused_rotary(x, cos, sin, rope, head_dim):

@@ -34,7 +34,8 @@ from mindspore import Tensor, nn, ops
 
 from .config import ModelConfig
 from .decoder import DecoderLayer, DecoderModel, build_decoder, read_linear
-from .layers import (DeviceOps, expand_to, fused_attention, fused_rotary, gated_mlp, head_rms_norm, linear, rms_norm,
+from .layers import (DeviceOps, expand_to, fused_attention, fused_rotary, gated_mlp, head_rms_norm, linear, qkv_linear,
+                     rms_norm,
                      to_param)
 from .registry import UnsupportedModelError
 
@@ -126,12 +127,10 @@ class MoeDecoderLayer(DecoderLayer):
     def construct(self, x, cos_sin, slots, query_start_loc, seq_lens, block_tables, params):
         """DecoderLayer.construct with the MLP replaced (written out whole, as FusedDecoderLayer explains)."""
         h = rms_norm(x, self.eps, self.ln1, self.norm_op)
-        q = linear(h, self.wq, self.bq)
-        k = linear(h, self.wk, self.bk)
+        q, k, v = qkv_linear(h, self.wq, self.wk, self.wv, self.bq, self.bk, self.bv)
         if self.qn is not None:
             q = head_rms_norm(q, self.head_dim, self.eps, self.qn, self.norm_op)
             k = head_rms_norm(k, self.head_dim, self.eps, self.kn, self.norm_op)
-        v = linear(h, self.wv, self.bv)
         o = self.attn_op(q, k, v, self.k_cache, self.v_cache, cos_sin, slots, query_start_loc, seq_lens,
                          block_tables, params)
         y = linear(o, self.wo, self.bo)

@@ -9,8 +9,8 @@ never loaded; a file lock (``fcntl.flock``) lets worker processes that start tog
 
 ``paged_attention_op()`` returns the ``PagedAttentionFlat`` Custom op (cached per process); the
 contract is at the top of paged_attention.cc. ``moe_ffn_op()`` returns ``MoeFFN`` (the routed experts of
-a mixture-of-experts layer, moe_ffn.cc; ms_models.moe), ``small_matmul_op()`` ``SmallMatMul`` (the products of
-decode graphs, small_matmul.cc; ms_models.layers.linear). The attention op writes the two cache inputs in place: pass
+a mixture-of-experts layer, moe_ffn.cc; ms_models.moe), ``small_matmul_op()`` ``SmallMatMul`` and its variants (the
+products of decode graphs, small_matmul.cc; ms_models.layers). The attention op writes the two cache inputs in place: pass
 ``Parameter`` caches (in place under ``ms.jit`` and in PyNative; checked by
 tests/test_attention_kernel.py).
 
@@ -193,20 +193,29 @@ SMALL_MATMUL_ROWS = 8
 _MM_OPS: dict = {}
 
 
-def small_matmul_op(transposed: bool = False):
-    """The SmallMatMul ops.Custom (one per process): x [M <= 16, K] @ w [K, N] -> [M, N], f32, the weight's columns
-    split over MS_PA_THREADS threads (small_matmul.cc); ``transposed``: SmallMatMulT, w [N, K] (x @ w^T, the lm
-    head's [vocab, hidden] table)."""
-    if transposed not in _MM_OPS:
+# entry point of small_matmul.cc -> (its output shapes, from the input shapes)
+_MM_ENTRIES = {
+    "mm": ("SmallMatMul", lambda x, w: [x[0], w[1]]),
+    "t": ("SmallMatMulT", lambda x, w: [x[0], w[0]]),
+    "mm3": ("SmallMatMul3", lambda x, a, b, c: ([x[0], a[1]], [x[0], b[1]], [x[0], c[1]])),
+    "gate_up": ("SmallGateUp", lambda x, g, u: [x[0], g[1]]),
+}
+
+
+def small_matmul_op(variant: str = "mm"):
+    """A SmallMatMul ops.Custom of small_matmul.cc (one per variant and process), for x [M <= 16, K] in f32, the
+    weights' columns split over MS_PA_THREADS threads: "mm" x @ w [K, N]; "t" x @ w^T, w [N, K] (the lm head's
+    [vocab, hidden] table); "mm3" (x @ w0, x @ w1, x @ w2) in one call (q, k, v); "gate_up" silu(x @ w_gate) *
+    (x @ w_up)."""
+    if variant not in _MM_OPS:
         from mindspore import ops
 
         path = build(source=MATMUL_SOURCE)
         _check_white_list(path)
-        col = 0 if transposed else 1
-        _MM_OPS[transposed] = ops.Custom(f"{path}:SmallMatMul{'T' if transposed else ''}",
-                                         out_shape=lambda x, w: [x[0], w[col]], out_dtype=lambda x, w: x,
-                                         func_type="aot")
-    return _MM_OPS[transposed]
+        entry, shapes = _MM_ENTRIES[variant]
+        dtypes = (lambda x, *_: (x, x, x)) if variant == "mm3" else (lambda x, *_: x)
+        _MM_OPS[variant] = ops.Custom(f"{path}:{entry}", out_shape=shapes, out_dtype=dtypes, func_type="aot")
+    return _MM_OPS[variant]
 
 
 def main(argv=None) -> int:
