@@ -18,10 +18,10 @@ from mindspore import nn, ops
 from .config import ModelConfig
 from .batch import FlatBatch
 from .lora import GROUPS, lora_input, lora_masks
-from .layers import (DeviceOps, RotaryEmbedding, build_fused_attention_metadata, embedding, flash_causal_mask,
-                     fused_attention, fused_rotary, gate_up, gated_mlp, gather_logits, head_rms_norm, lm_head, linear,
-                     new_kv_cache, param_bytes, qkv_linear, rms_norm, to_param, tp_all_reduce,
-                     vocab_parallel_embedding)
+from .layers import (DeviceOps, RotaryEmbedding, build_fused_attention_metadata, embedding, eps_tensor,
+                     flash_causal_mask, fused_attention, fused_rotary, gate_up, gated_mlp, gather_logits, head_rms_norm,
+                     lm_head, linear, linear_add, new_kv_cache, norm_gate_up, norm_qkv_linear, param_bytes, qkv_linear,
+                     rms_norm, to_param, tp_all_reduce, vocab_parallel_embedding)
 
 __all__ = ["DecoderLayer", "FusedDecoderLayer", "DecoderModel", "build_decoder", "read_linear", "read_vocab_rows"]
 
@@ -40,6 +40,7 @@ class DecoderLayer(nn.Cell):
         self.prefix = prefix
         self.dev = dev  # the KV cache's layout and dtype
         self.eps = float(cfg.rms_norm_eps)
+        self.eps_t = eps_tensor(self.eps)
         self.num_heads = cfg.num_heads
         self.num_kv_heads = cfg.num_kv_heads
         self.head_dim = cfg.head_dim
@@ -89,27 +90,30 @@ class DecoderLayer(nn.Cell):
         kernel (ms_models.kernels) applies RoPE to q and k, writes k and v into the paged cache and attends.
         ``m1``/``m2``/``m3``: with LoRA slots, each token's slot columns for groups of one, two and three targets
         (ms_models.lora); None: LoRA off, no extra ops."""
-        h = lora_input(rms_norm(x, self.eps, self.ln1, self.norm_op), self.la_qkv, m3)
-        q, k, v = qkv_linear(h, self.wq, self.wk, self.wv, self.bq, self.bk, self.bv)
+        if m3 is None:
+            q, k, v = norm_qkv_linear(x, self.eps, self.eps_t, self.ln1, self.wq, self.wk, self.wv, self.bq, self.bk,
+                                      self.bv)
+        else:
+            h = lora_input(rms_norm(x, self.eps, self.ln1), self.la_qkv, m3)
+            q, k, v = qkv_linear(h, self.wq, self.wk, self.wv, self.bq, self.bk, self.bv)
         if self.qn is not None:  # Qwen3: RMSNorm per head, before RoPE
-            q = head_rms_norm(q, self.head_dim, self.eps, self.qn, self.norm_op)
-            k = head_rms_norm(k, self.head_dim, self.eps, self.kn, self.norm_op)
+            q = head_rms_norm(q, self.head_dim, self.eps, self.qn)
+            k = head_rms_norm(k, self.head_dim, self.eps, self.kn)
         o = self.attn_op(q, k, v, self.k_cache, self.v_cache, cos_sin, slots, query_start_loc, seq_lens,
                          block_tables, params)
-        y = linear(lora_input(o, self.la_o, m1), self.wo, self.bo)
-        if self.all_reduce is not None:
-            y = self.all_reduce(y)
-        x = x + y
-        h = rms_norm(x, self.eps, self.ln2, self.norm_op)
+        x = self.residual(x, lora_input(o, self.la_o, m1), self.wo, self.bo)
         if m1 is None:
-            y = gated_mlp(h, self.wg, self.wu, self.wd, self.bg, self.bu, self.bd)
+            a = norm_gate_up(x, self.eps, self.eps_t, self.ln2, self.wg, self.wu, self.bg, self.bu)
         else:
-            h = lora_input(h, self.la_gu, m2)
-            a = gate_up(h, self.wg, self.wu, self.bg, self.bu)
-            y = linear(lora_input(a, self.la_d, m1), self.wd, self.bd)
-        if self.all_reduce is not None:
-            y = self.all_reduce(y)
-        return x + y
+            a = gate_up(lora_input(rms_norm(x, self.eps, self.ln2), self.la_gu, m2), self.wg, self.wu, self.bg,
+                        self.bu)
+        return self.residual(x, lora_input(a, self.la_d, m1), self.wd, self.bd)
+
+    def residual(self, x, h, w, b):
+        """x + h @ w (+ b), the partial sums all-reduced first under tensor parallel."""
+        if self.all_reduce is None:
+            return linear_add(h, w, x, b)
+        return x + self.all_reduce(linear(h, w, b))
 
 
 class FusedDecoderLayer(DecoderLayer):

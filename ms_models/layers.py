@@ -39,7 +39,8 @@ from mindspore import Parameter, Tensor, nn, ops
 __all__ = [
     "MASK_VALUE", "DeviceOps", "tp_all_reduce", "EngineSum", "to_param", "new_kv_cache", "param_bytes",
     "rms_norm", "head_rms_norm", "linear", "embedding", "lm_head", "vocab_parallel_embedding", "gather_logits",
-    "gated_mlp", "gate_up", "qkv_linear", "FusedKernels", "fused_rotary", "fused_attention", "build_fused_attention_metadata",
+    "gated_mlp", "gate_up", "qkv_linear", "norm_gate_up", "norm_qkv_linear", "linear_add", "eps_tensor",
+    "FusedKernels", "fused_rotary", "fused_attention", "build_fused_attention_metadata",
     "flash_causal_mask", "FLASH_MAX_SEQS", "PAGED_MASK_VALUE",
     "rope_inv_freq", "RotaryEmbedding",
 ]
@@ -217,10 +218,13 @@ def _cpu_attention_kernel():
 
 
 def _use_small_matmul() -> None:
-    global _small_matmul, _small_matmul_t, _small_matmul3, _small_gate_up, _SMALL_MATMUL_ROWS
+    global _small_matmul, _small_matmul_t, _small_matmul3, _small_gate_up, _small_matmul_add, _small_norm_mm3
+    global _small_norm_gate_up, _SMALL_MATMUL_ROWS
     from .kernels import SMALL_MATMUL_ROWS, small_matmul_op
     _small_matmul, _small_matmul_t = small_matmul_op("mm"), small_matmul_op("t")
     _small_matmul3, _small_gate_up = small_matmul_op("mm3"), small_matmul_op("gate_up")
+    _small_matmul_add = small_matmul_op("mm_add")
+    _small_norm_mm3, _small_norm_gate_up = small_matmul_op("norm_mm3"), small_matmul_op("norm_gate_up")
     _SMALL_MATMUL_ROWS = SMALL_MATMUL_ROWS
 
 
@@ -312,7 +316,8 @@ def head_rms_norm(x, head_dim, eps, weight, fused=None):
 
 # The CPU path's products for the few rows of a decode step (ms_models.kernels.small_matmul_op; MindSpore's MatMul
 # runs them on one thread), set when a CPU model is built (DeviceOps) unless MS_SMALL_MATMUL=0.
-_small_matmul = _small_matmul_t = _small_matmul3 = _small_gate_up = None
+_small_matmul = _small_matmul_t = _small_matmul3 = _small_gate_up = _small_matmul_add = None
+_small_norm_mm3 = _small_norm_gate_up = None
 _SMALL_MATMUL_ROWS = 0   # kernels.SMALL_MATMUL_ROWS once set
 
 
@@ -333,12 +338,33 @@ def linear(x, weight, bias=None):
     return y
 
 
+def _plus(y, bias):
+    return y if bias is None else y + bias
+
+
+def linear_add(x, weight, r, bias=None):
+    """r + linear(x, weight, bias) (a row-parallel product and the residual add); few rows without a bias in one
+    kernel call."""
+    if _few_rows(x) and bias is None:
+        return _small_matmul_add(x, weight, r)
+    return r + linear(x, weight, bias)
+
+
 def qkv_linear(x, wq, wk, wv, bq=None, bk=None, bv=None):
     """linear() of one x by three weights (a layer's q, k, v); few rows in one kernel call."""
     if not _few_rows(x):
         return linear(x, wq, bq), linear(x, wk, bk), linear(x, wv, bv)
     q, k, v = _small_matmul3(x, wq, wk, wv)
-    return (q if bq is None else q + bq), (k if bk is None else k + bk), (v if bv is None else v + bv)
+    return _plus(q, bq), _plus(k, bk), _plus(v, bv)
+
+
+def norm_qkv_linear(x, eps, eps_t, gamma, wq, wk, wv, bq=None, bk=None, bv=None):
+    """qkv_linear(rms_norm(x, eps, gamma), ...); few rows with the gamma folded into the weights (None) in one
+    kernel call (``eps_t``: eps as a [1] f32 tensor)."""
+    if not _few_rows(x) or gamma is not None:
+        return qkv_linear(rms_norm(x, eps, gamma), wq, wk, wv, bq, bk, bv)
+    q, k, v = _small_norm_mm3(x, eps_t, wq, wk, wv)
+    return _plus(q, bq), _plus(k, bk), _plus(v, bv)
 
 
 def gate_up(x, w_gate, w_up, b_gate=None, b_up=None):
@@ -346,6 +372,18 @@ def gate_up(x, w_gate, w_up, b_gate=None, b_up=None):
     if _few_rows(x) and b_gate is None and b_up is None:
         return _small_gate_up(x, w_gate, w_up)
     return ops.silu(linear(x, w_gate, b_gate)) * linear(x, w_up, b_up)
+
+
+def norm_gate_up(x, eps, eps_t, gamma, w_gate, w_up, b_gate=None, b_up=None):
+    """gate_up(rms_norm(x, eps, gamma), ...); few rows, the gamma folded (None) and no biases in one kernel call."""
+    if _few_rows(x) and gamma is None and b_gate is None and b_up is None:
+        return _small_norm_gate_up(x, eps_t, w_gate, w_up)
+    return gate_up(rms_norm(x, eps, gamma), w_gate, w_up, b_gate, b_up)
+
+
+def eps_tensor(eps: float) -> ms.Tensor:
+    """An RMSNorm's eps as the [1] f32 tensor the norm_* kernels take (a constant of the graph)."""
+    return ms.Tensor(np.array([eps], np.float32))
 
 
 def embedding(ids, table):

@@ -34,9 +34,8 @@ from mindspore import Tensor, nn, ops
 
 from .config import ModelConfig
 from .decoder import DecoderLayer, DecoderModel, build_decoder, read_linear
-from .layers import (DeviceOps, expand_to, fused_attention, fused_rotary, gated_mlp, head_rms_norm, linear, qkv_linear,
-                     rms_norm,
-                     to_param)
+from .layers import (DeviceOps, expand_to, fused_attention, fused_rotary, gated_mlp, head_rms_norm, linear,
+                     norm_qkv_linear, rms_norm, to_param)
 from .registry import UnsupportedModelError
 
 __all__ = ["ExpertNames", "QWEN_EXPERTS", "MIXTRAL_EXPERTS", "RoutedExperts", "MoeDecoderLayer", "FusedMoeDecoderLayer",
@@ -126,17 +125,14 @@ class MoeDecoderLayer(DecoderLayer):
 
     def construct(self, x, cos_sin, slots, query_start_loc, seq_lens, block_tables, params):
         """DecoderLayer.construct with the MLP replaced (written out whole, as FusedDecoderLayer explains)."""
-        h = rms_norm(x, self.eps, self.ln1, self.norm_op)
-        q, k, v = qkv_linear(h, self.wq, self.wk, self.wv, self.bq, self.bk, self.bv)
+        q, k, v = norm_qkv_linear(x, self.eps, self.eps_t, self.ln1, self.wq, self.wk, self.wv, self.bq, self.bk,
+                                  self.bv)
         if self.qn is not None:
-            q = head_rms_norm(q, self.head_dim, self.eps, self.qn, self.norm_op)
-            k = head_rms_norm(k, self.head_dim, self.eps, self.kn, self.norm_op)
+            q = head_rms_norm(q, self.head_dim, self.eps, self.qn)
+            k = head_rms_norm(k, self.head_dim, self.eps, self.kn)
         o = self.attn_op(q, k, v, self.k_cache, self.v_cache, cos_sin, slots, query_start_loc, seq_lens,
                          block_tables, params)
-        y = linear(o, self.wo, self.bo)
-        if self.all_reduce is not None:
-            y = self.all_reduce(y)
-        x = x + y
+        x = self.residual(x, o, self.wo, self.bo)
         h = rms_norm(x, self.eps, self.ln2, self.norm_op)
         logits = linear(h, self.router)
         y = self.experts(h, logits, self.eg, self.eu, self.ed, query_start_loc, params)

@@ -193,27 +193,31 @@ SMALL_MATMUL_ROWS = 8
 _MM_OPS: dict = {}
 
 
-# entry point of small_matmul.cc -> (its output shapes, from the input shapes)
+# small_matmul.cc's entry points: variant -> (function, its output shapes from the input shapes)
 _MM_ENTRIES = {
     "mm": ("SmallMatMul", lambda x, w: [x[0], w[1]]),
     "t": ("SmallMatMulT", lambda x, w: [x[0], w[0]]),
+    "mm_add": ("SmallMatMulAdd", lambda x, w, r: [x[0], w[1]]),
     "mm3": ("SmallMatMul3", lambda x, a, b, c: ([x[0], a[1]], [x[0], b[1]], [x[0], c[1]])),
+    "norm_mm3": ("SmallNormMatMul3", lambda x, e, a, b, c: ([x[0], a[1]], [x[0], b[1]], [x[0], c[1]])),
     "gate_up": ("SmallGateUp", lambda x, g, u: [x[0], g[1]]),
+    "norm_gate_up": ("SmallNormGateUp", lambda x, e, g, u: [x[0], g[1]]),
 }
 
 
 def small_matmul_op(variant: str = "mm"):
-    """A SmallMatMul ops.Custom of small_matmul.cc (one per variant and process), for x [M <= 16, K] in f32, the
-    weights' columns split over MS_PA_THREADS threads: "mm" x @ w [K, N]; "t" x @ w^T, w [N, K] (the lm head's
-    [vocab, hidden] table); "mm3" (x @ w0, x @ w1, x @ w2) in one call (q, k, v); "gate_up" silu(x @ w_gate) *
-    (x @ w_up)."""
+    """A SmallMatMul ops.Custom of small_matmul.cc (one per variant and process; its contract is at the top of the
+    source), for x [M <= 16, K] in f32, the weights' columns split over MS_PA_THREADS threads: "mm" x @ w [K, N];
+    "t" x @ w^T, w [N, K] (the lm head); "mm_add" r + x @ w; "mm3" (x @ w0, x @ w1, x @ w2) in one call (q, k, v);
+    "gate_up" silu(x @ w_gate) * (x @ w_up); "norm_mm3" / "norm_gate_up" the same of RMSNorm(x), eps [1] their
+    second input."""
     if variant not in _MM_OPS:
         from mindspore import ops
 
         path = build(source=MATMUL_SOURCE)
         _check_white_list(path)
         entry, shapes = _MM_ENTRIES[variant]
-        dtypes = (lambda x, *_: (x, x, x)) if variant == "mm3" else (lambda x, *_: x)
+        dtypes = (lambda x, *_: (x, x, x)) if variant.endswith("mm3") else (lambda x, *_: x)
         _MM_OPS[variant] = ops.Custom(f"{path}:{entry}", out_shape=shapes, out_dtype=dtypes, func_type="aot")
     return _MM_OPS[variant]
 

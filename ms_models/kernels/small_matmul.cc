@@ -8,13 +8,16 @@
 // (sequentially, [K, N] row-major as the model stores it) into per-row accumulators that stay in L1/L2
 // (chunks of 2,048 columns), so every weight byte is read once per call whatever M is.
 //
-// Contract: all f32, 2-D, contiguous; M <= 16; returns nonzero (MindSpore raises) otherwise.
+// Contract: all f32, contiguous, 2-D but eps ([1]); M <= 16; returns nonzero (MindSpore raises) otherwise.
 // - SmallMatMul: x [M, K], w [K, N] -> y [M, N].
 // - SmallMatMulT: x, w [N, K] -> x @ w^T (the lm head's [vocab, hidden]; each w row dotted with every x row).
+// - SmallMatMulAdd: x, w, r [M, N] -> r + x @ w (o_proj / down_proj and the residual add after them).
 // - SmallMatMul3: x, w0, w1, w2 -> x @ w0, x @ w1, x @ w2 (a layer's q, k, v: one launch and one wake of the
 //   pool instead of three; each thread takes its share of every weight's columns).
 // - SmallGateUp: x, w_gate, w_up (both [K, N]) -> silu(x @ w_gate) * (x @ w_up) (a gated MLP's first half:
 //   one launch instead of two products, a SiLU and a multiply).
+// - SmallNormMatMul3, SmallNormGateUp: the same of RMSNorm(x) = x / sqrt(mean(x^2) + eps) per row, eps [1] the
+//   second input (the norm's gamma is folded into the weights), replacing the norm's five kernels.
 // Sums run in another order than MindSpore's MatMul: results differ in the last bits (relative 1e-6).
 //
 // Threads: not OpenMP. A helper woken from sleep for every call costs ~65 us on this VM (a futex wake of an
@@ -54,9 +57,12 @@ PA_INLINE void st(float *p, v16 v) { memcpy(p, &v, 64); }
 PA_INLINE float silu(float g) { return g / (1.f + expf(-g)); }
 
 // y[:, j0:j1] = x @ w[:, j0:j1] for M <= 16 rows; j1 - j0 a multiple of 16 (the caller does the tail).
-// gate: y[:, j0:j1] = silu(y[:, j0:j1]) * (x @ w[:, j0:j1]) instead (y holds x @ w_gate there).
+// What a product's columns end as: y = x @ w (STORE), y = silu(y) * (x @ w) where y holds x @ w_gate (GATE), or
+// y = r + x @ w (ADD; r [M, N] like y).
+enum Epi { STORE, GATE, ADD };
+
 SM_CLONES void cols(const float *__restrict x, int64_t M, int64_t K, const float *__restrict w, int64_t N, int64_t j0,
-                 int64_t j1, float *__restrict y, float *__restrict acc, bool gate) {
+                 int64_t j1, float *__restrict y, float *__restrict acc, Epi epi, const float *__restrict r) {
   const int64_t nc = j1 - j0;
   for (int64_t i = 0; i < M * nc; ++i) acc[i] = 0.f;
   int64_t k = 0;
@@ -82,20 +88,28 @@ SM_CLONES void cols(const float *__restrict x, int64_t M, int64_t K, const float
       for (int64_t m = 0; m < M; ++m) st(acc + m * nc + j, ld(acc + m * nc + j) + x[m * K + k] * wv);
     }
   }
-  if (!gate) {
-    for (int64_t m = 0; m < M; ++m) memcpy(y + m * N + j0, acc + m * nc, sizeof(float) * nc);
-    return;
+  for (int64_t m = 0; m < M; ++m) {
+    float *ym = y + m * N + j0;
+    const float *am = acc + m * nc;
+    if (epi == STORE) {
+      memcpy(ym, am, sizeof(float) * nc);
+    } else if (epi == GATE) {
+      for (int64_t j = 0; j < nc; ++j) ym[j] = silu(ym[j]) * am[j];
+    } else {
+      const float *rm = r + m * N + j0;
+      for (int64_t j = 0; j < nc; ++j) ym[j] = rm[j] + am[j];
+    }
   }
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t j = 0; j < nc; ++j) y[m * N + j0 + j] = silu(y[m * N + j0 + j]) * acc[m * nc + j];
 }
 
-void tail(const float *x, int64_t M, int64_t K, const float *w, int64_t N, int64_t j0, float *y, bool gate) {
+void tail(const float *x, int64_t M, int64_t K, const float *w, int64_t N, int64_t j0, float *y, Epi epi,
+          const float *r) {
   for (int64_t m = 0; m < M; ++m)
     for (int64_t j = j0; j < N; ++j) {
       float s = 0.f;
       for (int64_t k = 0; k < K; ++k) s += x[m * K + k] * w[k * N + j];
-      y[m * N + j] = gate ? silu(y[m * N + j]) * s : s;
+      float &o = y[m * N + j];
+      o = epi == STORE ? s : epi == GATE ? silu(o) * s : r[m * N + j] + s;
     }
 }
 
@@ -179,70 +193,97 @@ Pool &pool() {
 
 constexpr int MAX_W = 3;   // products of one x per call
 
+// An entry point's signature. params: x [M, K], eps [1] when norm, the weights, r [M, N] when add, then the
+// outputs (one per weight, or one when gated).
+struct Spec {
+  int nw;            // weights
+  bool transposed;   // one w, [N, K]: x @ w^T
+  bool gated;        // y = silu(x @ w[0]) * (x @ w[1])
+  bool norm;         // x replaced by x / sqrt(mean(x^2) + eps) per row (RMSNorm, its gamma folded into w)
+  bool add;          // y = r + x @ w
+};
+
 struct Job {
-  const float *x;
+  const float *x, *r;
   const float *w[MAX_W];
   float *y[MAX_W];
   int64_t N[MAX_W], per[MAX_W];  // per: columns per part (a multiple of 16 unless transposed)
-  int nw;                        // weights (and outputs)
   int64_t M, K;
-  bool transposed;               // one w, [N, K]
-  bool gated;                    // y[0] = silu(x @ w[0]) * (x @ w[1]): two weights, one output
+  Spec spec;
 };
 
-int64_t shared_cols(const Job &j, int i) { return j.transposed ? j.N[i] : j.N[i] / 16 * 16; }
+int64_t shared_cols(const Job &j, int i) { return j.spec.transposed ? j.N[i] : j.N[i] / 16 * 16; }
+
+Epi first_epi(const Job &j) { return j.spec.add ? ADD : STORE; }
 
 void part(void *c, int id) {
   const Job &j = *static_cast<Job *>(c);
   thread_local std::vector<float> acc;
   if ((int64_t)acc.size() < j.M * CHUNK) acc.resize(j.M * CHUNK);
-  for (int i = 0; i < (j.gated ? 1 : j.nw); ++i) {
+  for (int i = 0; i < (j.spec.gated ? 1 : j.spec.nw); ++i) {
     const int64_t j0 = id * j.per[i], j1 = std::min<int64_t>(shared_cols(j, i), j0 + j.per[i]);
     if (j0 >= j1) continue;
-    if (j.transposed) return rows_t(j.x, j.M, j.K, j.w[0], j.N[0], j0, j1, j.y[0]);
+    if (j.spec.transposed) return rows_t(j.x, j.M, j.K, j.w[0], j.N[0], j0, j1, j.y[0]);
     for (int64_t c0 = j0; c0 < j1; c0 += CHUNK) {
       const int64_t c1 = std::min(j1, c0 + CHUNK);
-      cols(j.x, j.M, j.K, j.w[i], j.N[i], c0, c1, j.y[i], acc.data(), false);
-      if (j.gated) cols(j.x, j.M, j.K, j.w[1], j.N[1], c0, c1, j.y[0], acc.data(), true);
+      cols(j.x, j.M, j.K, j.w[i], j.N[i], c0, c1, j.y[i], acc.data(), first_epi(j), j.r);
+      if (j.spec.gated) cols(j.x, j.M, j.K, j.w[1], j.N[1], c0, c1, j.y[0], acc.data(), GATE, nullptr);
     }
   }
 }
 
-bool is_f32_2d(int i, int *ndims, const char **dtypes) {
-  return ndims[i] == 2 && dtypes[i] && strcmp(dtypes[i], "float32") == 0;
+bool is_f32(int i, int ndim, int *ndims, const char **dtypes) {
+  return ndims[i] == ndim && dtypes[i] && strcmp(dtypes[i], "float32") == 0;
 }
 
-// Checks the contract and runs the products: params = x, nw weights, then the outputs (nw, or one when gated).
-int run(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, int nw, bool transposed,
-        bool gated) {
-  const int nout = gated ? 1 : nw;
-  if (nparam != 1 + nw + nout) return 1;
+// Checks the contract (Spec) and runs the products.
+int run(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, Spec spec) {
+  const int nw = spec.nw, nin = 1 + spec.norm + nw + spec.add, nout = spec.gated ? 1 : nw;
+  if (nparam != nin + nout || (spec.add && nw != 1)) return 1;
   for (int i = 0; i < nparam; ++i)
-    if (!is_f32_2d(i, ndims, dtypes)) return 1;
+    if (!is_f32(i, spec.norm && i == 1 ? 1 : 2, ndims, dtypes)) return 1;
   Job j{};
+  j.spec = spec;
   j.x = (const float *)params[0];
   j.M = shapes[0][0];
   j.K = shapes[0][1];
-  j.nw = nw;
-  j.transposed = transposed;
-  j.gated = gated;
-  if (j.M > 16) return 2;
+  if (j.M > 16 || (spec.norm && shapes[1][0] != 1)) return 2;
+  const int w0 = 1 + spec.norm;
   int64_t work = 0, narrowest = INT64_MAX;
   for (int i = 0; i < nw; ++i) {
-    const int64_t *ws = shapes[1 + i], *ys = shapes[1 + nw + (gated ? 0 : i)];
-    j.w[i] = (const float *)params[1 + i];
-    j.y[i] = (float *)params[1 + nw + (gated ? 0 : i)];
-    j.N[i] = ws[transposed ? 0 : 1];
-    if (ws[transposed ? 1 : 0] != j.K || ys[0] != j.M || ys[1] != j.N[i] || j.N[i] != (gated ? j.N[0] : j.N[i]))
+    const int64_t *ws = shapes[w0 + i], *ys = shapes[nin + (spec.gated ? 0 : i)];
+    j.w[i] = (const float *)params[w0 + i];
+    j.y[i] = (float *)params[nin + (spec.gated ? 0 : i)];
+    j.N[i] = ws[spec.transposed ? 0 : 1];
+    if (ws[spec.transposed ? 1 : 0] != j.K || ys[0] != j.M || ys[1] != j.N[i] ||
+        j.N[i] != (spec.gated ? j.N[0] : j.N[i]))
       return 2;
     work += j.K * j.N[i];
     narrowest = std::min(narrowest, shared_cols(j, i));
+  }
+  if (spec.add) {
+    const int64_t *rs = shapes[w0 + nw];
+    if (rs[0] != j.M || rs[1] != j.N[0]) return 2;
+    j.r = (const float *)params[w0 + nw];
+  }
+  thread_local std::vector<float> xn;   // the normalised x (this call's; the pool reads it)
+  if (spec.norm) {
+    const float eps = *(const float *)params[1];
+    xn.resize(j.M * j.K);
+    for (int64_t m = 0; m < j.M; ++m) {
+      const float *xm = j.x + m * j.K;
+      double ss = 0.0;
+      for (int64_t k = 0; k < j.K; ++k) ss += (double)xm[k] * xm[k];
+      const float scale = (float)(1.0 / sqrt(ss / j.K + eps));
+      for (int64_t k = 0; k < j.K; ++k) xn[m * j.K + k] = xm[k] * scale;
+    }
+    j.x = xn.data();
   }
   // a call under ~0.1 ms (K x N < 128 Ki floats in all) or a product under 32 columns runs on the calling thread
   const int parts = (work >= (1 << 17) && narrowest >= 32) ? max_kernel_threads() : 1;
   auto split = [&](int p) {
     for (int i = 0; i < nw; ++i)
-      j.per[i] = transposed ? (j.N[i] + p - 1) / p : (shared_cols(j, i) / 16 + p - 1) / p * 16;
+      j.per[i] = spec.transposed ? (j.N[i] + p - 1) / p : (shared_cols(j, i) / 16 + p - 1) / p * 16;
   };
   split(parts);
   // MindSpore may launch independent kernels (q, k, v) at once: one call uses the pool, the others run alone
@@ -254,42 +295,69 @@ int run(int nparam, void **params, int *ndims, int64_t **shapes, const char **dt
     split(1);
     part(&j, 0);
   }
-  if (!transposed)
+  if (!spec.transposed)
     for (int i = 0; i < nw; ++i) {
       const int64_t n16 = shared_cols(j, i);
-      if (n16 < j.N[i]) tail(j.x, j.M, j.K, j.w[i], j.N[i], n16, j.y[gated ? 0 : i], gated && i == 1);
+      if (n16 < j.N[i])
+        tail(j.x, j.M, j.K, j.w[i], j.N[i], n16, j.y[spec.gated ? 0 : i],
+             spec.gated && i == 1 ? GATE : first_epi(j), j.r);
     }
   return 0;
 }
 }  // namespace
 
+// y = x @ w: params x, w, y.
 extern "C" int SmallMatMul(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
-                           void *extra) {
+                 void *extra) {
   (void)stream;
   (void)extra;
-  return run(nparam, params, ndims, shapes, dtypes, 1, false, false);
+  return run(nparam, params, ndims, shapes, dtypes, Spec{1, false, false, false, false});
 }
 
-// The same with w [N, K] (y = x @ w^T): the lm head's [vocab, hidden] table.
-extern "C" int SmallMatMulT(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
-                            void *stream, void *extra) {
+// y = x @ w^T, w [N, K] (the lm head's [vocab, hidden] table): params x, w, y.
+extern "C" int SmallMatMulT(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
+                 void *extra) {
   (void)stream;
   (void)extra;
-  return run(nparam, params, ndims, shapes, dtypes, 1, true, false);
+  return run(nparam, params, ndims, shapes, dtypes, Spec{1, true, false, false, false});
 }
 
-// Three products of one x in one call (a layer's q, k and v): params x, w0, w1, w2, y0, y1, y2.
-extern "C" int SmallMatMul3(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
-                            void *stream, void *extra) {
+// y = r + x @ w (a row-parallel product and the residual): params x, w, r, y.
+extern "C" int SmallMatMulAdd(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
+                 void *extra) {
   (void)stream;
   (void)extra;
-  return run(nparam, params, ndims, shapes, dtypes, 3, false, false);
+  return run(nparam, params, ndims, shapes, dtypes, Spec{1, false, false, false, true});
 }
 
-// A gated MLP's first half: y = silu(x @ w_gate) * (x @ w_up), params x, w_gate, w_up, y (both weights [K, N]).
-extern "C" int SmallGateUp(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
-                           void *stream, void *extra) {
+// Three products of one x (a layer's q, k and v): params x, w0, w1, w2, y0, y1, y2.
+extern "C" int SmallMatMul3(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
+                 void *extra) {
   (void)stream;
   (void)extra;
-  return run(nparam, params, ndims, shapes, dtypes, 2, false, true);
+  return run(nparam, params, ndims, shapes, dtypes, Spec{3, false, false, false, false});
+}
+
+// The same of RMSNorm(x) (gamma folded into the weights): params x, eps [1], w0, w1, w2, y0, y1, y2.
+extern "C" int SmallNormMatMul3(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
+                 void *extra) {
+  (void)stream;
+  (void)extra;
+  return run(nparam, params, ndims, shapes, dtypes, Spec{3, false, false, true, false});
+}
+
+// A gated MLP's first half: y = silu(x @ w_gate) * (x @ w_up): params x, w_gate, w_up, y.
+extern "C" int SmallGateUp(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
+                 void *extra) {
+  (void)stream;
+  (void)extra;
+  return run(nparam, params, ndims, shapes, dtypes, Spec{2, false, true, false, false});
+}
+
+// The same of RMSNorm(x): params x, eps [1], w_gate, w_up, y.
+extern "C" int SmallNormGateUp(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
+                 void *extra) {
+  (void)stream;
+  (void)extra;
+  return run(nparam, params, ndims, shapes, dtypes, Spec{2, false, true, true, false});
 }
