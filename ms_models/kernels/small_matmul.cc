@@ -306,58 +306,32 @@ int run(int nparam, void **params, int *ndims, int64_t **shapes, const char **dt
 }
 }  // namespace
 
+// An entry point MindSpore calls (func_type "aot": inputs, then outputs, in params) with its Spec.
+#define SMALL_MATMUL_ENTRY(name, ...)                                                                           \
+  extern "C" int name(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,  \
+                      void *extra) {                                                                            \
+    (void)stream;                                                                                               \
+    (void)extra;                                                                                                \
+    return run(nparam, params, ndims, shapes, dtypes, Spec __VA_ARGS__);                                        \
+  }
+
 // y = x @ w: params x, w, y.
-extern "C" int SmallMatMul(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
-                 void *extra) {
-  (void)stream;
-  (void)extra;
-  return run(nparam, params, ndims, shapes, dtypes, Spec{1, false, false, false, false});
-}
+SMALL_MATMUL_ENTRY(SmallMatMul, {1, false, false, false, false})
 
 // y = x @ w^T, w [N, K] (the lm head's [vocab, hidden] table): params x, w, y.
-extern "C" int SmallMatMulT(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
-                 void *extra) {
-  (void)stream;
-  (void)extra;
-  return run(nparam, params, ndims, shapes, dtypes, Spec{1, true, false, false, false});
-}
+SMALL_MATMUL_ENTRY(SmallMatMulT, {1, true, false, false, false})
 
 // y = r + x @ w (a row-parallel product and the residual): params x, w, r, y.
-extern "C" int SmallMatMulAdd(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
-                 void *extra) {
-  (void)stream;
-  (void)extra;
-  return run(nparam, params, ndims, shapes, dtypes, Spec{1, false, false, false, true});
-}
+SMALL_MATMUL_ENTRY(SmallMatMulAdd, {1, false, false, false, true})
 
 // Three products of one x (a layer's q, k and v): params x, w0, w1, w2, y0, y1, y2.
-extern "C" int SmallMatMul3(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
-                 void *extra) {
-  (void)stream;
-  (void)extra;
-  return run(nparam, params, ndims, shapes, dtypes, Spec{3, false, false, false, false});
-}
+SMALL_MATMUL_ENTRY(SmallMatMul3, {3, false, false, false, false})
 
 // The same of RMSNorm(x) (gamma folded into the weights): params x, eps [1], w0, w1, w2, y0, y1, y2.
-extern "C" int SmallNormMatMul3(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
-                 void *extra) {
-  (void)stream;
-  (void)extra;
-  return run(nparam, params, ndims, shapes, dtypes, Spec{3, false, false, true, false});
-}
+SMALL_MATMUL_ENTRY(SmallNormMatMul3, {3, false, false, true, false})
 
 // A gated MLP's first half: y = silu(x @ w_gate) * (x @ w_up): params x, w_gate, w_up, y.
-extern "C" int SmallGateUp(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
-                 void *extra) {
-  (void)stream;
-  (void)extra;
-  return run(nparam, params, ndims, shapes, dtypes, Spec{2, false, true, false, false});
-}
+SMALL_MATMUL_ENTRY(SmallGateUp, {2, false, true, false, false})
 
 // The same of RMSNorm(x): params x, eps [1], w_gate, w_up, y.
-extern "C" int SmallNormGateUp(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
-                 void *extra) {
-  (void)stream;
-  (void)extra;
-  return run(nparam, params, ndims, shapes, dtypes, Spec{2, false, true, true, false});
-}
+SMALL_MATMUL_ENTRY(SmallNormGateUp, {2, false, true, true, false})
