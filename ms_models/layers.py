@@ -321,6 +321,10 @@ _small_norm_mm3 = _small_norm_gate_up = None
 _SMALL_MATMUL_ROWS = 0   # kernels.SMALL_MATMUL_ROWS once set
 
 
+def _plus(y, bias):
+    return y if bias is None else y + bias
+
+
 def _few_rows(x):
     """Whether the CPU kernel takes this product: set, and a 2-D f32 x of at most _SMALL_MATMUL_ROWS rows (static
     shapes: decided when the graph compiles)."""
@@ -333,13 +337,7 @@ def linear(x, weight, bias=None):
         y = _small_matmul(x, weight)
     else:
         y = ops.matmul(x, weight)
-    if bias is not None:
-        y = y + bias
-    return y
-
-
-def _plus(y, bias):
-    return y if bias is None else y + bias
+    return _plus(y, bias)
 
 
 def linear_add(x, weight, r, bias=None):

@@ -30,7 +30,6 @@
 #include <math.h>
 #include <sched.h>
 #include <algorithm>
-#include <climits>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -56,11 +55,12 @@ PA_INLINE v16 ld(const float *p) { v16 v; memcpy(&v, p, 64); return v; }
 PA_INLINE void st(float *p, v16 v) { memcpy(p, &v, 64); }
 PA_INLINE float silu(float g) { return g / (1.f + expf(-g)); }
 
-// y[:, j0:j1] = x @ w[:, j0:j1] for M <= 16 rows; j1 - j0 a multiple of 16 (the caller does the tail).
 // What a product's columns end as: y = x @ w (STORE), y = silu(y) * (x @ w) where y holds x @ w_gate (GATE), or
 // y = r + x @ w (ADD; r [M, N] like y).
 enum Epi { STORE, GATE, ADD };
 
+// y[:, j0:j1] = x @ w[:, j0:j1] for M <= 16 rows, ended as epi says; j1 - j0 a multiple of 16 (the caller does
+// the tail).
 SM_CLONES void cols(const float *__restrict x, int64_t M, int64_t K, const float *__restrict w, int64_t N, int64_t j0,
                  int64_t j1, float *__restrict y, float *__restrict acc, Epi epi, const float *__restrict r) {
   const int64_t nc = j1 - j0;
@@ -255,8 +255,7 @@ int run(int nparam, void **params, int *ndims, int64_t **shapes, const char **dt
     j.w[i] = (const float *)params[w0 + i];
     j.y[i] = (float *)params[nin + (spec.gated ? 0 : i)];
     j.N[i] = ws[spec.transposed ? 0 : 1];
-    if (ws[spec.transposed ? 1 : 0] != j.K || ys[0] != j.M || ys[1] != j.N[i] ||
-        j.N[i] != (spec.gated ? j.N[0] : j.N[i]))
+    if (ws[spec.transposed ? 1 : 0] != j.K || ys[0] != j.M || ys[1] != j.N[i] || (spec.gated && j.N[i] != j.N[0]))
       return 2;
     work += j.K * j.N[i];
     narrowest = std::min(narrowest, shared_cols(j, i));
