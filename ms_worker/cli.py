@@ -71,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
                         f"[MS_WORKER_GPU_MEMORY_UTILIZATION]")
     g.add_argument("--no-jit", action="store_true", default=_env("NO_JIT", "") == "1",
                    help="run eagerly (PyNative) instead of compiling the model with ms.jit [MS_WORKER_NO_JIT=1]")
+    g.add_argument("--all-drafts", action="store_true", default=_env("ALL_DRAFTS", "") == "1",
+                   help="with --speculative-config ngram, propose every draft the n-gram lookup finds, as vLLM's "
+                        "proposer does (default: only the drafts whose expected accepted tokens pay for the rows "
+                        "they add, by the step times this worker measures) [MS_WORKER_ALL_DRAFTS=1]")
     _add_tp_arguments(s.add_argument_group(
         "tensor parallelism", "N workers, started separately, each holding 1/N of the weights, form a MindSpore "
         "cluster whose scheduler rank 0 runs; the front sends every step to all of them"))
@@ -486,7 +490,7 @@ def serve(args) -> int:
     service = WorkerService(model, os.path.abspath(args.model), args.device,
                             kv_cache_bytes=args.kv_cache_memory_bytes,
                             memory_utilization=args.gpu_memory_utilization, framework=f"mindspore {ms.__version__}",
-                            rank=args.rank, world_size=args.world_size)
+                            rank=args.rank, world_size=args.world_size, draft_budget=not args.all_drafts)
     done = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: done.set())

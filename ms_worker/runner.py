@@ -5,18 +5,21 @@ batch, built with array operations from the requests' rows in BatchState; the mo
 compiled graphs: body and head) and returns the logits of the rows that sample, plus every prompt row of requests
 that asked for prompt logprobs. A request with speculative drafts samples at each draft and after the last one
 (its last 1 + drafts rows); it emits the accepted drafts and one more token (ms_worker.spec), and with a
-speculative config every request that sampled gets its next drafts proposed from its tokens.
+speculative config every request that sampled gets its next drafts proposed from its tokens, as many of them as
+pay for their rows (spec.DraftBudget, from the step times measured here).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import time
+
 import numpy as np
 
 from ms_models.batch import FlatBatch
 from ms_worker.sampler import SampleResult, Sampler, prompt_logprobs_chunk
-from ms_worker.spec import Position, accept, propose_ngram
+from ms_worker.spec import DraftBudget, Position, accept, propose_ngram
 from ms_worker.state import BatchState, StepPlan
 
 
@@ -24,11 +27,12 @@ from ms_worker.state import BatchState, StepPlan
 class ForwardOutput:
     """The model's output for a plan: ``logits`` rows, and per scheduled request (by index) the first row of its
     sampling logits (-1 if it does not sample; 1 + its drafts rows from there) and its completed prompt logprobs
-    (None if none)."""
+    (None if none); the seconds the forward took."""
 
     logits: np.ndarray
     sample_row: np.ndarray
     prompt_logprobs: list
+    seconds: float = 0.0
 
 
 @dataclass
@@ -71,14 +75,17 @@ def build_batch(plan: StepPlan, state: BatchState) -> tuple[FlatBatch, np.ndarra
 
 
 class ModelRunner:
-    def __init__(self, model, state: BatchState, sampler: Sampler, speculative=None):
-        """``speculative``: ms_rpc.v1.SpeculativeConfig (method ngram) or None."""
+    def __init__(self, model, state: BatchState, sampler: Sampler, speculative=None, draft_budget: bool = True):
+        """``speculative``: ms_rpc.v1.SpeculativeConfig (method ngram) or None; ``draft_budget``: propose only the
+        drafts that pay for their rows (else every draft the n-gram lookup finds, as vLLM's proposer does)."""
         self.model = model
         self.state = state
         self.sampler = sampler
         self.speculative = speculative
+        self.budget = DraftBudget(model.buckets) if speculative is not None and draft_budget else None
 
     def forward(self, plan: StepPlan) -> ForwardOutput:
+        t0 = time.perf_counter()
         batch, sample_row, lp_rows = build_batch(plan, self.state)
         loras = self.state.loras
         if loras is not None:   # each token's LoRA slot, the step's adapters put into slots first
@@ -89,12 +96,13 @@ class ModelRunner:
         logits = self.model.forward(batch)
         prompt = [None if r is None else prompt_logprobs_chunk(s, logits[r])
                   for s, r in zip(plan.scheduled, lp_rows)]
-        return ForwardOutput(logits, sample_row, prompt)
+        return ForwardOutput(logits, sample_row, prompt, time.perf_counter() - t0)
 
     def sample(self, plan: StepPlan, out: ForwardOutput,
                allowed: dict[str, np.ndarray] | None = None) -> list[RequestOutput]:
         """Samples every request whose prefill is complete, records the tokens in the state and returns one
         output per scheduled request, in order. ``allowed[req_id]``: its grammar masks, [1 + drafts, vocab]."""
+        t0 = time.perf_counter()
         idx = np.flatnonzero(out.sample_row >= 0).tolist()
         rows, reqs, drafts, masks = [], [], [], []
         for i in idx:
@@ -119,10 +127,25 @@ class ModelRunner:
             res = res[:accept(s.drafts, [r.token for r in res])]
             for r in res:
                 self.state.append_token(s.req, r.token)
-            o = outputs[i]
-            o.tokens, o.samples = [r.token for r in res], res
-            if self.speculative is not None:
-                sc = self.speculative
-                o.drafts = propose_ngram(s.req.token_ids, sc.prompt_lookup_min, sc.prompt_lookup_max,
-                                         sc.num_speculative_tokens, self.state.max_model_len).tolist()
+            outputs[i].tokens, outputs[i].samples = [r.token for r in res], res
+            if self.budget is not None:
+                self.budget.observe(s.req, len(s.drafts), len(res) - 1)
+        if self.speculative is not None:
+            self._propose(plan, idx, outputs, out.seconds + time.perf_counter() - t0)
         return outputs
+
+    def _propose(self, plan: StepPlan, idx: list[int], outputs: list[RequestOutput], step_s: float) -> None:
+        """The next drafts of the requests that sampled (the budget's choice of them). The next step is assumed
+        to hold a row for each of them and the same prefill chunks as this one."""
+        sc = self.speculative
+        proposals = [(plan.scheduled[i].req,
+                      propose_ngram(plan.scheduled[i].req.token_ids, sc.prompt_lookup_min, sc.prompt_lookup_max,
+                                    sc.num_speculative_tokens, self.state.max_model_len)) for i in idx]
+        if self.budget is not None:
+            self.budget.record_step(sum(s.count for s in plan.scheduled), step_s)
+            prefill = sum(s.count for s in plan.scheduled if not s.samples)
+            drafts = self.budget.choose(proposals, len(idx) + prefill)
+        else:
+            drafts = [d for _, d in proposals]
+        for i, d in zip(idx, drafts):
+            outputs[i].drafts = d.tolist()

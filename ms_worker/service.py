@@ -56,8 +56,11 @@ def decode_bitmask(request, vocab_size: int, scheduled: dict[str, int]) -> dict[
 
 class WorkerService(pb_grpc.ModelWorkerServicer):
     def __init__(self, model, model_path: str, device: str, kv_cache_bytes: int = 0, framework: str = "",
-                 rank: int = 0, world_size: int = 1, memory_utilization: float = memory.DEFAULT_UTILIZATION):
+                 rank: int = 0, world_size: int = 1, memory_utilization: float = memory.DEFAULT_UTILIZATION,
+                 draft_budget: bool = True):
+        """``draft_budget``: with ngram drafts, propose only those that pay for their rows (runner.ModelRunner)."""
         self.model = model
+        self.draft_budget = draft_budget
         self.model_path = model_path
         self.device = device
         # The worker's own defaults, for a front that asks for neither a size nor a fraction
@@ -239,7 +242,8 @@ class WorkerService(pb_grpc.ModelWorkerServicer):
             self.state = BatchState(request.num_blocks, request.block_size, c.vocab_size, max_len,
                                     request.max_num_seqs, request.max_num_batched_tokens)
             self.state.loras = loras
-            self.runner = ModelRunner(self.model, self.state, Sampler(request.sampling_seed), sc)
+            self.runner = ModelRunner(self.model, self.state, Sampler(request.sampling_seed), sc,
+                                      self.draft_budget)
             self.next_step = 1
             self.pending = None
             log.info("KV cache: %d blocks of %d tokens (%.1f MiB) in %.2f s", request.num_blocks,

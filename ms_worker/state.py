@@ -84,6 +84,8 @@ class RequestState:
     generator: np.random.Generator | None = field(default=None, repr=False)
     prompt_lp: tuple | None = field(default=None, repr=False)   # prompt logprobs accumulated over chunks
     lora_id: int = 0            # its LoRA adapter (ms_worker.lora); 0 = the base model
+    draft_hits: float = 0.0     # its accepted and tried drafts over its recent steps (ms_worker.spec.DraftBudget)
+    draft_tries: float = 0.0
 
     @property
     def num_tokens(self) -> int:

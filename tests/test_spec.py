@@ -72,6 +72,55 @@ def test_draft_verification_keeps_the_distribution():
     assert accept([-1, -1], [4, 5, 6]) == 1
 
 
+def test_draft_budget_keeps_the_drafts_that_pay():
+    """DraftBudget (the worker's choice of which proposed drafts get a row): with step costs like this CPU's
+    (8 rows 79 ms, 16 rows 110, 32 rows 172), 8 requests of 3 drafts each keep none at a low acceptance, the 8
+    likeliest (each request's first) when 2 of 3 are accepted (the 16-row bucket pays, the 32-row one not yet), all
+    of them when every draft is accepted or when a bigger step costs nothing more; a bucket never run is tried; a request without drafts drifts back to the prior (so drafting is
+    tried again); a step over the largest bucket keeps every draft."""
+    from ms_worker.spec import DraftBudget
+    from ms_worker.state import RequestState
+
+    def budget(costs):
+        b = DraftBudget((1, 2, 4, 8, 16, 32, 64))
+        for rows, s in costs.items():
+            b.record_step(rows, s)
+        return b
+
+    def requests(accepted_of_3, n=8):
+        reqs = [RequestState(f"r{i}", i, 4, None, None) for i in range(n)]
+        for r in reqs:
+            for _ in range(20):
+                b.observe(r, 3, accepted_of_3)
+        return reqs
+
+    proposals = lambda reqs: [(r, np.array([5, 6, 7])) for r in reqs]
+    kept = lambda reqs, rows=8: [len(d) for d in b.choose(proposals(reqs), rows)]
+    cpu = {8: 0.079, 16: 0.110, 32: 0.172}
+    b = budget(cpu)
+    assert kept(requests(0)) == [0] * 8
+    b = budget(cpu)
+    assert kept(requests(2)) == [1] * 8
+    assert kept(requests(3)) == [3] * 8
+    b = budget({8: 0.079, 16: 0.079, 32: 0.079})
+    assert kept(requests(1)) == [3] * 8
+    b = budget({8: 0.079})                       # 16 and 32 never ran: assumed to cost what 8 does, so tried
+    assert kept(requests(0)) == [3] * 8
+    b = budget(cpu)
+    low = requests(0)
+    assert kept(low) == [0] * 8
+    for _ in range(60):                          # sampled steps without drafts: back to the prior (0.5)
+        for r in low:
+            b.observe(r, 0, 0)
+    b.hits, b.tries = 2.0, 2.0                   # the other requests' drafts were all accepted
+    assert sum(kept(low)) > 0
+    assert kept(requests(0), 60) == [3] * 8      # 60 + 24 rows: over the largest bucket
+    # A step's cost is a moving average (faster steps count more): one slow 32-row step does not price it out.
+    b = budget(cpu)
+    b.record_step(32, 1.0)
+    assert 0.172 < b.cost[32] < 0.4
+
+
 # -- end to end -----------------------------------------------------------------------------------------------
 REPEAT = "The cat sat on the mat. The dog sat on the log. The cat sat on the mat. The dog sat on the"
 CODE = "def add(a, b):\n    return a + b\n\n\ndef sub(a, b):\n    return a - b\n\n\ndef mul(a, b):\n"
