@@ -15,7 +15,8 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor, nn
 
-from .batch import LOGITS_BUCKETS, FlatBatch, logits_bucket, token_bucket, token_buckets
+from .batch import FORWARD_OVERHEAD_TOKENS, LOGITS_BUCKETS, FlatBatch, logits_bucket, token_bucket, token_buckets, \
+    token_parts
 from .config import ModelConfig
 from .parallel import TensorParallel
 
@@ -63,6 +64,8 @@ class CausalLM:
         self.block_size: int | None = None
         self.max_num_seqs = self.max_blocks = 0
         self.buckets: tuple[int, ...] = ()
+        # a step just over a bucket runs as two forwards rather than padded (batch.token_parts); measured on CPU only
+        self.split_overhead = FORWARD_OVERHEAD_TOKENS if device == "cpu" else 0
         self.max_logits_rows = 1
         self._gen = 0
         self._body = self._head = None
@@ -128,11 +131,11 @@ class CausalLM:
 
     # ------------------------------------------------------------------ forward
     def forward(self, batch: FlatBatch) -> np.ndarray:
-        """Logits [S, vocab] float32 of ``batch.logits_indices`` (a step longer than the largest graph runs as
-        consecutive forwards)."""
+        """Logits [S, vocab] float32 of ``batch.logits_indices`` (a step longer than the largest graph, or just
+        over a bucket, runs as consecutive forwards: batch.token_parts)."""
         if self._body is None:
             raise RuntimeError("allocate_kv_cache() must be called before forward()")
-        parts = batch.split(self.buckets[-1])
+        parts = batch.split(token_parts(batch.num_tokens, self.buckets, self.split_overhead))
         sizes = [token_bucket(p.num_tokens, self.buckets) for p in parts]
         if self.tp.dp_experts:
             parts, sizes = self._agree_forwards(parts, sizes)

@@ -56,6 +56,8 @@ def _ms_run_job(job):
     # graphs of at most 8 tokens: the 11- and 13-token steps below run as two forwards each (FlatBatch.split),
     # cutting requests in two
     model.allocate_kv_cache(NUM_BLOCKS, BLOCK_SIZE, max_num_seqs=4, max_model_len=64, max_num_batched_tokens=8)
+    if "split_overhead" in job:   # cut steps below the largest bucket too (batch.token_parts): 5 -> 4 + 1, ...
+        model.split_overhead = job["split_overhead"]
     if job.get("scenario") != "short":
         model.warmup()  # dummy runs write nothing
     rng = np.random.default_rng(1)
@@ -228,7 +230,8 @@ if pytest is not None:
         m2 = m2.to(torch.float32)  # reference uses exactly the bf16-representable weights
         assert (d / "tied" / "model.safetensors.index.json").exists()
         jobs = [dict(model_dir=str(d / "untied"), out=str(d / "untied_jit.npz"), use_jit=True, prompts=prompts),
-                dict(model_dir=str(d / "tied"), out=str(d / "tied_jit.npz"), use_jit=True, prompts=prompts),
+                dict(model_dir=str(d / "tied"), out=str(d / "tied_jit.npz"), use_jit=True, prompts=prompts,
+                     split_overhead=1),
                 dict(model_dir=str(d / "untied"), out=str(d / "untied_eager.npz"), use_jit=False, prompts=prompts)]
         spec = d / "spec.json"
         spec.write_text(json.dumps({"jobs": jobs}))
@@ -245,6 +248,20 @@ if pytest is not None:
     def test_tied_bf16_sharded_bias_llama3_rope_matches_hf(ms_runs):
         worst, _ = _compare(ms_runs["tied"], ms_runs["jobs"]["tied_jit.npz"]["out"], ms_runs["prompts"])
         print(f"tied jit: max abs err {worst:.2e}")
+
+    def test_token_parts():
+        """A step's forwards (batch.token_parts): cut at the largest bucket; just over a smaller bucket, that bucket
+        and a small forward for the rest when padding would cost more (a forward costing 32 tokens + its bucket);
+        never cut when the rest would need a forward as big; overhead 0 cuts at the largest bucket only."""
+        from ms_models.batch import token_buckets, token_parts
+
+        b = token_buckets(2048)
+        want = {1: [1], 8: [8], 9: [9], 100: [100], 129: [128, 1], 135: [128, 7], 160: [128, 32], 200: [200],
+                900: [900], 1100: [1024, 76], 2048: [2048], 4200: [2048, 2048, 104]}
+        assert {n: token_parts(n, b) for n in want} == want
+        assert all(sum(token_parts(n, b)) == n for n in range(1, 5000, 7))
+        assert token_parts(135, b, 0) == [135] and token_parts(4200, b, 0) == [2048, 2048, 104]
+        assert token_parts(13, token_buckets(8), 1) == [8, 4, 1]
 
     def test_pynative_matches_hf(ms_runs):
         worst, _ = _compare(ms_runs["untied"], ms_runs["jobs"]["untied_eager.npz"]["out"], ms_runs["prompts"])
