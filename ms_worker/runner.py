@@ -11,9 +11,8 @@ pay for their rows (spec.DraftBudget, from the step times measured here).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
