@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-jit", action="store_true", default=_env("NO_JIT", "") == "1",
                    help="run eagerly (PyNative) instead of compiling the model with ms.jit [MS_WORKER_NO_JIT=1]")
     g.add_argument("--all-drafts", action="store_true", default=_env("ALL_DRAFTS", "") == "1",
-                   help="with --speculative-config ngram, propose every draft the n-gram lookup finds, as vLLM's "
+                   help="with ngram speculative decoding, propose every draft the n-gram lookup finds, as vLLM's "
                         "proposer does (default: only the drafts whose expected accepted tokens pay for the rows "
                         "they add, by the step times this worker measures) [MS_WORKER_ALL_DRAFTS=1]")
     _add_tp_arguments(s.add_argument_group(
