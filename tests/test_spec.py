@@ -73,11 +73,12 @@ def test_draft_verification_keeps_the_distribution():
 
 
 def test_draft_budget_keeps_the_drafts_that_pay():
-    """DraftBudget (the worker's choice of which proposed drafts get a row): with step costs like this CPU's
-    (8 rows 79 ms, 16 rows 110, 32 rows 172), 8 requests of 3 drafts each keep none at a low acceptance, the 8
-    likeliest (each request's first) when 2 of 3 are accepted (the 16-row bucket pays, the 32-row one not yet), all
-    of them when every draft is accepted or when a bigger step costs nothing more; a bucket never run is tried; a request without drafts drifts back to the prior (so drafting is
-    tried again); a step over the largest bucket keeps every draft."""
+    """DraftBudget (the worker's choice of which proposed drafts get a row): with step costs of 79 / 110 / 172 ms
+    at 8 / 16 / 32 rows, 8 requests of 3 drafts each keep none at a low acceptance, the 8 likeliest (each
+    request's first) when 2 of 3 are accepted (the 16-row bucket pays, the 32-row one not yet), all of them when
+    every draft is accepted or when a bigger step costs nothing more; a bucket never run is tried; a request
+    without drafts drifts back to the prior (so drafting is tried again); a step over the largest bucket keeps
+    every draft."""
     from ms_worker.spec import DraftBudget
     from ms_worker.state import RequestState
 
