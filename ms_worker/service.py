@@ -288,19 +288,16 @@ class WorkerService(pb_grpc.ModelWorkerServicer):
             self.next_step += 1
             self.running = (request.step_id, time.monotonic())
             try:
-                t1 = time.perf_counter()
-                out = self._on_model_thread(self.runner.forward, plan) if plan.scheduled else None
-                if out is None and plan.refused and self.model.tp.dp_experts:
-                    # vLLM counts this step as run (it scheduled tokens): the other engines' forward waits for ours
-                    self._on_model_thread(self.model.dummy_forward)
-                step = _Deferred(request.step_id, plan, out, t0, t1 - t0, time.perf_counter() - t1)
+                out, forward_s, outputs, sample_s = self._on_model_thread(self._run, plan, not request.defer_sampling)
+                step = _Deferred(request.step_id, plan, out, t0, time.perf_counter() - t0 - forward_s - sample_s,
+                                 forward_s)
                 if request.defer_sampling:
                     self.pending = step
                     reply = pb.StepResult(step_id=request.step_id, worker_id=self.worker_id)
                     for s in plan.scheduled:
                         reply.results.add(req_id=s.req.req_id)
                     return reply
-                return self._sample(step, None)
+                return self._reply(step, outputs, sample_s)
             finally:
                 self.running = (0, 0.0)
 
@@ -322,13 +319,25 @@ class WorkerService(pb_grpc.ModelWorkerServicer):
             self.pending = None
             self.running = (step.step_id, time.monotonic())
             try:
-                return self._sample(step, allowed)
+                t1 = time.perf_counter()
+                outputs = self._on_model_thread(self.runner.sample, step.plan, step.out, allowed) if step.out else []
+                return self._reply(step, outputs, time.perf_counter() - t1)
             finally:
                 self.running = (0, 0.0)
 
-    def _sample(self, step: "_Deferred", allowed) -> pb.StepResult:
+    def _run(self, plan: StepPlan, sample: bool):
+        """On the model thread, in one hand-off: the step's forward, then its sampling unless it is deferred.
+        Returns (forward output, forward seconds, sampled outputs or None, sampling seconds)."""
+        t0 = time.perf_counter()
+        out = self.runner.forward(plan) if plan.scheduled else None
+        if out is None and plan.refused and self.model.tp.dp_experts:
+            # vLLM counts this step as run (it scheduled tokens): the other engines' forward waits for ours
+            self.model.dummy_forward()
         t1 = time.perf_counter()
-        outputs = self._on_model_thread(self.runner.sample, step.plan, step.out, allowed) if step.out else []
+        outputs = None if not sample else self.runner.sample(plan, out, None) if out else []
+        return out, t1 - t0, outputs, time.perf_counter() - t1
+
+    def _reply(self, step: "_Deferred", outputs, sample_s: float) -> pb.StepResult:
         reply = pb.StepResult(step_id=step.step_id, worker_id=self.worker_id)
         for s, o in zip(step.plan.scheduled, outputs):
             _add_result(reply.results.add(req_id=s.req.req_id), o)
@@ -336,8 +345,7 @@ class WorkerService(pb_grpc.ModelWorkerServicer):
             log.warning("step %d: refused alone: %s", step.step_id, why)
             reply.results.add(req_id=req_id, error=f"worker {self.worker_id} step {step.step_id} refused {why}")
         t = reply.timings
-        t.prepare_s, t.forward_s = step.prepare_s, step.forward_s
-        t.sample_s = time.perf_counter() - t1
+        t.prepare_s, t.forward_s, t.sample_s = step.prepare_s, step.forward_s, sample_s
         t.total_s = time.perf_counter() - step.t0
         return reply
 

@@ -102,3 +102,36 @@ def test_gives_up_when_an_external_worker_stays_away(default_model, tmp_path):
         server.stop()
         if worker.poll() is None:
             worker.kill()
+
+
+def test_health_watch_follows_a_draining_worker(default_model, tmp_path):
+    """The step channel's Health.Watch stream (WorkerClient.watch_health; the watchdog reads `watched` to notice a
+    draining worker at once): SERVING while the worker serves, NOT_SERVING once it drains (SIGTERM: the
+    reference worker's health turns NOT_SERVING, then its port closes within its grace), None once it is gone."""
+    from vllm_ext.client import WorkerClient
+
+    proc, address = start_worker(default_model, ["--simulate-step-ms", "10"], tmp_path / "reference.log",
+                                 entry=["-m", "ms_rpc.reference"])
+    client = WorkerClient(address)
+
+    def wait_for(want, limit_s: float) -> list:
+        seen, end = [client.watched], time.monotonic() + limit_s
+        while client.watched != want and time.monotonic() < end:
+            time.sleep(0.02)
+            if client.watched != seen[-1]:
+                seen.append(client.watched)
+        return seen
+
+    try:
+        client.wait_ready(60)
+        client.watch_health()
+        assert wait_for("SERVING", 10)[-1] == "SERVING"
+        proc.send_signal(signal.SIGTERM)
+        assert wait_for("NOT_SERVING", 10)[-1] == "NOT_SERVING", (tmp_path / "reference.log").read_text()
+        assert proc.poll() is None                # still draining: the stream said so before the port closed
+        proc.wait(timeout=30)
+        assert wait_for(None, 10)[-1] is None     # the stream ended with the worker: callers ask `health` again
+    finally:
+        client.close()
+        proc.kill()
+        proc.wait()

@@ -7,6 +7,7 @@ worker, mutual TLS with a client certificate and key, and a shared bearer token 
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -82,6 +83,7 @@ class WorkerClient:
         self.closed = False
         self.stub = pb_grpc.ModelWorkerStub(self.channel)
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)
+        self.watched: str | None = None     # the worker's health as its Health.Watch stream last said (watch_health)
 
     def call(self, name: str, request, timeout: float):
         return self._rpc(name, getattr(self.stub, name), request, timeout)
@@ -117,6 +119,24 @@ class WorkerClient:
         """The worker's grpc.health.v1 status for `service` ("SERVING", "NOT_SERVING", ...)."""
         r = self._rpc("Health.Check", self.health_stub.Check, health_pb2.HealthCheckRequest(service=service), timeout)
         return health_pb2.HealthCheckResponse.ServingStatus.Name(r.status)
+
+    def watch_health(self) -> None:
+        """Keeps a Health.Watch stream of the worker's health ("" service) open on this channel: `watched` follows
+        it (None when the stream ended or the worker has no Watch; then ask `health`). While a call is open on a
+        channel, grpc keeps the one thread that completes the channel's calls; without one, that thread ends with
+        each call and the next call starts a new one: on a busy host, that start was most of the time to send a
+        step."""
+        stream = self.health_stub.Watch(health_pb2.HealthCheckRequest(service=""), metadata=self.metadata)
+
+        def follow():
+            try:
+                for reply in stream:
+                    self.watched = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+            except grpc.RpcError:
+                pass                            # closed by us, the worker gone, or no Watch: ask `health`
+            self.watched = None
+
+        threading.Thread(target=follow, name=f"ms_rpc_health_{self.address}", daemon=True).start()
 
     def wait_ready(self, timeout: float) -> None:
         """Wait until the worker answers and its health says SERVING (model loaded), or raise a WorkerError that

@@ -148,6 +148,7 @@ class WorkerGroup:
         self.close_clients()
         for addr in self.addresses():
             self.clients.append(connect_worker(self.settings, addr, timeout))
+            self.clients[-1].watch_health()
             self.beats.append(WorkerClient(addr, security=self.clients[-1].security))
         self.infos = [c.describe() for c in self.clients]
         for i, (c, inf) in enumerate(zip(self.clients, self.infos)):

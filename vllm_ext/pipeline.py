@@ -33,9 +33,13 @@ log = logging.getLogger("vllm.ms_rpc")  # under vLLM's logger: same format and l
 class Call:
     """A step RPC in flight on every rank."""
     rpc: str            # "Execute" or "Sample"
-    calls: list         # one grpc future per rank
     deadline: float
-    t0: float
+    t0: float           # before the send (perf_counter)
+    calls: list = ()    # one grpc future per rank
+    landed: float = 0.0  # when the last rank's reply reached this process, however late `receive` collects it
+
+    def arrived(self, _future) -> None:
+        self.landed = time.perf_counter()
 
 
 @dataclass
@@ -84,8 +88,11 @@ class StepPipeline:
 
     def _start(self, rpc: str, msg) -> Call:
         """A step RPC (Execute or Sample) sent to every rank, not waited for."""
-        deadline = self.deadline()
-        return Call(rpc, self.group.start_all(rpc, msg, deadline), deadline, time.perf_counter())
+        call = Call(rpc, self.deadline(), time.perf_counter())
+        call.calls = self.group.start_all(rpc, msg, call.deadline)
+        for future in call.calls:
+            future.add_done_callback(call.arrived)
+        return call
 
     def _finish(self, call: Call, step_id: int) -> pb.StepResult:
         """Waits for a step RPC's replies. Anything that breaks the step sequence raises WorkerLost."""
@@ -97,7 +104,7 @@ class StepPipeline:
                 raise WorkerLost(f"step {step_id}: {down}") from None
             how = "missed its deadline of %.0f s: " % call.deadline if e.code and e.code.name == "DEADLINE_EXCEEDED" else ""
             raise WorkerLost(f"step {step_id}: {how}{e}") from None
-        dt = time.perf_counter() - call.t0
+        dt = (call.landed or time.perf_counter()) - call.t0
         info = self.group.info
         if res.worker_id != info.worker_id:
             raise WorkerLost(f"step {step_id}: ms_rpc worker {self.group.address} restarted (worker id "

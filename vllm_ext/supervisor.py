@@ -167,10 +167,17 @@ class FaultSupervisor:
             if why:
                 self.lost(why, hung=hung)
                 continue
+            watched = [(c.address, c.watched) for c in self.group.clients]
+            not_serving = [f"ms_rpc worker {a}: health {w}" for a, w in watched if w not in (None, "SERVING")]
+            if not_serving:                  # said at once by a rank's Health.Watch stream
+                self.lost(not_serving[0])
+                continue
             if time.monotonic() < next_health:
                 continue
             next_health = time.monotonic() + s.watch_interval_s
             for c in list(self.group.clients):
+                if c.watched == "SERVING":
+                    continue                 # its Health.Watch stream is open and says SERVING
                 try:
                     status = c.health(timeout=1.0)
                 except WorkerError as e:
