@@ -93,14 +93,15 @@ class WorkerService(pb_grpc.ModelWorkerServicer):
         """Holds the step lock for a step call. A call that is not ``due`` yet but ``ahead`` of the worker (its
         predecessor was sent first but has not been applied: the front keeps two steps in flight) waits for it,
         at most STEP_ORDER_GRACE_S while no step runs; the call then checks its order as usual. Ends by waking
-        the waiting calls."""
+        the waiting calls. Yields the seconds the call waited (StepTimings.wait_s)."""
+        entered = time.monotonic()
         with self.turn:
-            until = time.monotonic() + STEP_ORDER_GRACE_S
+            until = entered + STEP_ORDER_GRACE_S
             while not due() and ahead() and time.monotonic() < until:
                 self.turn.wait(until - time.monotonic())
             t0 = time.monotonic()
             try:
-                yield
+                yield t0 - entered
             finally:
                 self.busy_s += time.monotonic() - t0
                 self.turn.notify_all()
@@ -268,7 +269,7 @@ class WorkerService(pb_grpc.ModelWorkerServicer):
             context.abort(grpc.StatusCode.UNAVAILABLE, "worker is shutting down")
         with self._turn_of(lambda: self.state is not None and self.pending is None
                            and request.step_id == self.next_step,
-                           lambda: self.state is not None and request.step_id >= self.next_step):
+                           lambda: self.state is not None and request.step_id >= self.next_step) as waited:
             if self.state is None:
                 context.abort(grpc.StatusCode.FAILED_PRECONDITION, "Execute before InitializeCache")
             if self.pending is not None:
@@ -297,14 +298,14 @@ class WorkerService(pb_grpc.ModelWorkerServicer):
                     for s in plan.scheduled:
                         reply.results.add(req_id=s.req.req_id)
                     return reply
-                return self._reply(step, outputs, sample_s)
+                return self._reply(step, outputs, sample_s, waited)
             finally:
                 self.running = (0, 0.0)
 
     def Sample(self, request, context):
         self._check_version(request, context)
         with self._turn_of(lambda: self.pending is not None and self.pending.step_id == request.step_id,
-                           lambda: request.step_id >= self.next_step):
+                           lambda: request.step_id >= self.next_step) as waited:
             step = self.pending
             if step is None or step.step_id != request.step_id:
                 context.abort(grpc.StatusCode.FAILED_PRECONDITION,
@@ -321,7 +322,7 @@ class WorkerService(pb_grpc.ModelWorkerServicer):
             try:
                 t1 = time.perf_counter()
                 outputs = self._on_model_thread(self.runner.sample, step.plan, step.out, allowed) if step.out else []
-                return self._reply(step, outputs, time.perf_counter() - t1)
+                return self._reply(step, outputs, time.perf_counter() - t1, waited)
             finally:
                 self.running = (0, 0.0)
 
@@ -337,7 +338,7 @@ class WorkerService(pb_grpc.ModelWorkerServicer):
         outputs = None if not sample else self.runner.sample(plan, out, None) if out else []
         return out, t1 - t0, outputs, time.perf_counter() - t1
 
-    def _reply(self, step: "_Deferred", outputs, sample_s: float) -> pb.StepResult:
+    def _reply(self, step: "_Deferred", outputs, sample_s: float, waited: float) -> pb.StepResult:
         reply = pb.StepResult(step_id=step.step_id, worker_id=self.worker_id)
         for s, o in zip(step.plan.scheduled, outputs):
             _add_result(reply.results.add(req_id=s.req.req_id), o)
@@ -345,7 +346,7 @@ class WorkerService(pb_grpc.ModelWorkerServicer):
             log.warning("step %d: refused alone: %s", step.step_id, why)
             reply.results.add(req_id=req_id, error=f"worker {self.worker_id} step {step.step_id} refused {why}")
         t = reply.timings
-        t.prepare_s, t.forward_s, t.sample_s = step.prepare_s, step.forward_s, sample_s
+        t.prepare_s, t.forward_s, t.sample_s, t.wait_s = step.prepare_s, step.forward_s, sample_s, waited
         t.total_s = time.perf_counter() - step.t0
         return reply
 

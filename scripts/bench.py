@@ -331,17 +331,18 @@ def step_delta(before: dict, after: dict) -> str:
 
 
 BREAKDOWN = re.compile(r"ms_rpc step breakdown over (\d+) steps: (.*) outside_forward_sample=.*"
-                       r"engine between steps: ([\d.]+)ms")
+                       r"engine between steps: ([\d.]+)ms(?:.*waiting behind it ([\d.]+)ms)?")
 
 
 def step_breakdown(log_text: str) -> str:
     """The executor's `ms_rpc step breakdown` lines in `log_text`, summed: mean ms per step of each part, its
     share, and the share outside forward + sample."""
-    steps, sums, engine = 0, {}, 0.0
+    steps, sums, engine, waited = 0, {}, 0.0, 0.0
     for m in BREAKDOWN.finditer(log_text):
         n = int(m.group(1))
         steps += n
         engine += n * float(m.group(3))
+        waited += n * float(m.group(4) or 0)
         for part, ms in re.findall(r"(\w+)=([\d.]+)ms", m.group(2)):
             sums[part] = sums.get(part, 0.0) + n * float(ms)
     if not steps:
@@ -350,7 +351,7 @@ def step_breakdown(log_text: str) -> str:
     outside = sum(v for k, v in sums.items() if k not in ("forward", "sample"))
     return (f"{steps} steps: " + ", ".join(f"{k} {v / steps:.2f} ms ({100 * v / total:.1f}%)" for k, v in sums.items())
             + f"; outside forward+sample {100 * outside / total:.2f}%; vLLM engine between steps "
-            f"{engine / steps:.2f} ms")
+            f"{engine / steps:.2f} ms; the worker waited behind the step ahead {waited / steps:.2f} ms")
 
 
 def bench_online(backend: str, a, logdir: Path, out: dict) -> dict:

@@ -55,10 +55,13 @@ def test_async_scheduling_serves_exact_tokens_with_two_steps_in_flight(default_m
         s.stop()
     text = log.read_text(errors="replace")
     assert "async_scheduling" in text
-    counts = re.findall(r"sent while the previous step was in flight: (\d+) of (\d+)", text)
+    counts = re.findall(r"sent while the previous step was in flight: (\d+) of (\d+), waiting behind it "
+                        r"([\d.]+)ms", text)
     assert counts, f"no step breakdown in the server log:\n{text[-3000:]}"
     overlapped, steps = (sum(int(c[i]) for c in counts) for i in (0, 1))
     assert steps >= MAX_NEW and overlapped >= steps // 2, f"{overlapped} of {steps} steps sent while one was in flight"
+    # the worker reports the time a step sent early waited for the one ahead (StepTimings.wait_s): not the wire's
+    assert max(float(c[2]) for c in counts) > 0, counts
     want = hf_greedy(default_model, prompt_ids, MAX_NEW)
     for i, (a, b) in enumerate(zip(ours, want)):
         assert a == b, f"prompt {i} ({PROMPTS[i][:30]!r}): ms_rpc with async scheduling {a} != HF {b}"

@@ -27,6 +27,7 @@ class StepStats:
         self.engine_s, self.gaps = 0.0, 0
         self.last_end: float | None = None
         self.sent, self.overlapped = 0, 0
+        self.waited_s = 0.0              # the workers' wait behind the step ahead (StepTimings.wait_s)
 
     def step_started(self) -> None:
         now = time.perf_counter()
@@ -46,12 +47,15 @@ class StepStats:
         self.sums[part] += seconds
 
     def add_rpc(self, rpc: str, rpc_s: float, timings) -> None:
-        """One step RPC: its round trip and the worker's timings (prepare/forward/sample/total). A deferred step
-        (Execute runs the forward, Sample samples) reports its timings once, in the Sample reply; its transfer is
-        the Sample round trip less the sampling (the Execute round trip holds the forward, untimed)."""
+        """One step RPC: its round trip and the worker's timings (prepare/forward/sample/total, and the wait behind
+        the step ahead, which is not the wire's). A deferred step (Execute runs the forward, Sample samples)
+        reports its timings once, in the Sample reply; its transfer is the Sample round trip less the sampling
+        (the Execute round trip holds the forward, untimed)."""
         if timings.total_s == 0:
             return                       # the first half of a deferred step
-        self.sums["transfer"] += max(0.0, rpc_s - (timings.sample_s if rpc == "sample" else timings.total_s))
+        worker_s = (timings.sample_s if rpc == "sample" else timings.total_s) + timings.wait_s
+        self.sums["transfer"] += max(0.0, rpc_s - worker_s)
+        self.waited_s += timings.wait_s
         self.sums["prepare"] += timings.prepare_s
         self.sums["forward"] += timings.forward_s
         self.sums["sample"] += timings.sample_s
@@ -65,7 +69,8 @@ class StepStats:
         engine = 1e3 * self.engine_s / max(self.gaps, 1)
         return (f"ms_rpc step breakdown over {self.steps} steps: {parts} "
                 f"outside_forward_sample={100 * outside / total:.1f}% (engine between steps: {engine:.2f}ms; "
-                f"sent while the previous step was in flight: {self.overlapped} of {self.sent})")
+                f"sent while the previous step was in flight: {self.overlapped} of {self.sent}, waiting behind it "
+                f"{1e3 * self.waited_s / n:.2f}ms)")
 
     def maybe_log(self, log) -> None:
         now = time.monotonic()

@@ -151,14 +151,15 @@ class Service:
     def _in_order(self, due, early):
         """The step lock, for a call that is `due` now. An `early` call (sent right after its predecessor, which
         has not been applied yet: two steps in flight) first waits for it, STEP_ORDER_GRACE_S at most while no
-        step runs; then the usual order checks decide."""
+        step runs; then the usual order checks decide. Yields the seconds the call waited (StepTimings.wait_s)."""
+        entered = time.monotonic()
         with self.step_done:
-            give_up = time.monotonic() + STEP_ORDER_GRACE_S
+            give_up = entered + STEP_ORDER_GRACE_S
             while not due() and early() and time.monotonic() < give_up:
                 self.step_done.wait(give_up - time.monotonic())
             began = time.monotonic()
             try:
-                yield
+                yield began - entered
             finally:
                 self.busy_s += time.monotonic() - began
                 self.step_done.notify_all()
@@ -169,7 +170,7 @@ class Service:
             context.abort(grpc.StatusCode.UNAVAILABLE, f"worker {self.worker_id} is shutting down")
         with self._in_order(lambda: self.requests is not None and self.pending is None
                             and request.step_id == self.next_step,
-                            lambda: self.requests is not None and request.step_id >= self.next_step):
+                            lambda: self.requests is not None and request.step_id >= self.next_step) as waited:
             self._need_cache("Execute", context)
             if self.pending is not None:
                 context.abort(FAILED_PRECONDITION, f"worker {self.worker_id}: step {self.pending[0]} was deferred "
@@ -198,6 +199,7 @@ class Service:
                     time.sleep(left)
                     if not request.defer_sampling:
                         reply.timings.total_s = time.perf_counter() - t0
+                reply.timings.wait_s = waited
                 return reply
             finally:
                 self.running = (0, 0.0)
@@ -205,7 +207,7 @@ class Service:
     def Sample(self, request, context):
         self._version(request, context)
         with self._in_order(lambda: self.pending is not None and self.pending[0] == request.step_id,
-                            lambda: request.step_id >= self.next_step):
+                            lambda: request.step_id >= self.next_step) as waited:
             pending = self.pending
             if pending is None or pending[0] != request.step_id:
                 context.abort(FAILED_PRECONDITION, f"worker {self.worker_id}: Sample for step {request.step_id}, "
@@ -217,7 +219,9 @@ class Service:
             except ValueError as e:
                 context.abort(INVALID_ARGUMENT, f"worker {self.worker_id}: Sample for step {step_id} refused: {e}")
             self.pending = None
-            return self._sample(step_id, plan, fwd, allowed, t0)
+            reply = self._sample(step_id, plan, fwd, allowed, t0)
+            reply.timings.wait_s = waited
+            return reply
 
     def _sample(self, step_id: int, plan, fwd, allowed, t0: float) -> pb.StepResult:
         t1 = time.perf_counter()

@@ -407,16 +407,18 @@ class RequestResult(_message.Message):
     def __init__(self, req_id: _Optional[str] = ..., sampled_token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Union[TopLogprobs, _Mapping]] = ..., prompt_logprobs: _Optional[_Union[PromptLogprobs, _Mapping]] = ..., error: _Optional[str] = ..., draft_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class StepTimings(_message.Message):
-    __slots__ = ("prepare_s", "forward_s", "sample_s", "total_s")
+    __slots__ = ("prepare_s", "forward_s", "sample_s", "total_s", "wait_s")
     PREPARE_S_FIELD_NUMBER: _ClassVar[int]
     FORWARD_S_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_S_FIELD_NUMBER: _ClassVar[int]
     TOTAL_S_FIELD_NUMBER: _ClassVar[int]
+    WAIT_S_FIELD_NUMBER: _ClassVar[int]
     prepare_s: float
     forward_s: float
     sample_s: float
     total_s: float
-    def __init__(self, prepare_s: _Optional[float] = ..., forward_s: _Optional[float] = ..., sample_s: _Optional[float] = ..., total_s: _Optional[float] = ...) -> None: ...
+    wait_s: float
+    def __init__(self, prepare_s: _Optional[float] = ..., forward_s: _Optional[float] = ..., sample_s: _Optional[float] = ..., total_s: _Optional[float] = ..., wait_s: _Optional[float] = ...) -> None: ...
 
 class StepResult(_message.Message):
     __slots__ = ("step_id", "worker_id", "results", "timings")
