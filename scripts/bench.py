@@ -34,7 +34,7 @@ as its external worker: each step takes MS on the simulated device, whatever its
 timed run of `--num-prompts` (default 2 x concurrency) requests at the highest `--concurrency`; the last line is
 `front: busy=<fraction of wall time the device was busy> step_ms=MS concurrency=C steps/s=N` (busy: the
 worker's HeartbeatReply.busy_s over the run), after the executor's step breakdown (encode, transfer, decode:
-the wire's cost; with two steps in flight "transfer" also holds the wait behind the step ahead).
+the wire's cost; the worker's wait behind the step ahead, with two steps in flight, is reported apart).
 
 --offline: each backend in its own Python subprocess with `LLM.generate` on `--num-prompts` prompts (default 64),
 after a warm-up generate of as many other prompts; prints total output tok/s and engine start-up time.
