@@ -36,7 +36,7 @@ class RpcSettings:
     reconnect_timeout_s: float = 300.0    # external workers: how long to wait for a lost worker to come back
     max_restarts: int = 5                 # local workers: restarts within restart_window_s before giving up
     restart_window_s: float = 600.0
-    watch_interval_s: float = 2.0         # how often the workers' health is checked (SERVING, not draining)
+    watch_interval_s: float = 2.0         # how often a rank's health is asked while its Health.Watch stream is closed
     heartbeat_interval_s: float = 1.0     # how often each rank's heartbeat is polled, during steps and between them
     hang_timeout_s: float = 5.0           # a rank that answers no heartbeat this long is hung (step_deadline_floor_s
                                           # while it said it was compiling)
