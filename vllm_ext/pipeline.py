@@ -33,9 +33,9 @@ log = logging.getLogger("vllm.ms_rpc")  # under vLLM's logger: same format and l
 class Call:
     """A step RPC in flight on every rank."""
     rpc: str            # "Execute" or "Sample"
+    calls: list         # one grpc future per rank
     deadline: float
     t0: float           # before the send (perf_counter)
-    calls: list = ()    # one grpc future per rank
     landed: float = 0.0  # when the last rank's reply reached this process, however late `receive` collects it
 
     def arrived(self, _future) -> None:
@@ -88,8 +88,8 @@ class StepPipeline:
 
     def _start(self, rpc: str, msg) -> Call:
         """A step RPC (Execute or Sample) sent to every rank, not waited for."""
-        call = Call(rpc, self.deadline(), time.perf_counter())
-        call.calls = self.group.start_all(rpc, msg, call.deadline)
+        deadline, t0 = self.deadline(), time.perf_counter()
+        call = Call(rpc, self.group.start_all(rpc, msg, deadline), deadline, t0)
         for future in call.calls:
             future.add_done_callback(call.arrived)
         return call

@@ -1,8 +1,8 @@
 """Where a step's time goes, as the executor sees it: encode, the RPC (transfer + the worker's own prepare,
 forward and sample, which the worker reports in StepResult.timings), and decode. The RPC counts from before the
 send to the moment the last rank's reply reached this process (not when the engine collects it: with two steps
-in flight that is later), so transfer is the wire's share alone. Logged every interval as one
-line `ms_rpc step breakdown ...` (scripts/bench.py reads it). Beside it, `engine`: vLLM's own time between
+in flight that is later), so transfer is the wire's share alone. Logged every interval as one line
+`ms_rpc step breakdown ...` (scripts/bench.py reads it). Beside it, `engine`: vLLM's own time between
 two back-to-back steps (scheduling, output processing) -- what overlapping the next schedule with the worker's
 compute could hide (what --async-scheduling overlaps: it counts the steps sent while the previous one was in
 flight)."""
